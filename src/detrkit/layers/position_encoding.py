@@ -1,0 +1,89 @@
+"""2-D position encodings of a feature map, computed from its padding mask.
+
+DETR (Carion et al. 2020), section 3.2 and appendix A.4: the sine encoding of "Attention is all you
+need" generalised to two dimensions, with coordinates counted over valid (unpadded) pixels only and
+normalised to [0, 2*pi], so an image padded inside a batch gets the same encoding as alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class PositionEmbeddingSine(nn.Module):
+    """Sine / cosine encoding of (y, x), ``num_pos_feats`` channels each.
+
+    Args:
+        num_pos_feats: channels per axis; the output has ``2 * num_pos_feats`` channels.
+        temperature: base of the geometric progression of wavelengths.
+        normalize: divide the cumulative coordinates by the valid extent of each image.
+        scale: the normalised coordinate range (2*pi in DETR); only with ``normalize``.
+    """
+
+    def __init__(
+        self,
+        num_pos_feats: int = 128,
+        temperature: float = 10000.0,
+        normalize: bool = True,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if scale is not None and not normalize:
+            raise ValueError("PositionEmbeddingSine: `scale` only applies with normalize=True")
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = 2 * math.pi if scale is None else scale
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """mask (B, H, W) bool, True on padding -> encoding (B, 2 * num_pos_feats, H, W) float32."""
+        not_mask = ~mask
+        y_embed = not_mask.cumsum(1, dtype=torch.float32)  # (B, H, W): 1..h_valid down each column
+        x_embed = not_mask.cumsum(2, dtype=torch.float32)  # (B, H, W): 1..w_valid along each row
+        if self.normalize:
+            eps = 1e-6  # keeps fully padded rows / columns finite
+            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+
+        pos_x = x_embed[..., None] / dim_t  # (B, H, W, F)
+        pos_y = y_embed[..., None] / dim_t  # (B, H, W, F)
+        # Interleave sin on even and cos on odd channels, as the official code does.
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, F)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, F)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
+
+
+class PositionEmbeddingLearned(nn.Module):
+    """Learned absolute encoding: a row and a column embedding table (DETR's ablation, table 3).
+
+    Args:
+        num_pos_feats: channels per axis; the output has ``2 * num_pos_feats`` channels.
+        max_size: the largest feature-map height / width it can encode.
+    """
+
+    def __init__(self, num_pos_feats: int = 128, max_size: int = 50) -> None:
+        super().__init__()
+        self.row_embed = nn.Embedding(max_size, num_pos_feats)
+        self.col_embed = nn.Embedding(max_size, num_pos_feats)
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self, mask: Tensor) -> Tensor:
+        """mask (B, H, W) bool -> encoding (B, 2 * num_pos_feats, H, W)."""
+        b, h, w = mask.shape
+        max_size = self.row_embed.num_embeddings
+        if h > max_size or w > max_size:
+            raise ValueError(
+                f"PositionEmbeddingLearned covers feature maps up to {max_size}x{max_size}, got {h}x{w}; "
+                "use smaller images or build the model with a larger `max_size`."
+            )
+        x_emb = self.col_embed(torch.arange(w, device=mask.device))  # (W, F)
+        y_emb = self.row_embed(torch.arange(h, device=mask.device))  # (H, F)
+        pos = torch.cat([x_emb[None].expand(h, w, -1), y_emb[:, None].expand(h, w, -1)], dim=-1)  # (H, W, 2F)
+        return pos.permute(2, 0, 1)[None].expand(b, -1, -1, -1)  # (B, 2F, H, W)

@@ -1,0 +1,123 @@
+"""The set criterion: Hungarian matching, then classification + L1 + GIoU on the matched pairs.
+
+DETR (Carion et al. 2020, section 3.1): cross-entropy over K + 1 classes with the no-object class
+down-weighted by ``eos_coef`` = 0.1, L1 (weight 5) and GIoU (weight 2) on matched boxes, every loss
+normalised by the number of target boxes in the global batch, and the same losses on every decoder
+layer's output ("auxiliary decoding losses"). Deformable DETR and its successors switch the class
+term to the sigmoid focal loss (``focal=True``).
+
+Returned losses are already weighted; their sum is the training objective. Keys: ``loss_class``,
+``loss_bbox``, ``loss_giou``, with ``_aux{i}`` for decoder layer i and ``_enc`` for two-stage proposals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from detrkit.losses.matcher import HungarianMatcher
+from detrkit.ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+LOSS_CLASS, LOSS_BBOX, LOSS_GIOU = "loss_class", "loss_bbox", "loss_giou"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A detector family's loss and matching weights (each model class carries its paper's values)."""
+
+    focal: bool = False
+    class_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    eos_coef: float = 0.1  # softmax models: weight of the no-object class
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cost_class: float | None = None  # matching costs; None = the loss weight
+    cost_bbox: float | None = None
+    cost_giou: float | None = None
+    aux_loss: bool = True
+
+
+class SetCriterion(nn.Module):
+    """Computes the weighted DETR-family losses of a :class:`~detrkit.models.DetectionOutput`.
+
+    Args:
+        num_classes: number of object classes (without no-object).
+        config: weights and loss type.
+    """
+
+    def __init__(self, num_classes: int, config: LossConfig = LossConfig()) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.config = config
+        c = config
+        self.matcher = HungarianMatcher(
+            c.class_weight if c.cost_class is None else c.cost_class,
+            c.bbox_weight if c.cost_bbox is None else c.cost_bbox,
+            c.giou_weight if c.cost_giou is None else c.cost_giou,
+            focal=c.focal, alpha=c.focal_alpha, gamma=c.focal_gamma,
+        )
+        class_weights = torch.ones(num_classes + 1)
+        class_weights[-1] = c.eos_coef
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, outputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """outputs: DetectionOutput; targets: per image {"labels": (n,) int64 in [0, K), "boxes": (n, 4) cxcywh}."""
+        num_boxes = self._num_boxes(targets, outputs.pred_boxes.device)
+        losses = self._layer_losses(outputs.pred_logits, outputs.pred_boxes, targets, num_boxes, suffix="")
+        if self.config.aux_loss:
+            for i, aux in enumerate(outputs.aux_outputs):
+                losses.update(self._layer_losses(aux["pred_logits"], aux["pred_boxes"], targets, num_boxes, f"_aux{i}"))
+        if outputs.enc_outputs is not None:
+            enc = outputs.enc_outputs
+            losses.update(self._layer_losses(enc["pred_logits"], enc["pred_boxes"], targets, num_boxes, "_enc"))
+        return losses
+
+    def _layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: float, suffix: str) -> dict[str, Tensor]:
+        indices = self.matcher(logits, boxes, targets)
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
+        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
+        matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
+        matched_tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]).float()
+
+        # Every unmatched query is trained towards "no object": class index num_classes.
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)  # (B, Q)
+        target_classes[batch_idx, src_idx] = matched_labels.to(logits.device)
+        c = self.config
+        if c.focal:
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)  # (B, Q, K)
+            loss_class = sigmoid_focal_loss(logits.float(), onehot.float(), alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum") / num_boxes
+        else:
+            loss_class = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=self.class_weights)
+
+        src_boxes = boxes[batch_idx, src_idx].float()  # (M, 4)
+        loss_bbox = F.l1_loss(src_boxes, matched_tgt_boxes, reduction="sum") / num_boxes
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(matched_tgt_boxes)))
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {
+            LOSS_CLASS + suffix: c.class_weight * loss_class,
+            LOSS_BBOX + suffix: c.bbox_weight * loss_bbox,
+            LOSS_GIOU + suffix: c.giou_weight * loss_giou,
+        }
+
+    @staticmethod
+    def _num_boxes(targets: list[dict], device: torch.device) -> float:
+        """Target boxes per process, averaged over all processes (DDP), at least 1."""
+        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            n = n / dist.get_world_size()
+        return max(n.item(), 1.0)
+
+
+def build_criterion(model: nn.Module, **overrides) -> SetCriterion:
+    """The criterion with ``model``'s family defaults (``model.loss_config``), optionally overridden."""
+    from dataclasses import replace
+
+    config = replace(model.loss_config, **overrides)
+    return SetCriterion(model.num_classes, config)

@@ -1,0 +1,7 @@
+"""Detectors, one file per family. Importing this package registers every preset."""
+
+from detrkit.models.detr import DETR, build_detr
+from detrkit.models.outputs import DetectionOutput
+from detrkit.models.postprocess import postprocess
+
+__all__ = ["DETR", "DetectionOutput", "build_detr", "postprocess"]

@@ -1,0 +1,29 @@
+"""The one output type every detector returns, in training and in evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class DetectionOutput:
+    """Predictions of a DETR-family detector.
+
+    Attributes:
+        pred_logits: (B, Q, K) class logits of the last decoder layer; K = num_classes + 1 for
+            softmax models (last column = no-object), K = num_classes for sigmoid / focal models.
+        pred_boxes: (B, Q, 4) boxes, normalized (cx, cy, w, h) in [0, 1].
+        aux_outputs: one ``{"pred_logits", "pred_boxes"}`` dict per earlier decoder layer, first to
+            second-to-last, for the auxiliary losses.
+        enc_outputs: two-stage models: ``{"pred_logits", "pred_boxes"}`` of the encoder proposals.
+        dn_meta: denoising models in training: how the denoising queries were laid out.
+    """
+
+    pred_logits: Tensor
+    pred_boxes: Tensor
+    aux_outputs: list[dict[str, Tensor]] = field(default_factory=list)
+    enc_outputs: dict[str, Tensor] | None = None
+    dn_meta: dict[str, Any] | None = None
