@@ -1,0 +1,105 @@
+"""Training configuration: one dataclass, readable in YAML, overridable from the command line.
+
+The CLI (jsonargparse) turns every field into a flag (``--epochs 12``, ``--lr 2e-4``) and reads YAML
+files with ``--config run.yaml``; a run's resolved config is saved as ``config.yaml`` in its output
+folder so that it can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs.
+
+    Attributes:
+        model: registered preset name (``detrkit models`` lists them).
+        data: dataset folder with ``annotations/instances_{train,val}.json`` and ``train/`` ``val/`` image
+            folders (what ``detrkit data synth`` writes); or set the four explicit paths below.
+        output_dir: where checkpoints, metrics.jsonl, metrics.json and config.yaml go.
+        model_args: builder overrides, e.g. ``{num_queries: 50, pretrained_backbone: true}``.
+        image_size: training scale; None = the preset's size. Train scales are 0.6..1.0 of it (multi-scale,
+            step 32), the longer side is capped at 1333/800 of it, validation resizes to it (DETR's
+            480-800 / 1333 / 800 recipe at 800).
+        crop: use DETR's random-crop augmentation branch.
+        epochs, batch_size, lr, lr_backbone, weight_decay, clip_max_norm: the optimiser (AdamW, DETR's values).
+        lr_drop: epoch at which the learning rate is multiplied by ``lr_gamma``; None = 2/3 of ``epochs``.
+        accumulate: gradient accumulation steps (effective batch = batch_size * accumulate).
+        amp: ``auto`` (bf16 where supported, else fp16, on CUDA; off on CPU), ``bf16``, ``fp16`` or ``none``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        eval_every: evaluate on the val split every N epochs (and always after the last).
+        resume: a checkpoint folder (or ``last``/``true`` for the output folder's latest) to continue from.
+        max_train_images / max_val_images: use only the first N images (quick experiments, tests).
+    """
+
+    model: str = "detr_lite"
+    data: str | None = None
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
+    output_dir: str = "runs/train"
+    model_args: dict = field(default_factory=dict)
+    image_size: int | None = None
+    crop: bool = True
+    epochs: int = 50
+    batch_size: int = 4
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    lr_drop: int | None = None
+    lr_gamma: float = 0.1
+    accumulate: int = 1
+    amp: str = "auto"
+    device: str = "auto"
+    num_workers: int = 2
+    eval_every: int = 1
+    resume: str | None = None
+    seed: int = 42
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+    progress: bool = True
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        return cls(**yaml.safe_load(Path(path).read_text()))
+
+
+def dataset_paths(cfg: TrainConfig, split: str) -> tuple[Path, Path]:
+    """(images folder, annotation json) of ``split`` ("train" / "val") from explicit paths or ``cfg.data``."""
+    images, ann = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_ann")
+    if images and ann:
+        return Path(images), Path(ann)
+    if cfg.data is None:
+        raise ValueError(f"no {split} data: pass --data DIR (a COCO-format folder) or --{split}_images and --{split}_ann")
+    root = Path(cfg.data)
+    ann = Path(ann) if ann else next(iter(sorted((root / "annotations").glob(f"instances_{split}*.json"))), root / "annotations" / f"instances_{split}.json")
+    if not images:
+        stem = ann.stem.removeprefix("instances_")  # instances_train2017.json -> train2017/
+        images = root / stem if (root / stem).is_dir() else root / split
+    return Path(images), ann
+
+
+def scales_for(image_size: int) -> dict:
+    """DETR's multi-scale recipe (defined at 800 px) scaled to ``image_size``."""
+    r = image_size / 800
+    lo = max(32, int(round(480 * r / 32)) * 32)
+    scales = list(range(lo, image_size + 1, 32)) or [image_size]
+    if scales[-1] != image_size:
+        scales.append(image_size)
+    return {
+        "scales": scales,
+        "max_size": int(round(1333 * r)),
+        "val_size": image_size,
+        "crop_scales": [int(round(s * r)) for s in (400, 500, 600)],
+        "crop_size": (int(round(384 * r)), int(round(600 * r))),
+    }

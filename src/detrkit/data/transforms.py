@@ -1,0 +1,68 @@
+"""Train / val transforms of the DETR recipe, on torchvision.transforms.v2 with tv_tensors.BoundingBoxes.
+
+DETR (Carion et al. 2020, appendix A.4): horizontal flip; then either a multi-scale resize of the
+shorter side to one of 480..800 (longer side at most 1333), or a random crop branch (resize to
+400/500/600, crop a random 384..600 region, resize multi-scale again). Validation resizes the
+shorter side to 800. Every size is a parameter so that lite presets can train at ~640 px or less.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DETR_SCALES = tuple(range(480, 801, 32))
+
+
+class RandomSizeCrop:
+    """Crop a region whose height and width are drawn uniformly from [min_size, min(side, max_size)].
+
+    torchvision has no transform with exactly this law (RandomResizedCrop draws area and aspect ratio),
+    so this small callable does it with the v2 functional ``crop``, which moves the boxes too.
+    """
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image, target):
+        h, w = F.get_size(image)
+        ch = random.randint(min(self.min_size, h), min(h, self.max_size))
+        cw = random.randint(min(self.min_size, w), min(w, self.max_size))
+        top, left = random.randint(0, h - ch), random.randint(0, w - cw)
+        image = F.crop(image, top, left, ch, cw)
+        target = {**target, "boxes": F.crop(target["boxes"], top, left, ch, cw)}
+        return image, target
+
+
+def build_transforms(
+    train: bool,
+    *,
+    scales: Sequence[int] = DETR_SCALES,
+    max_size: int = 1333,
+    val_size: int = 800,
+    crop: bool = True,
+    crop_scales: Sequence[int] = (400, 500, 600),
+    crop_size: tuple[int, int] = (384, 600),
+) -> T.Compose:
+    """The transform applied to ``(image, target)``; target holds ``boxes`` (BoundingBoxes) and ``labels``."""
+    finish = [
+        T.ClampBoundingBoxes(),
+        T.SanitizeBoundingBoxes(min_size=1),  # drops boxes cropped away, with their labels
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+    if not train:
+        return T.Compose([T.Resize(val_size, max_size=max_size), *finish])
+    resize = T.RandomShortestSize(list(scales), max_size=max_size)
+    if crop:
+        resize = T.RandomChoice([
+            resize,
+            T.Compose([T.RandomShortestSize(list(crop_scales)), RandomSizeCrop(*crop_size), resize]),
+        ])
+    return T.Compose([T.RandomHorizontalFlip(), resize, *finish])

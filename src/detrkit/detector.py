@@ -1,0 +1,104 @@
+"""Inference on user images: ``Detector(checkpoint).predict(image)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image, ImageOps
+from torch import Tensor
+from torchvision import tv_tensors
+
+from detrkit.data.collate import pad_images
+from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detrkit.engine.checkpoint import load_checkpoint
+from detrkit.engine.train import resolve_device
+from detrkit.models.postprocess import postprocess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Detections:
+    """Detections of one image, best first.
+
+    Attributes:
+        boxes: (N, 4) absolute xyxy pixels of the input image.
+        scores: (N,) confidences.
+        labels: (N,) the dataset's category ids.
+        names: N class names.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_list(self) -> list[dict]:
+        return [{"box": [round(v, 2) for v in b], "score": round(s, 4), "label": int(lab), "name": n}
+                for b, s, lab, n in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.names)]
+
+
+def to_pil(image) -> Image.Image:
+    """PIL image, path, (H, W, 3) uint8 array or (3, H, W) tensor in [0, 1] / uint8 -> RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        with Image.open(path) as img:
+            return ImageOps.exif_transpose(img).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, Tensor):
+        arr = image.detach().cpu()
+        arr = (arr * 255).round().clamp(0, 255).byte() if arr.is_floating_point() else arr
+        return Image.fromarray(arr.permute(1, 2, 0).numpy())
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image.astype(np.uint8)).convert("RGB")
+    raise TypeError(f"cannot read an image from {type(image).__name__}; pass a path, PIL image, numpy array or tensor")
+
+
+class Detector:
+    """A trained detector ready for inference.
+
+    Args:
+        checkpoint: a detrkit checkpoint folder, ``model.safetensors`` or a training run folder.
+        device: ``auto``, ``cpu``, ``cuda``...
+        threshold: default minimum score of returned detections.
+    """
+
+    def __init__(self, checkpoint: str | Path, *, device: str = "auto", threshold: float = 0.5) -> None:
+        self.model, self.meta = load_checkpoint(checkpoint)
+        self.device = resolve_device(device)
+        self.model.eval().to(self.device)
+        self.threshold = threshold
+        self.class_names = self.meta["class_names"]
+        self.label_to_cat = self.meta["label_to_cat"]
+        self.cat_to_name = dict(zip(self.label_to_cat, self.class_names))
+        size = int(self.meta.get("image_size", 800))
+        self.transform = T.Compose([
+            T.Resize(size, max_size=round(size * 1333 / 800)),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+
+    @torch.no_grad()
+    def predict(self, images, *, threshold: float | None = None, max_detections: int = 100):
+        """Detect objects in one image (returns :class:`Detections`) or a list of images (returns a list)."""
+        single = not isinstance(images, (list, tuple))
+        pils = [to_pil(img) for img in ([images] if single else images)]
+        tensors = [self.transform(tv_tensors.Image(torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1))) for p in pils]
+        batch, mask = pad_images([t.as_subclass(Tensor) for t in tensors])
+        outputs = self.model(batch.to(self.device), mask.to(self.device))
+        sizes = [(p.height, p.width) for p in pils]
+        dets = postprocess(outputs, sizes, activation=self.model.activation, top_k=max_detections,
+                           threshold=self.threshold if threshold is None else threshold, label_map=self.label_to_cat)
+        results = [Detections(d["boxes"].cpu(), d["scores"].cpu(), d["labels"].cpu(),
+                              [self.cat_to_name[int(c)] for c in d["labels"]]) for d in dets]
+        return results[0] if single else results

@@ -1,0 +1,111 @@
+"""Checkpoints: weights in safetensors (with the model's description in its metadata), training state beside.
+
+A checkpoint is a folder::
+
+    model.safetensors   weights; metadata["detrkit"] = json of {model, num_classes, model_args, class_names,
+                        label_to_cat, image_size}: enough to rebuild the model and name its predictions
+    state.pt            optimizer / scheduler / scaler / epoch / step / RNG state (tensors and plain data
+                        only, so it loads with torch.load(weights_only=True))
+
+The model file alone is enough for inference: ``Detector("model.safetensors")`` works.
+Folders are written to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME, STATE_NAME = "model.safetensors", "state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, state: dict | None = None) -> Path:
+    """Write ``path/`` atomically: model.safetensors (+ meta) and, when given, state.pt."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"detrkit": json.dumps(meta)})
+    if state is not None:
+        torch.save(state, tmp / STATE_NAME)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def resolve_weights_file(path: str | Path) -> Path:
+    """A safetensors file from: the file itself, a checkpoint folder, or a run folder (best, else last)."""
+    path = Path(path)
+    candidates = [path, path / WEIGHTS_NAME, path / "checkpoints" / "best" / WEIGHTS_NAME,
+                  path / "checkpoints" / "last" / WEIGHTS_NAME]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CheckpointError(f"no detrkit checkpoint at {path}: expected a .safetensors file, a checkpoint folder with "
+                          f"{WEIGHTS_NAME}, or a training run folder (with checkpoints/best or checkpoints/last).")
+
+
+def read_meta(path: str | Path) -> dict:
+    """The model description stored in a checkpoint's safetensors metadata."""
+    file = resolve_weights_file(path)
+    with safe_open(str(file), framework="pt") as f:
+        meta = (f.metadata() or {}).get("detrkit")
+    if meta is None:
+        raise CheckpointError(f"{file} has no detrkit metadata; load it with create_model(NAME, weights=...) instead.")
+    return json.loads(meta)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights into ``model`` strictly; mismatches are listed in a :class:`CheckpointError`."""
+    file = resolve_weights_file(path)
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        lines = [f"{file} does not fit {type(model).__name__}:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                lines.append(f"  {title} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        for k in wrong[:8]:
+            lines.append(f"  shape of {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        lines.append("  Build the model with the checkpoint's preset and num_classes (or load it with detrkit.load_checkpoint).")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state)
+    return model
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model a detrkit checkpoint describes and load its weights. Returns (model, meta)."""
+    from detrkit.registry import create_model
+
+    meta = read_meta(path)
+    model = create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_args", {}))
+    load_weights(model, path)
+    return model, meta
+
+
+def load_state(path: str | Path) -> dict:
+    """The training state of a checkpoint folder (never unpickles arbitrary objects)."""
+    file = Path(path) / STATE_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{Path(path)} has no {STATE_NAME}; it holds weights only and cannot resume training.")
+    return torch.load(file, map_location="cpu", weights_only=True)
