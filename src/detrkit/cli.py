@@ -1,0 +1,229 @@
+"""The ``detrkit`` command: demo, train, eval, predict, models, data synth."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from detrkit.config import TrainConfig
+
+# The demo: the built-in synthetic dataset, the lite preset, a CPU budget of about 10 minutes of
+# training on 2 cores. `--quick` shrinks everything for smoke tests.
+DEMO = dict(model="detr_lite", num_train=1000, num_val=200, image_size=256, epochs=12, batch_size=8, lr=2e-4)
+DEMO_QUICK = dict(num_train=8, num_val=4, image_size=128, epochs=1, batch_size=4)
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="detrkit", description="DETR-family object detectors: train, evaluate, predict.")
+    sub = parser.add_subcommands(dest="command")
+
+    demo = ArgumentParser(description="Generate the synthetic dataset, train a lite detector on it, evaluate (COCO AP) "
+                                      "and draw predictions, all on this machine (CPU is fine).")
+    demo.add_argument("--output", default="detrkit-demo", help="folder for the dataset, the run and the predictions")
+    demo.add_argument("--model", default=DEMO["model"], help="preset to train")
+    demo.add_argument("--epochs", type=int, default=DEMO["epochs"])
+    demo.add_argument("--batch_size", type=int, default=DEMO["batch_size"])
+    demo.add_argument("--image_size", type=int, default=DEMO["image_size"], help="synthetic image size and training scale")
+    demo.add_argument("--num_train", type=int, default=DEMO["num_train"])
+    demo.add_argument("--num_val", type=int, default=DEMO["num_val"])
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--quick", type=bool, default=False, help="a tiny smoke-test budget (seconds, not minutes)")
+    sub.add_subcommand("demo", demo, help="end-to-end demo on built-in synthetic data")
+
+    train = ArgumentParser(description="Train a detector on a COCO-format dataset. Every option can also come from "
+                                       "a YAML file (--config); the resolved config is saved in the output folder.")
+    train.add_argument("--config", action=ActionConfigFile, help="YAML file of options")
+    train.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
+    sub.add_subcommand("train", train, help="train on your own COCO-format data")
+
+    ev = ArgumentParser(description="COCO box AP of a checkpoint on a COCO-format split.")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint folder, model.safetensors or training run folder")
+    ev.add_argument("--data", help="dataset folder (as for train); evaluates its val split")
+    ev.add_argument("--images", help="image folder (instead of --data)")
+    ev.add_argument("--ann", help="COCO annotation json (instead of --data)")
+    ev.add_argument("--batch_size", type=int, default=4)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--output", help="where to write metrics.json (default: next to the checkpoint)")
+    sub.add_subcommand("eval", ev, help="evaluate a checkpoint (COCO AP)")
+
+    pr = ArgumentParser(description="Detect objects in an image or a folder of images; writes annotated images and JSON.")
+    pr.add_argument("source", help="an image file or a folder of images")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint folder, model.safetensors or training run folder")
+    pr.add_argument("--output", default="predictions", help="folder for annotated images and detections.json")
+    pr.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep a detection")
+    pr.add_argument("--max_detections", type=int, default=100)
+    pr.add_argument("--device", default="auto")
+    sub.add_subcommand("predict", pr, help="predict on images")
+
+    sub.add_subcommand("models", ArgumentParser(description="List the registered model presets."), help="list presets")
+
+    data = ArgumentParser(description="Dataset tools.")
+    sub.add_subcommand("data", data, help="dataset tools (synth)")
+    data_sub = data.add_subcommands(dest="data_command")
+    synth = ArgumentParser(description="Write the built-in synthetic shapes dataset in COCO format "
+                                       "(DIR/train, DIR/val, DIR/annotations/instances_{train,val}.json).")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--num_train", type=int, default=1000)
+    synth.add_argument("--num_val", type=int, default=200)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image_size", type=int, default=320, help="nominal image side (each image varies by +-20%%)")
+    synth.add_argument("--max_objects", type=int, default=20)
+    data_sub.add_subcommand("synth", synth, help="generate the synthetic dataset")
+    return parser
+
+
+def cmd_models(_: Namespace) -> None:
+    from detrkit.registry import list_models, model_info
+
+    print(f"{'model':<16} {'input':>9} {'COCO AP':>8}  description")
+    for name in list_models():
+        info = model_info(name)
+        ap = f"{100 * info.coco_ap:.1f}" if info.coco_ap else "-"
+        print(f"{name:<16} {info.input_size[0]:>4}x{info.input_size[1]:<4} {ap:>8}  {info.description}")
+
+
+def cmd_synth(args: Namespace) -> None:
+    from detrkit.data import make_synthetic_dataset
+
+    out = make_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+                                 image_size=args.image_size, max_objects=args.max_objects)
+    print(f"wrote {args.num_train} train + {args.num_val} val images to {out}")
+
+
+def cmd_train(args: Namespace) -> dict:
+    from detrkit.engine.train import train
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    return train(cfg)
+
+
+def cmd_eval(args: Namespace) -> dict:
+    from torch.utils.data import DataLoader
+
+    from detrkit.config import dataset_paths
+    from detrkit.data import CocoDetection, build_transforms, collate
+    from detrkit.engine.checkpoint import load_checkpoint, resolve_weights_file
+    from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
+    from detrkit.engine.train import resolve_device
+
+    model, meta = load_checkpoint(args.checkpoint)
+    if args.images and args.ann:
+        images, ann = Path(args.images), Path(args.ann)
+    else:
+        images, ann = dataset_paths(TrainConfig(data=args.data), "val")
+    size = int(meta.get("image_size", 800))
+    dataset = CocoDetection(images, ann, build_transforms(False, val_size=size, max_size=round(size * 1333 / 800)))
+    if dataset.label_to_cat != meta["label_to_cat"]:
+        print(f"warning: {ann} has category ids {dataset.label_to_cat}, the checkpoint was trained on {meta['label_to_cat']}",
+              file=sys.stderr)
+    device = resolve_device(args.device)
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+    metrics = evaluate(model.to(device), loader, dataset, device)
+    out = Path(args.output) if args.output else resolve_weights_file(args.checkpoint).parent / "metrics.json"
+    write_metrics(metrics, out)
+    print(format_metrics(metrics))
+    print(f"metrics written to {out}")
+    return metrics
+
+
+def cmd_predict(args: Namespace) -> None:
+    from detrkit.detector import IMAGE_SUFFIXES
+
+    source = Path(args.source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+    elif source.is_file():
+        files = [source]
+    else:
+        raise FileNotFoundError(f"no such image or folder: {source}")
+    _predict_files(files, args)
+
+
+def _predict_files(files: list[Path], args: Namespace) -> None:
+    """Annotated images and detections.json for ``files`` in ``args.output``."""
+    from tqdm import tqdm
+
+    from detrkit.detector import Detector, to_pil
+    from detrkit.viz import draw_detections
+
+    detector = Detector(args.checkpoint, device=args.device, threshold=args.threshold)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    names = dict(zip(detector.label_to_cat, detector.class_names))
+    all_dets = {}
+    for f in tqdm(files, desc="predict", unit="img", disable=len(files) < 2):
+        image = to_pil(f)
+        det = detector.predict(image, max_detections=args.max_detections)
+        draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(out / f"{f.stem}.jpg")
+        all_dets[f.name] = det.to_list()
+    (out / "detections.json").write_text(json.dumps(all_dets, indent=1))
+    print(f"{sum(map(len, all_dets.values()))} detections in {len(files)} image(s); annotated images and "
+          f"detections.json in {out}")
+
+
+def cmd_demo(args: Namespace) -> dict:
+    from detrkit.data import make_synthetic_dataset
+    from detrkit.engine.train import train
+
+    opts = {**vars(args)}
+    if args.quick:
+        opts.update(DEMO_QUICK)
+    out = Path(args.output)
+    data = out / "data"
+    marker = data / f"synth-{opts['num_train']}-{opts['num_val']}-{opts['image_size']}.done"
+    t0 = time.perf_counter()
+    if not marker.exists():
+        print(f"[1/3] generating the synthetic dataset in {data}")
+        make_synthetic_dataset(data, num_train=opts["num_train"], num_val=opts["num_val"], image_size=opts["image_size"])
+        marker.touch()
+    else:
+        print(f"[1/3] reusing the synthetic dataset in {data}")
+    print(f"[2/3] training {opts['model']} for {opts['epochs']} epochs")
+    cfg = TrainConfig(
+        model=opts["model"], data=str(data), output_dir=str(out / "run"), image_size=opts["image_size"],
+        epochs=opts["epochs"], batch_size=opts["batch_size"], lr=DEMO["lr"], lr_backbone=DEMO["lr"],
+        device=opts["device"], num_workers=1, eval_every=max(1, opts["epochs"] // 3),
+    )
+    metrics = train(cfg)
+    print(f"[3/3] drawing predictions on validation images into {out / 'predictions'}")
+    val_images = sorted((data / "val").glob("*.jpg"))[:8]
+    _predict_files(val_images, Namespace(checkpoint=str(out / "run"), output=str(out / "predictions"),
+                                         threshold=0.3, max_detections=100, device=opts["device"]))
+    print(f"done in {time.perf_counter() - t0:.0f} s: metrics in {out / 'run' / 'metrics.json'}, "
+          f"checkpoint in {out / 'run' / 'checkpoints'}")
+    return metrics
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from detrkit.data import DatasetError
+    from detrkit.engine.checkpoint import CheckpointError
+
+    args = _parser().parse_args(argv)
+    command = args.command
+    try:
+        if command == "data":
+            cmd_synth(args.data.synth)
+        else:
+            COMMANDS[command](args[command])
+    except (DatasetError, CheckpointError, FileNotFoundError) as e:
+        print(f"detrkit {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"detrkit {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

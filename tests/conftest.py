@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+from detrkit.data import make_synthetic_dataset
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A tiny synthetic COCO-format dataset: 12 train and 4 val images of ~128 px."""
+    out = tmp_path_factory.mktemp("synth")
+    make_synthetic_dataset(out, num_train=12, num_val=4, image_size=128, max_objects=6, progress=False)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# Settings that make any preset tiny enough for CPU tests.
+TINY = dict(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64, num_queries=10)

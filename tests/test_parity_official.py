@@ -1,0 +1,86 @@
+"""Parity with the official DETR code (facebookresearch/detr, PyPI package `detr`).
+
+The official package installs top-level `models` / `util` / `datasets` modules, so it is imported
+only in a subprocess. That process builds an official DETR with random weights (including random
+frozen-BatchNorm statistics), runs it on a padded batch and saves weights, inputs and outputs;
+this process converts the weights and checks detrkit's DETR gives the same outputs.
+"""
+
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from detrkit.convert import convert_official_detr
+from detrkit.models.detr import build_detr
+
+
+
+def _official_installed() -> bool:
+    try:
+        importlib.metadata.distribution("detr")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _official_installed(), reason="the official DETR package is not installed (pip install detr==0.1.4)")
+
+OFFICIAL_SCRIPT = textwrap.dedent("""
+    import sys, argparse
+    import torch, torchvision
+    torchvision.__version__ = "0.99.0"  # util/misc.py misparses torchvision >= 0.10
+    import models.backbone as backbone_mod
+    backbone_mod.is_main_process = lambda: False  # never download ImageNet weights
+    from models.backbone import build_backbone
+    from models.transformer import build_transformer
+    from models.detr import DETR
+    from util.misc import NestedTensor
+
+    backbone, dilation, pos, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
+    torch.manual_seed(0)
+    args = argparse.Namespace(hidden_dim=64, position_embedding=pos, lr_backbone=1e-5, masks=False, backbone=backbone,
+                              dilation=dilation, dropout=0.1, nheads=4, dim_feedforward=128, enc_layers=2, dec_layers=3,
+                              pre_norm=False)
+    model = DETR(build_backbone(args), build_transformer(args), num_classes=7, num_queries=12, aux_loss=True)
+    for name, buf in model.named_buffers():  # random frozen-BN statistics, so the backbone is really compared
+        if "running_var" in name:
+            buf.uniform_(0.5, 2.0)
+        elif "running_mean" in name or name.endswith(".bias"):
+            buf.normal_(0, 0.1)
+        elif name.endswith(".weight"):
+            buf.uniform_(0.5, 1.5)
+    model.eval()
+    images = torch.randn(2, 3, 96, 128)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, 64:, :] = True
+    mask[1, :, 80:] = True
+    images[1][:, mask[1]] = 0
+    with torch.no_grad():
+        o = model(NestedTensor(images, mask))
+    torch.save({"state_dict": model.state_dict(), "images": images, "mask": mask, "logits": o["pred_logits"],
+                "boxes": o["pred_boxes"], "aux_logits": torch.stack([a["pred_logits"] for a in o["aux_outputs"]])}, out)
+""")
+
+
+@pytest.mark.parametrize("backbone,dilation,pos", [("resnet18", False, "sine"), ("resnet50", True, "learned")])
+def test_detr_matches_official_implementation(tmp_path, backbone, dilation, pos):
+    out = tmp_path / "official.pt"
+    proc = subprocess.run([sys.executable, "-c", OFFICIAL_SCRIPT, backbone, str(int(dilation)), pos, str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = torch.load(out, weights_only=True)
+
+    model = build_detr(num_classes=7, backbone=backbone, dilation=dilation, position_embedding=pos, d_model=64, nhead=4,
+                       dim_feedforward=128, num_encoder_layers=2, num_decoder_layers=3, num_queries=12)
+    model.load_state_dict(convert_official_detr(ref["state_dict"]), strict=True)
+    model.eval()
+    with torch.no_grad():
+        o = model(ref["images"], ref["mask"])
+    assert (o.pred_logits - ref["logits"]).abs().max().item() <= 1e-4
+    assert (o.pred_boxes - ref["boxes"]).abs().max().item() <= 1e-4
+    aux = torch.stack([a["pred_logits"] for a in o.aux_outputs])
+    assert (aux - ref["aux_logits"]).abs().max().item() <= 1e-4
