@@ -26,6 +26,8 @@ class TrainConfig:
         image_size: training scale; None = the preset's size. Train scales are 0.6..1.0 of it (multi-scale,
             step 32), the longer side is capped at 1333/800 of it, validation resizes to it (DETR's
             480-800 / 1333 / 800 recipe at 800).
+        augment: train with DETR's augmentation (flip, multi-scale, crop); false = validation transforms
+            (debugging, overfitting tests).
         crop: use DETR's random-crop augmentation branch.
         epochs, batch_size, lr, lr_backbone, weight_decay, clip_max_norm: the optimiser (AdamW, DETR's values).
         lr_drop: epoch at which the learning rate is multiplied by ``lr_gamma``; None = 2/3 of ``epochs``.
@@ -46,6 +48,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     model_args: dict = field(default_factory=dict)
     image_size: int | None = None
+    augment: bool = True
     crop: bool = True
     epochs: int = 50
     batch_size: int = 4

@@ -47,7 +47,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     size = cfg.image_size or max(model_info(cfg.model).input_size)
     recipe = scales_for(size)
     val_tf = build_transforms(False, val_size=recipe["val_size"], max_size=recipe["max_size"])
-    train_tf = build_transforms(True, crop=cfg.crop, **recipe)
+    train_tf = build_transforms(True, crop=cfg.crop, **recipe) if cfg.augment else val_tf
     train = CocoDetection(*dataset_paths(cfg, "train"), transforms=train_tf)
     val = CocoDetection(*dataset_paths(cfg, "val"), transforms=val_tf)
     if train.cat_ids != val.cat_ids:

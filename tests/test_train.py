@@ -1,0 +1,111 @@
+"""Training end to end: a few-image overfit, checkpoints, resume, evaluation, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from detrkit import Detector
+from detrkit.cli import main
+from detrkit.config import TrainConfig
+from detrkit.engine.train import train
+
+
+def _cfg(synth_dir, out, **kw):
+    base = dict(model="detr_lite", data=str(synth_dir), output_dir=str(out), model_args=dict(TINY), image_size=96,
+                batch_size=2, num_workers=0, progress=False, crop=False, lr=1e-3, lr_backbone=1e-3, clip_max_norm=1.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overfit_few_images_loss_falls_far(synth_dir, tmp_path):
+    cfg = _cfg(synth_dir, tmp_path / "run", epochs=60, max_train_images=2, max_val_images=2, eval_every=1000,
+               lr_drop=1000)
+    metrics = train(cfg)
+    log = _log(tmp_path / "run")
+    first, last = log[0]["loss"], sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.35 * first, (first, last)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(saved) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert all(0.0 <= saved[k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+    assert saved["AP"] == metrics["AP"]
+
+
+def test_resume_continues_where_it_stopped(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(synth_dir, out, epochs=1, max_train_images=4, max_val_images=2))
+    assert (out / "checkpoints" / "last" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "last" / "state.pt").is_file()
+    train(_cfg(synth_dir, out, epochs=2, max_train_images=4, max_val_images=2, resume="last"))
+    log = _log(out)
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert log[1]["step"] == 2 * log[0]["step"]
+
+
+def test_cli_train_eval_predict(synth_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(synth_dir), "--output_dir", str(out), "--epochs", "1", "--image_size", "96",
+               "--batch_size", "2", "--num_workers", "0", "--progress", "false", "--max_train_images", "4",
+               "--model_args", json.dumps(TINY)])
+    assert rc == 0
+    assert "AP50" in capsys.readouterr().out
+    rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "m.json")])
+    assert rc == 0 and set(json.loads((tmp_path / "m.json").read_text())) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    rc = main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--output", str(tmp_path / "pred"),
+               "--threshold", "0.0", "--max_detections", "3"])
+    assert rc == 0
+    dets = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert len(dets) == 4 and all(len(d) == 3 for d in dets.values())
+    assert {d["name"] for ds in dets.values() for d in ds} <= {"circle", "square", "triangle", "star", "cross"}
+    assert len(list((tmp_path / "pred").glob("*.jpg"))) == 4
+
+
+def test_cli_errors_are_readable(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "annotation file not found" in err and "Traceback" not in err
+    assert main(["predict", str(tmp_path / "missing.jpg"), "--checkpoint", str(tmp_path)]) == 2
+    assert "no such image" in capsys.readouterr().err
+
+
+def test_detector_accepts_paths_pil_arrays_and_tensors(synth_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "run"
+    train(_cfg(synth_dir, out, epochs=1, max_train_images=2, max_val_images=1))
+    det = Detector(out, device="cpu", threshold=0.0)
+    path = sorted((synth_dir / "val").glob("*.jpg"))[0]
+    pil = Image.open(path).convert("RGB")
+    results = det.predict([path, pil, np.asarray(pil), torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)])
+    for r in results[1:]:
+        torch.testing.assert_close(r.boxes, results[0].boxes)
+        assert r.names == results[0].names
+    one = det.predict(pil, max_detections=5)
+    assert len(one) == 5 and one.boxes.shape == (5, 4)
+    assert (one.boxes[:, 2] >= one.boxes[:, 0]).all()
+
+
+@pytest.mark.parametrize("args", [["models"], ["data", "synth", "--num_train", "2", "--num_val", "1", "--image_size", "64"]])
+def test_cli_models_and_synth(tmp_path, capsys, args):
+    if args[0] == "data":
+        args = args + ["--out", str(tmp_path / "d")]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    if args[0] == "models":
+        assert "detr_r50" in text and "detr_lite" in text
+    else:
+        assert (tmp_path / "d" / "annotations" / "instances_val.json").is_file()
+        assert len(list((tmp_path / "d" / "train").glob("*.jpg"))) == 2
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "true", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "AP50" in out
+    assert (tmp_path / "demo" / "run" / "metrics.json").is_file()
+    assert len(list((tmp_path / "demo" / "predictions").glob("*.jpg"))) >= 1
