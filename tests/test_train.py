@@ -23,14 +23,17 @@ def _log(out):
 
 
 def test_overfit_few_images_loss_falls_far(synth_dir, tmp_path):
-    cfg = _cfg(synth_dir, tmp_path / "run", epochs=60, max_train_images=2, max_val_images=2, eval_every=1000,
-               lr_drop=1000)
+    """Two images memorised: the loss falls far, and evaluated on those same images AP50 is high."""
+    train_ann = synth_dir / "annotations" / "instances_train.json"
+    cfg = _cfg(synth_dir, tmp_path / "run", epochs=120, max_train_images=2, max_val_images=2, eval_every=1000,
+               lr_drop=1000, augment=False, val_images=str(synth_dir / "train"), val_ann=str(train_ann),
+               train_images=str(synth_dir / "train"), train_ann=str(train_ann))
     metrics = train(cfg)
     log = _log(tmp_path / "run")
     first, last = log[0]["loss"], sum(r["loss"] for r in log[-5:]) / 5
-    assert last < 0.35 * first, (first, last)
+    assert last < 0.15 * first, (first, last)
+    assert metrics["AP50"] > 0.5, metrics
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(saved) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert all(0.0 <= saved[k] <= 1.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
     assert saved["AP"] == metrics["AP"]
 

@@ -92,6 +92,8 @@ class Trainer:
         self.val_loader = DataLoader(val_sub, shuffle=False, **loader_args)
 
         self.model = create_model(cfg.model, num_classes=self.train_set.num_classes, **cfg.model_args).to(self.device)
+        # channels-last convolutions: ~20% faster backbone steps on CPU (oneDNN) and with AMP on GPU
+        self.model.to(memory_format=torch.channels_last)
         self.criterion = build_criterion(self.model).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.lr, cfg.lr_backbone), weight_decay=cfg.weight_decay)
         lr_drop = cfg.lr_drop if cfg.lr_drop is not None else max(1, round(cfg.epochs * 2 / 3))
@@ -143,7 +145,9 @@ class Trainer:
                        unit="batch", dynamic_ncols=True)
             running = {}
             for i, batch in enumerate(bar):
-                losses = self._train_step(batch.to(self.device, non_blocking=True), i)
+                batch = batch.to(self.device, non_blocking=True)
+                batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+                losses = self._train_step(batch, i)
                 images_seen, batches_run = images_seen + len(batch), batches_run + 1
                 for k, v in losses.items():
                     running[k] = running.get(k, 0.0) + v
