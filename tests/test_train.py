@@ -73,6 +73,10 @@ def test_cli_errors_are_readable(tmp_path, capsys):
     assert "annotation file not found" in err and "Traceback" not in err
     assert main(["predict", str(tmp_path / "missing.jpg"), "--checkpoint", str(tmp_path)]) == 2
     assert "no such image" in capsys.readouterr().err
+    assert main(["train", "--model", "detr_nope", "--data", str(tmp_path), "--progress", "false"]) == 2
+    assert "unknown model 'detr_nope'" in capsys.readouterr().err
+    assert main(["train", "--output_dir", str(tmp_path / "o"), "--progress", "false"]) == 2
+    assert "pass --data DIR" in capsys.readouterr().err
 
 
 def test_detector_accepts_paths_pil_arrays_and_tensors(synth_dir, tmp_path):

@@ -208,6 +208,7 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": c
 def main(argv: list[str] | None = None) -> int:
     from detrkit.data import DatasetError
     from detrkit.engine.checkpoint import CheckpointError
+    from detrkit.registry import UnknownModelError
 
     args = _parser().parse_args(argv)
     command = args.command
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_synth(args.data.synth)
         else:
             COMMANDS[command](args[command])
-    except (DatasetError, CheckpointError, FileNotFoundError) as e:
+    except (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError) as e:
         print(f"detrkit {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -83,7 +83,9 @@ def dataset_paths(cfg: TrainConfig, split: str) -> tuple[Path, Path]:
     if images and ann:
         return Path(images), Path(ann)
     if cfg.data is None:
-        raise ValueError(f"no {split} data: pass --data DIR (a COCO-format folder) or --{split}_images and --{split}_ann")
+        from detrkit.data.coco import DatasetError
+
+        raise DatasetError(f"no {split} data: pass --data DIR (a COCO-format folder) or --{split}_images and --{split}_ann")
     root = Path(cfg.data)
     ann = Path(ann) if ann else next(iter(sorted((root / "annotations").glob(f"instances_{split}*.json"))), root / "annotations" / f"instances_{split}.json")
     if not images:

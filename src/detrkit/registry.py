@@ -26,6 +26,13 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 
 
+class UnknownModelError(KeyError):
+    """A model name that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def register_model(*, paper: str, input_size: tuple[int, int], coco_ap: float | None = None):
     """Decorator: add a builder ``fn(*, num_classes, **overrides) -> nn.Module`` under its function name."""
 
@@ -47,7 +54,7 @@ def list_models() -> list[str]:
 def model_info(name: str) -> ModelInfo:
     _import_models()
     if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
+        raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
     return _MODELS[name]
 
 

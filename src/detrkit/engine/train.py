@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm import tqdm
 
 from detrkit.config import TrainConfig, dataset_paths, scales_for
-from detrkit.data import CocoDetection, build_transforms, collate
+from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
 from detrkit.engine.checkpoint import load_state, load_weights, save_checkpoint
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
 from detrkit.losses import build_criterion
@@ -51,7 +51,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     train = CocoDetection(*dataset_paths(cfg, "train"), transforms=train_tf)
     val = CocoDetection(*dataset_paths(cfg, "val"), transforms=val_tf)
     if train.cat_ids != val.cat_ids:
-        raise ValueError(f"train and val list different categories ({train.ann_file} vs {val.ann_file}); "
+        raise DatasetError(f"train and val list different categories ({train.ann_file} vs {val.ann_file}); "
                          "both splits need the same 'categories'.")
     return train, val
 
