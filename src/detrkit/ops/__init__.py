@@ -1,4 +1,4 @@
-"""Tensor operations shared by every detector: box conversions and IoU."""
+"""Tensor operations shared by every detector: box conversions, IoU, multi-scale deformable attention."""
 
 from detrkit.ops.boxes import (
     box_cxcywh_to_xyxy,
@@ -6,5 +6,9 @@ from detrkit.ops.boxes import (
     generalized_box_iou,
     inverse_sigmoid,
 )
+from detrkit.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 
-__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "inverse_sigmoid"]
+__all__ = [
+    "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "inverse_sigmoid",
+    "ms_deform_attn", "ms_deform_attn_reference",
+]

@@ -1,0 +1,87 @@
+"""Multi-scale deformable attention (Zhu et al., Deformable DETR, ICLR 2021, section 4.1, equation 3).
+
+Each query attends to a few sampled points per head and per feature level instead of to every pixel:
+
+    out(q) = sum_h W_h [ sum_l sum_k A(h, q, l, k) * V_h,l( p(q, l, k) ) ]
+
+where p are sampling locations (normalized [0, 1] coordinates of level l's map) and A attention
+weights that sum to one over levels x points. V_h,l(p) is read with bilinear interpolation, zero
+outside the map, pixel centres at (i + 0.5) / size (``align_corners=False``), which is what the
+official CUDA op computes. This module holds the operation itself (the projections around it live
+in :mod:`detrkit.layers.deformable`) with one entry point and a backend switch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "reference")
+
+
+def _level_shapes(spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    if isinstance(spatial_shapes, Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def ms_deform_attn_reference(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Pure-PyTorch multi-scale deformable attention on ``F.grid_sample``; see :func:`ms_deform_attn`.
+
+    Levels are processed one at a time and accumulated, so the peak extra memory is one level's
+    samples (B*heads, head_dim, Lq, points) rather than all levels stacked.
+    """
+    b, s, heads, head_dim = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    shapes = _level_shapes(spatial_shapes)
+    in_dtype = value.dtype
+    if in_dtype in (torch.float16, torch.bfloat16):  # grid_sample in half precision loses too much; accumulate in fp32
+        value, sampling_locations, attention_weights = value.float(), sampling_locations.float(), attention_weights.float()
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    out = value.new_zeros(b * heads, head_dim, lq)
+    for lvl, value_l in enumerate(value.split([h * w for h, w in shapes], dim=1)):
+        h, w = shapes[lvl]
+        value_l = value_l.permute(0, 2, 3, 1).reshape(b * heads, head_dim, h, w)  # (B*heads, D, h, w)
+        grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*heads, Lq, P, 2)
+        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*heads, D, Lq, P)
+        weights_l = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(b * heads, 1, lq, points)  # (B*heads, 1, Lq, P)
+        out = out + (sampled * weights_l).sum(-1)  # (B*heads, D, Lq)
+    out = out.view(b, heads * head_dim, lq).transpose(1, 2)  # (B, Lq, heads*D)
+    return out.to(in_dtype)
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    level_start_index: Tensor | None,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Multi-scale deformable attention.
+
+    Args:
+        value: (B, S, heads, head_dim), the flattened levels one after another (S = sum of h*w).
+        spatial_shapes: (levels, 2) int (h, w) of each level.
+        level_start_index: (levels,) offset of each level in S (kept for the official signature; the
+            reference backend derives it from ``spatial_shapes``).
+        sampling_locations: (B, Lq, heads, levels, points, 2) normalized (x, y) in [0, 1]; points outside read zeros.
+        attention_weights: (B, Lq, heads, levels, points), normally softmaxed over levels x points.
+        backend: ``"auto"`` (the fastest available for the inputs' device) or ``"reference"`` (pure PyTorch).
+
+    Returns:
+        (B, Lq, heads * head_dim), in the dtype of ``value``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ms_deform_attn backend {backend!r}; choose one of {BACKENDS}")
+    # "auto" resolves to the pure-PyTorch reference until a fused GPU kernel is added.
+    return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
