@@ -35,7 +35,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, state: dict 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().contiguous().cpu()
+        if v.data_ptr() in seen:  # heads shared across decoder layers: safetensors stores each tensor once
+            v = v.clone()
+        seen.add(v.data_ptr())
+        weights[k] = v
     save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"detrkit": json.dumps(meta)})
     if state is not None:
         torch.save(state, tmp / STATE_NAME)

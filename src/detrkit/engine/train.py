@@ -57,10 +57,17 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
 
 
 def param_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[dict]:
-    """DETR trains the backbone 10x slower than the transformer."""
-    backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-    return [{"params": rest, "lr": lr}, {"params": backbone, "lr": lr_backbone}]
+    """The backbone trains at ``lr_backbone``; parameters named in ``model.slow_params`` (Deformable DETR's
+    sampling offsets and reference points) at 0.1 * lr; everything else at ``lr``."""
+    slow_names = getattr(model, "slow_params", ())
+    groups = {"rest": [], "backbone": [], "slow": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "backbone" if name.startswith("backbone.") else "slow" if any(s in name for s in slow_names) else "rest"
+        groups[key].append(p)
+    return [{"params": groups["rest"], "lr": lr}, {"params": groups["backbone"], "lr": lr_backbone},
+            {"params": groups["slow"], "lr": lr * 0.1}]
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,14 @@
-"""Reusable building blocks: position encodings, MLP, transformer layers."""
+"""Reusable building blocks: position encodings, MLP, transformer layers, deformable attention, neck."""
 
+from detrkit.layers.deformable import (
+    DeformableDecoder,
+    DeformableDecoderLayer,
+    DeformableEncoder,
+    DeformableEncoderLayer,
+    MultiScaleDeformableAttention,
+)
 from detrkit.layers.mlp import MLP
+from detrkit.layers.neck import MultiScaleProjection
 from detrkit.layers.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from detrkit.layers.transformer import (
     TransformerDecoder,
@@ -10,7 +18,13 @@ from detrkit.layers.transformer import (
 )
 
 __all__ = [
+    "DeformableDecoder",
+    "DeformableDecoderLayer",
+    "DeformableEncoder",
+    "DeformableEncoderLayer",
     "MLP",
+    "MultiScaleDeformableAttention",
+    "MultiScaleProjection",
     "PositionEmbeddingLearned",
     "PositionEmbeddingSine",
     "TransformerDecoder",

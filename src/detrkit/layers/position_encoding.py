@@ -21,6 +21,8 @@ class PositionEmbeddingSine(nn.Module):
         temperature: base of the geometric progression of wavelengths.
         normalize: divide the cumulative coordinates by the valid extent of each image.
         scale: the normalised coordinate range (2*pi in DETR); only with ``normalize``.
+        offset: added to the cumulative coordinates before normalising: 0 in DETR, -0.5 in Deformable
+            DETR and its successors (pixel centres instead of pixel ends).
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class PositionEmbeddingSine(nn.Module):
         temperature: float = 10000.0,
         normalize: bool = True,
         scale: float | None = None,
+        offset: float = 0.0,
     ) -> None:
         super().__init__()
         if scale is not None and not normalize:
@@ -37,6 +40,7 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self.offset = offset
 
     def forward(self, mask: Tensor) -> Tensor:
         """mask (B, H, W) bool, True on padding -> encoding (B, 2 * num_pos_feats, H, W) float32."""
@@ -45,8 +49,8 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)  # (B, H, W): 1..w_valid along each row
         if self.normalize:
             eps = 1e-6  # keeps fully padded rows / columns finite
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
 
         dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)

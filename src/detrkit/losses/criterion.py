@@ -41,6 +41,7 @@ class LossConfig:
     cost_bbox: float | None = None
     cost_giou: float | None = None
     aux_loss: bool = True
+    enc_class_agnostic: bool = False  # two-stage Deformable DETR: encoder proposals learn objectness (class 0)
 
 
 class SetCriterion(nn.Module):
@@ -75,7 +76,10 @@ class SetCriterion(nn.Module):
                 losses.update(self._layer_losses(aux["pred_logits"], aux["pred_boxes"], targets, num_boxes, f"_aux{i}"))
         if outputs.enc_outputs is not None:
             enc = outputs.enc_outputs
-            losses.update(self._layer_losses(enc["pred_logits"], enc["pred_boxes"], targets, num_boxes, "_enc"))
+            enc_targets = targets
+            if self.config.enc_class_agnostic:
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            losses.update(self._layer_losses(enc["pred_logits"], enc["pred_boxes"], enc_targets, num_boxes, "_enc"))
         return losses
 
     def _layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: float, suffix: str) -> dict[str, Tensor]:

@@ -1,0 +1,202 @@
+"""Deformable DETR's attention and transformer (Zhu et al., ICLR 2021, sections 4.1 and 4.2).
+
+The encoder replaces self-attention over all pixels of all levels by multi-scale deformable
+attention: every pixel of every level is a query with its own centre as the reference point and
+samples ``points`` locations per head and level. The decoder keeps self-attention among object
+queries and uses deformable cross-attention around each query's reference point (a 2-D point, or a
+4-D box whose size scales the sampling offsets, as in iterative refinement and two-stage).
+
+Attribute names follow the official code (sampling_offsets, attention_weights, value_proj,
+output_proj; encoder norm1/norm2; decoder cross_attn/norm1, self_attn/norm2, linear1/2, norm3).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detrkit.ops import inverse_sigmoid, ms_deform_attn
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Multi-scale deformable attention with its projections (paper equation 3).
+
+    Args:
+        d_model: width of queries and values.
+        n_levels: number of feature levels.
+        n_heads: attention heads.
+        n_points: sampling points per head and level.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.backend = "auto"
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Offsets start on a radial grid: head h looks in direction 2*pi*h/heads, point k at distance k+1
+        # (in units of the level's pixels), so heads cover all directions before any training.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (heads, 2)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid[:, None, None, :].repeat(1, self.n_levels, self.n_points, 1)  # (heads, levels, points, 2)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32)[None, None, :, None]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels x points at start
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """query (B, Lq, C); reference_points (B, Lq, levels, 2 or 4) normalized; value (B, S, C);
+        spatial_shapes (levels, 2); padding_mask (B, S) True on padding -> (B, Lq, C)."""
+        b, lq, _ = query.shape
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(b, -1, heads, self.d_model // heads)  # (B, S, heads, head_dim)
+        offsets = self.sampling_offsets(query).view(b, lq, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(b, lq, heads, levels * points).softmax(-1)
+        weights = weights.view(b, lq, heads, levels, points)
+        if reference_points.shape[-1] == 2:  # offsets are in pixels of each level
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)  # (levels, 2): w, h
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:  # offsets are fractions of the reference box (refinement / two-stage)
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # (B, Lq, C)
+        return self.output_proj(out)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable self-attention over all levels + FFN, post-norm."""
+
+    def __init__(self, d_model: int = 256, dim_feedforward: int = 1024, dropout: float = 0.1,
+                 n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Tensor | None) -> Tensor:
+        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(src2))
+        src = self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+        return src
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of deformable encoder layers; every pixel centre of every level is a reference point."""
+
+    def __init__(self, layer: DeformableEncoderLayer, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+        """Pixel centres normalized by each image's valid extent: (B, S, levels, 2), as (x, y)."""
+        points = []
+        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                indexing="ij",
+            )
+            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)  # (B, h*w)
+            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)  # (B, h*w)
+            points.append(torch.stack([xs, ys], -1))  # (B, h*w, 2)
+        ref = torch.cat(points, 1)  # (B, S, 2)
+        return ref[:, :, None] * valid_ratios[:, None]  # (B, S, levels, 2): the same point seen on every level
+
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                valid_ratios: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """src, pos (B, S, C); valid_ratios (B, levels, 2); padding_mask (B, S) -> memory (B, S, C)."""
+        ref = self.reference_points(spatial_shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
+        return src
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Self-attention among queries, deformable cross-attention around each reference, FFN; post-norm."""
+
+    def __init__(self, d_model: int = 256, dim_feedforward: int = 1024, dropout: float = 0.1,
+                 n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+        super().__init__()
+        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> Tensor:
+        q = k = tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]))
+        tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        tgt = self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
+        return tgt
+
+
+class DeformableDecoder(nn.Module):
+    """Decoder layers with reference points; with ``bbox_embed`` set (one head per layer) each layer refines
+    the reference box in inverse-sigmoid space and passes it on detached (iterative bounding box refinement,
+    paper section 4.2 and appendix A.4)."""
+
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.bbox_embed: nn.ModuleList | None = None  # set by the detector when refining
+
+    def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, valid_ratios: Tensor, query_pos: Tensor,
+                padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """tgt, query_pos (B, Q, C); reference_points (B, Q, 2 or 4) -> hidden (L, B, Q, C) and the
+        reference each layer passes on (L, B, Q, 2 or 4)."""
+        hidden, references = [], []
+        for lid, layer in enumerate(self.layers):
+            scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
+            ref_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, levels, 2 or 4)
+            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, self_attn_mask)
+            if self.bbox_embed is not None:
+                delta = self.bbox_embed[lid](tgt)
+                if reference_points.shape[-1] == 4:
+                    new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                else:
+                    new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1).sigmoid()
+                reference_points = new_ref.detach()  # gradients do not flow through the chain of references
+            hidden.append(tgt)
+            references.append(reference_points)
+        return torch.stack(hidden), torch.stack(references)

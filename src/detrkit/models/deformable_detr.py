@@ -1,0 +1,260 @@
+"""Deformable DETR (Zhu et al., "Deformable DETR: Deformable Transformers for End-to-End Object
+Detection", ICLR 2021).
+
+DETR with multi-scale deformable attention (section 4.1) in encoder and decoder over 4 feature
+levels (strides 8-64), 300 queries with learned reference points, sigmoid focal loss, and two
+variants (section 4.2): iterative bounding box refinement (one box head per decoder layer, each
+refining the previous layer's box in inverse-sigmoid space) and two-stage (the encoder proposes
+boxes at every pixel; the top-k become the decoder's queries).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detrkit.backbones import ResNetBackbone
+from detrkit.layers import (
+    MLP,
+    DeformableDecoder,
+    DeformableDecoderLayer,
+    DeformableEncoder,
+    DeformableEncoderLayer,
+    MultiScaleProjection,
+    PositionEmbeddingSine,
+)
+from detrkit.losses.criterion import LossConfig
+from detrkit.models.outputs import DetectionOutput
+from detrkit.ops import inverse_sigmoid
+from detrkit.registry import register_model
+
+
+def valid_ratios(mask: Tensor) -> Tensor:
+    """mask (B, h, w) True on padding -> (B, 2): the unpadded fraction of width and height."""
+    _, h, w = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1)
+    valid_w = (~mask[:, 0, :]).sum(1)
+    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
+def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of unnormalized (inverse-sigmoid) boxes (B, K, 4) -> (B, K, 4 * num_pos_feats)."""
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = proposals.sigmoid() * 2 * math.pi
+    pos = pos[:, :, :, None] / dim_t  # (B, K, 4, F)
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)  # (B, K, 4F)
+
+
+def encoder_proposals(memory: Tensor, mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+    """Two-stage (section 4.2): a box proposal at every encoder pixel, centred on it, of side 0.05 * 2^level.
+
+    Returns the memory with padded / border pixels zeroed (B, S, C) and the proposals in
+    inverse-sigmoid space (B, S, 4), +inf where invalid so that they are never selected.
+    """
+    b = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        mask_l = mask[:, start : start + h * w].view(b, h, w)
+        valid_h, valid_w = (~mask_l[:, :, 0]).sum(1), (~mask_l[:, 0, :]).sum(1)
+        gy, gx = torch.meshgrid(torch.arange(h, dtype=memory.dtype, device=memory.device),
+                                torch.arange(w, dtype=memory.dtype, device=memory.device), indexing="ij")
+        grid = torch.stack([gx, gy], -1)  # (h, w, 2)
+        scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2).to(memory.dtype)
+        centres = (grid[None] + 0.5) / scale  # (B, h, w, 2)
+        wh = torch.full_like(centres, 0.05 * 2.0**lvl)
+        proposals.append(torch.cat([centres, wh], -1).view(b, -1, 4))
+        start += h * w
+    proposals = torch.cat(proposals, 1)  # (B, S, 4)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)  # (B, S, 1)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = mask[..., None] | ~valid
+    proposals = proposals.masked_fill(invalid, float("inf"))
+    return memory.masked_fill(invalid, 0.0), proposals
+
+
+class DeformableDETR(nn.Module):
+    """The Deformable DETR detector.
+
+    Args:
+        backbone: returns ``{stage: (features, mask)}`` for the levels it feeds the neck.
+        position_encoding: sine encoding of each level's mask (with Deformable DETR's -0.5 offset).
+        encoder, decoder: the deformable transformer.
+        num_classes: number of object classes (sigmoid outputs, no background class).
+        num_queries: object queries (300); in two-stage, the number of proposals kept.
+        d_model: transformer width.
+        num_feature_levels: backbone levels + extra stride-2 levels (4 = strides 8, 16, 32, 64).
+        refine: iterative bounding box refinement.
+        two_stage: encoder proposals as queries (implies per-layer heads plus one for the encoder).
+    """
+
+    activation = "sigmoid"
+    loss_config = LossConfig(focal=True, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0, enc_class_agnostic=True)
+    slow_params = ("sampling_offsets", "reference_points")  # trained at 0.1x lr, as in the official recipe
+
+    def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
+                 decoder: DeformableDecoder, *, num_classes: int, num_queries: int = 300, d_model: int = 256,
+                 num_feature_levels: int = 4, refine: bool = False, two_stage: bool = False) -> None:
+        super().__init__()
+        self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
+        self.refine, self.two_stage = refine, two_stage
+        self.backbone = backbone
+        self.position_encoding = position_encoding
+        channels = list(backbone.channels.values())
+        self.neck = MultiScaleProjection(channels, d_model, num_extra=num_feature_levels - len(channels))
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model).normal_())
+        self.encoder, self.decoder = encoder, decoder
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
+            self.pos_trans_norm = nn.LayerNorm(2 * d_model)
+        else:
+            self.query_embed = nn.Embedding(num_queries, 2 * d_model)  # positional half + content half
+            self.reference_points = nn.Linear(d_model, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
+        self.class_embed, self.bbox_embed = self._build_heads(len(decoder.layers) + int(two_stage))
+        if refine:
+            decoder.bbox_embed = self.bbox_embed
+
+    def _build_heads(self, num_pred: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+        class_embed = nn.Linear(self.d_model, self.num_classes)
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal-loss prior: p(object) = 0.01
+        bbox_embed = MLP(self.d_model, self.d_model, 4, 3)
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        nn.init.constant_(bbox_embed.layers[-1].bias[2:], 0.0 if self.two_stage else -2.0)  # small boxes at start
+        if self.refine or self.two_stage:  # one head per prediction
+            return (nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred)),
+                    nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred)))
+        # plain Deformable DETR shares one head across layers (the same module at every index)
+        return nn.ModuleList([class_embed] * num_pred), nn.ModuleList([bbox_embed] * num_pred)
+
+    def forward(self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None) -> DetectionOutput:
+        """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets unused."""
+        memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
+        if self.two_stage:
+            tgt, query_pos, reference, enc_outputs = self._select_topk_proposals(memory, mask, shapes)
+        else:
+            query_pos, tgt = self.query_embed.weight[None].expand(images.shape[0], -1, -1).split(self.d_model, -1)
+            reference, enc_outputs = self.reference_points(query_pos).sigmoid(), None  # (B, Q, 2)
+        hidden, references = self.decoder(tgt, reference, memory, shapes, starts, ratios, query_pos, mask)
+        return self._heads(hidden, [reference, *references[:-1]], enc_outputs)
+
+    def _encode(self, images: Tensor, padding_mask: Tensor | None):
+        """Backbone -> neck -> flattened levels with position + level embeddings -> deformable encoder."""
+        if padding_mask is None:
+            padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
+        srcs, masks = self.neck(list(self.backbone(images, padding_mask).values()), padding_mask)
+        shapes = torch.tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=images.device)  # (levels, 2)
+        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])  # (levels,)
+        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
+        pos = torch.cat([(self.position_encoding(m).to(src.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl])
+                         for lvl, m in enumerate(masks)], 1)  # (B, S, C)
+        mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
+        ratios = torch.stack([valid_ratios(m) for m in masks], 1).to(src.dtype)  # (B, levels, 2)
+        return self.encoder(src, pos, shapes, starts, ratios, mask), mask, shapes, starts, ratios
+
+    def _select_topk_proposals(self, memory: Tensor, mask: Tensor, shapes: Tensor):
+        """Two-stage: score every encoder proposal with the extra head, keep the top-k as reference boxes."""
+        out_memory, proposals = encoder_proposals(memory, mask, shapes)
+        out_memory = self.enc_output_norm(self.enc_output(out_memory))
+        enc_logits = self.class_embed[-1](out_memory)  # (B, S, K)
+        enc_coords = self.bbox_embed[-1](out_memory) + proposals  # (B, S, 4), inverse-sigmoid space
+        topk = enc_logits[..., 0].topk(self.num_queries, dim=1).indices  # class-agnostic objectness: channel 0
+        coords = enc_coords.gather(1, topk[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
+        query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))  # (B, Q, 2C)
+        query_pos, tgt = query.split(self.d_model, -1)
+        return tgt, query_pos, coords.sigmoid(), {"pred_logits": enc_logits, "pred_boxes": enc_coords.sigmoid()}
+
+    def _heads(self, hidden: Tensor, references: list[Tensor], enc_outputs: dict | None) -> DetectionOutput:
+        """hidden (L, B, Q, C), each layer's input reference [(B, Q, 2 or 4)] * L -> logits and boxes per layer."""
+        logits, boxes = [], []
+        for lvl in range(hidden.shape[0]):
+            ref = inverse_sigmoid(references[lvl])
+            delta = self.bbox_embed[lvl](hidden[lvl])  # (B, Q, 4)
+            d = ref.shape[-1]
+            boxes.append(torch.cat([delta[..., :d] + ref, delta[..., d:]], -1).sigmoid())
+            logits.append(self.class_embed[lvl](hidden[lvl]))
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs)
+
+
+def build_deformable_detr(
+    *,
+    num_classes: int,
+    backbone: str = "resnet50",
+    feature_stages: tuple[str, ...] = ("layer2", "layer3", "layer4"),
+    num_feature_levels: int = 4,
+    pretrained_backbone: bool = False,
+    backbone_norm: str = "frozen",
+    trainable_layers: int = 3,
+    d_model: int = 256,
+    nhead: int = 8,
+    num_encoder_layers: int = 6,
+    num_decoder_layers: int = 6,
+    dim_feedforward: int = 1024,
+    dropout: float = 0.1,
+    n_points: int = 4,
+    num_queries: int = 300,
+    refine: bool = False,
+    two_stage: bool = False,
+) -> DeformableDETR:
+    """Wire a Deformable DETR from plain settings; the presets call this with the paper's values."""
+    body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
+                          norm=backbone_norm, trainable_layers=trainable_layers)
+    pos = PositionEmbeddingSine(d_model // 2, normalize=True, offset=-0.5)
+    enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
+    dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
+    encoder, decoder = DeformableEncoder(enc_layer, num_encoder_layers), DeformableDecoder(dec_layer, num_decoder_layers)
+    for module in (encoder, decoder):  # the official init: Xavier on matrices, then each MSDeformAttn's own
+        for p in module.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in module.modules():
+            if hasattr(m, "sampling_offsets"):
+                m.reset_parameters()
+    return DeformableDETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
+                          num_feature_levels=num_feature_levels, refine=refine, two_stage=two_stage)
+
+
+_PAPER = "Deformable DETR (Zhu et al. 2021)"
+
+
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.445)
+def deformable_detr_r50(*, num_classes: int = 91, **overrides) -> DeformableDETR:
+    """Deformable DETR, ResNet-50, 4 levels, 6+6 layers, 300 queries, focal loss."""
+    return build_deformable_detr(**{"num_classes": num_classes, **overrides})
+
+
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.462)
+def deformable_detr_r50_refine(*, num_classes: int = 91, **overrides) -> DeformableDETR:
+    """Deformable DETR with iterative bounding box refinement."""
+    return build_deformable_detr(**{"num_classes": num_classes, "refine": True, **overrides})
+
+
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.469)
+def deformable_detr_r50_two_stage(*, num_classes: int = 91, **overrides) -> DeformableDETR:
+    """Two-stage Deformable DETR (with refinement): encoder proposals become the queries."""
+    return build_deformable_detr(**{"num_classes": num_classes, "refine": True, "two_stage": True, **overrides})
+
+
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.394)
+def deformable_detr_r50_single_scale(*, num_classes: int = 91, **overrides) -> DeformableDETR:
+    """Single-scale Deformable DETR: only the stride-32 map, deformable attention on one level."""
+    return build_deformable_detr(**{"num_classes": num_classes, "feature_stages": ("layer4",), "num_feature_levels": 1,
+                                    **overrides})
+
+
+@register_model(paper=f"{_PAPER}, lite preset", input_size=(640, 640), coco_ap=None)
+def deformable_detr_lite(*, num_classes: int = 91, **overrides) -> DeformableDETR:
+    """Deformable-DETR-Lite: ResNet-18 (strides 8/16 + one extra level), width 128, 3+3 layers, 100 queries, refine."""
+    defaults = dict(backbone="resnet18", feature_stages=("layer2", "layer3"), num_feature_levels=3,
+                    backbone_norm="batch", trainable_layers=5, d_model=128, nhead=8, num_encoder_layers=3,
+                    num_decoder_layers=3, dim_feedforward=512, dropout=0.0, num_queries=100, refine=True)
+    return build_deformable_detr(num_classes=num_classes, **{**defaults, **overrides})
