@@ -1,0 +1,76 @@
+"""HF transformers state dicts -> detrkit.
+
+transformers names the same modules differently (``fc1`` for ``linear1``, ``self_attn_layer_norm``
+for the norm after self-attention, separate q/k/v projections) and builds its ResNet from its own
+``ResNetModel`` when the backbone is not a timm one. Each function below maps one model family;
+keys that duplicate another key in detrkit (the decoder's copy of the class heads) are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+
+def convert_hf_resnet_key(key: str) -> str:
+    """HF ``ResNetModel`` names -> torchvision ResNet names (``embedder.embedder.convolution`` -> ``conv1``...)."""
+    key = key.replace("embedder.embedder.convolution.", "conv1.").replace("embedder.embedder.normalization.", "bn1.")
+    m = re.match(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(.*)", key)
+    if m is None:
+        return key
+    stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
+    rest = rest.replace("shortcut.convolution.", "downsample.0.").replace("shortcut.normalization.", "downsample.1.")
+    rest = re.sub(r"layer\.(\d+)\.convolution\.", lambda g: f"conv{int(g.group(1)) + 1}.", rest)
+    rest = re.sub(r"layer\.(\d+)\.normalization\.", lambda g: f"bn{int(g.group(1)) + 1}.", rest)
+    return f"layer{stage + 1}.{block}.{rest}"
+
+
+# (HF pattern, detrkit replacement) applied in order to each key after the "model." prefix is removed.
+_DEFORMABLE_RULES = [
+    (r"^backbone\.(conv_encoder\.)?model\.(.*)$", lambda m: "backbone.body." + convert_hf_resnet_key(m.group(2))),
+    (r"^input_proj\.", "neck.input_proj."),
+    (r"^query_position_embeddings\.", "query_embed."),
+    (r"\.self_attn_layer_norm\.", ".SA_NORM."),
+    (r"\.encoder_attn_layer_norm\.", ".norm1."),
+    (r"\.encoder_attn\.", ".cross_attn."),
+    (r"\.mlp\.fc1\.", ".linear1."),
+    (r"\.mlp\.fc2\.", ".linear2."),
+    (r"\.fc1\.", ".linear1."),
+    (r"\.fc2\.", ".linear2."),
+]
+
+
+def _merge_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Separate q/k/v/o projections -> nn.MultiheadAttention's in_proj_weight / in_proj_bias / out_proj."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"(.*\.self_attn)\.(q|k|v|o|out)_proj\.(weight|bias)$", key)
+        if m is None:
+            out[key] = value
+            continue
+        prefix, which, kind = m.groups()
+        if which in ("o", "out"):
+            out[f"{prefix}.out_proj.{kind}"] = value
+        elif which == "q":
+            out[f"{prefix}.in_proj_{kind}"] = torch.cat([state[f"{prefix}.{p}_proj.{kind}"] for p in "qkv"])
+    return out
+
+
+def convert_hf_deformable_detr(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``DeformableDetrForObjectDetection`` state dict -> detrkit :class:`~detrkit.models.DeformableDETR`."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("model.")
+        if key.startswith("decoder.class_embed."):
+            continue  # the same modules as the top-level class heads
+        for pattern, repl in _DEFORMABLE_RULES:
+            key = re.sub(pattern, repl, key)
+        # In encoder layers the norm after self-attention is norm1 and the last is norm2; in decoder
+        # layers the official order is norm2 (self-attention), norm1 (cross-attention), norm3 (FFN).
+        is_decoder = key.startswith("decoder.")
+        key = key.replace(".SA_NORM.", ".norm2." if is_decoder else ".norm1.")
+        key = key.replace(".final_layer_norm.", ".norm3." if is_decoder else ".norm2.")
+        out[key] = value
+    return _merge_qkv(out)

@@ -1,0 +1,77 @@
+"""Parity with HF transformers' DeformableDetrForObjectDetection (random weights, converted)."""
+
+import pytest
+import torch
+
+from detrkit.convert import convert_hf_deformable_detr
+from detrkit.models import build_deformable_detr
+
+transformers = pytest.importorskip("transformers")
+
+
+def _randomize_frozen_bn(model):
+    for name, buf in model.named_buffers():
+        if "running_var" in name:
+            buf.uniform_(0.5, 2.0)
+        elif "running_mean" in name:
+            buf.normal_(0, 0.1)
+
+
+def _inputs(h=96, w=128):
+    images = torch.randn(2, 3, h, w)
+    mask = torch.zeros(2, h, w, dtype=torch.bool)  # detrkit: True = padding
+    mask[1, h * 3 // 4 :, :] = True
+    mask[1, :, w * 2 // 3 :] = True
+    return images, mask
+
+
+TINY = dict(d_model=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=128, decoder_ffn_dim=128,
+            encoder_attention_heads=4, decoder_attention_heads=4, num_queries=12, two_stage_num_proposals=12)
+FULL = dict(d_model=256, encoder_layers=6, decoder_layers=6, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+            encoder_attention_heads=8, decoder_attention_heads=8, num_queries=300, two_stage_num_proposals=300)
+
+
+@pytest.mark.parametrize("size,variant", [("tiny", "plain"), ("tiny", "refine"), ("tiny", "two_stage"), ("full", "two_stage")])
+def test_deformable_detr_matches_hf(size, variant):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    refine, two_stage = variant in ("refine", "two_stage"), variant == "two_stage"
+    torch.manual_seed(0)
+    if size == "tiny":  # torchvision's resnet18 in HF's ResNet naming
+        backbone = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                                layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+    else:  # resnet50
+        backbone = ResNetConfig(out_features=["stage2", "stage3", "stage4"])
+    sizes = TINY if size == "tiny" else FULL
+    config = DeformableDetrConfig(backbone_config=backbone, **sizes, num_labels=5, with_box_refine=refine,
+                                  two_stage=two_stage, auxiliary_loss=True)
+    hf = DeformableDetrForObjectDetection(config)
+    with torch.no_grad():  # random values where HF initialises constants, so every parameter is really compared
+        for name, p in hf.named_parameters():
+            if "sampling_offsets" in name or "attention_weights" in name or "bbox_embed" in name:
+                p.normal_(0, 0.1)
+    _randomize_frozen_bn(hf)
+    hf.eval()
+    images, mask = _inputs() if size == "tiny" else _inputs(192, 256)  # full: enough pixels for 300 proposals
+    with torch.no_grad():
+        ref = hf(pixel_values=images, pixel_mask=(~mask).long())
+
+    model = build_deformable_detr(
+        num_classes=5, backbone="resnet18" if size == "tiny" else "resnet50", d_model=sizes["d_model"],
+        nhead=sizes["encoder_attention_heads"], num_encoder_layers=sizes["encoder_layers"],
+        num_decoder_layers=sizes["decoder_layers"], dim_feedforward=sizes["encoder_ffn_dim"],
+        num_queries=sizes["num_queries"], refine=refine, two_stage=two_stage,
+    ).eval()
+    model.load_state_dict(convert_hf_deformable_detr(hf.state_dict()), strict=True)
+    with torch.no_grad():
+        out = model(images, mask)
+    assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
+    assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4
+    with torch.no_grad():  # HF returns auxiliary outputs only with labels; apply its heads to its hidden states
+        hf_aux = [hf.class_embed[i](ref.intermediate_hidden_states[:, i]) for i in range(len(out.aux_outputs))]
+    assert len(hf_aux) == sizes["decoder_layers"] - 1
+    for mine, theirs in zip(out.aux_outputs, hf_aux):
+        assert (mine["pred_logits"] - theirs).abs().max().item() <= 1e-4
+    if two_stage:
+        assert (out.enc_outputs["pred_logits"] - ref.enc_outputs_class).abs().max().item() <= 1e-4
+        assert (out.enc_outputs["pred_boxes"] - ref.enc_outputs_coord_logits.sigmoid()).abs().max().item() <= 1e-4
