@@ -34,3 +34,28 @@ def convert_official_detr(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
                 break
         out[key] = value
     return out
+
+
+_DEFORMABLE_PREFIXES = (
+    ("backbone.0.body.", "backbone.body."),
+    ("input_proj.", "neck.input_proj."),
+    ("transformer.decoder.class_embed.", None),  # the same modules as the top-level class heads
+    ("transformer.", ""),  # encoder, decoder, level_embed, reference_points, enc_output(_norm), pos_trans(_norm)
+)
+
+
+def convert_official_deformable_detr(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a fundamentalvision/Deformable-DETR state dict to detrkit's DeformableDETR names.
+
+    Inside the encoder and decoder layers the official names are kept as they are (self_attn,
+    cross_attn, norm1-3, linear1/2), so only the containers move.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _DEFORMABLE_PREFIXES:
+            if key.startswith(old):
+                key = None if new is None else new + key[len(old):]
+                break
+        if key is not None:
+            out[key] = value
+    return out
