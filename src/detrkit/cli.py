@@ -196,8 +196,9 @@ def cmd_demo(args: Namespace) -> dict:
     metrics = train(cfg)
     print(f"[3/3] drawing predictions on validation images into {out / 'predictions'}")
     val_images = sorted((data / "val").glob("*.jpg"))[:8]
+    # A short CPU run gives modest confidences (focal-loss scores near 0.2): draw what clears 0.2.
     _predict_files(val_images, Namespace(checkpoint=str(out / "run"), output=str(out / "predictions"),
-                                         threshold=0.3, max_detections=100, device=opts["device"]))
+                                         threshold=0.2, max_detections=20, device=opts["device"]))
     print(f"done in {time.perf_counter() - t0:.0f} s: metrics in {out / 'run' / 'metrics.json'}, "
           f"checkpoint in {out / 'run' / 'checkpoints'}")
     return metrics
