@@ -82,11 +82,14 @@ def _parser() -> ArgumentParser:
 def cmd_models(_: Namespace) -> None:
     from detrkit.registry import list_models, model_info
 
-    print(f"{'model':<16} {'input':>9} {'COCO AP':>8}  description")
-    for name in list_models():
+    names = list_models()
+    width = max(map(len, names))
+    print(f"{'model':<{width}}  {'input':<9} {'COCO AP':>7}  description")
+    for name in names:
         info = model_info(name)
         ap = f"{100 * info.coco_ap:.1f}" if info.coco_ap else "-"
-        print(f"{name:<16} {info.input_size[0]:>4}x{info.input_size[1]:<4} {ap:>8}  {info.description}")
+        size = f"{info.input_size[0]}x{info.input_size[1]}"
+        print(f"{name:<{width}}  {size:<9} {ap:>7}  {info.description}")
 
 
 def cmd_synth(args: Namespace) -> None:
