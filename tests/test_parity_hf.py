@@ -75,3 +75,30 @@ def test_deformable_detr_matches_hf(size, variant):
     if two_stage:
         assert (out.enc_outputs["pred_logits"] - ref.enc_outputs_class).abs().max().item() <= 1e-4
         assert (out.enc_outputs["pred_boxes"] - ref.enc_outputs_coord_logits.sigmoid()).abs().max().item() <= 1e-4
+
+
+def test_detr_matches_hf():
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    from detrkit.convert import convert_hf_detr
+    from detrkit.models import build_detr
+
+    torch.manual_seed(0)
+    backbone = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic",
+                            out_features=["stage4"])
+    config = DetrConfig(backbone_config=backbone, d_model=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4, num_queries=12,
+                        num_labels=5, auxiliary_loss=True)
+    hf = DetrForObjectDetection(config)
+    _randomize_frozen_bn(hf)
+    hf.eval()
+    images, mask = _inputs()
+    with torch.no_grad():
+        ref = hf(pixel_values=images, pixel_mask=(~mask).long())
+    model = build_detr(num_classes=5, backbone="resnet18", d_model=64, nhead=4, num_encoder_layers=2,
+                       num_decoder_layers=3, dim_feedforward=128, num_queries=12).eval()
+    model.load_state_dict(convert_hf_detr(hf.state_dict()), strict=True)
+    with torch.no_grad():
+        out = model(images, mask)
+    assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
+    assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4

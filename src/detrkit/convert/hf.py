@@ -46,7 +46,7 @@ def _merge_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Separate q/k/v/o projections -> nn.MultiheadAttention's in_proj_weight / in_proj_bias / out_proj."""
     out = {}
     for key, value in state.items():
-        m = re.match(r"(.*\.self_attn)\.(q|k|v|o|out)_proj\.(weight|bias)$", key)
+        m = re.match(r"(.*\.(?:self_attn|multihead_attn))\.(q|k|v|o|out)_proj\.(weight|bias)$", key)
         if m is None:
             out[key] = value
             continue
@@ -72,5 +72,35 @@ def convert_hf_deformable_detr(state_dict: dict[str, Tensor]) -> dict[str, Tenso
         is_decoder = key.startswith("decoder.")
         key = key.replace(".SA_NORM.", ".norm2." if is_decoder else ".norm1.")
         key = key.replace(".final_layer_norm.", ".norm3." if is_decoder else ".norm2.")
+        out[key] = value
+    return _merge_qkv(out)
+
+
+_DETR_RULES = [
+    (r"^backbone\.(conv_encoder\.)?model\.(.*)$", lambda m: "backbone.body." + convert_hf_resnet_key(m.group(2))),
+    (r"^input_projection\.", "input_proj."),
+    (r"^query_position_embeddings\.", "query_embed."),
+    (r"^decoder\.layernorm\.", "decoder.norm."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+    (r"\.encoder_attn_layer_norm\.", ".norm2."),
+    (r"\.encoder_attn\.", ".multihead_attn."),
+    (r"\.self_attn_layer_norm\.", ".norm1."),
+    (r"\.mlp\.fc1\.", ".linear1."),
+    (r"\.mlp\.fc2\.", ".linear2."),
+    (r"\.fc1\.", ".linear1."),
+    (r"\.fc2\.", ".linear2."),
+]
+
+
+def convert_hf_detr(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``DetrForObjectDetection`` state dict (HF ResNet backbone) -> detrkit :class:`~detrkit.models.DETR`."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("model.")
+        for pattern, repl in _DETR_RULES:
+            key = re.sub(pattern, repl, key)
+        # the last norm of a layer: norm2 in the encoder, norm3 in the decoder (official names)
+        key = key.replace(".final_layer_norm.", ".norm3." if key.startswith("decoder.") else ".norm2.")
         out[key] = value
     return _merge_qkv(out)
