@@ -28,17 +28,19 @@ def convert_hf_resnet_key(key: str) -> str:
 
 
 # (HF pattern, detrkit replacement) applied in order to each key after the "model." prefix is removed.
-_DEFORMABLE_RULES = [
+_COMMON_RULES = [
     (r"^backbone\.(conv_encoder\.)?model\.(.*)$", lambda m: "backbone.body." + convert_hf_resnet_key(m.group(2))),
+    (r"\.mlp\.fc1\.", ".linear1."),
+    (r"\.mlp\.fc2\.", ".linear2."),
+    (r"\.fc1\.", ".linear1."),
+    (r"\.fc2\.", ".linear2."),
+]
+_DEFORMABLE_RULES = _COMMON_RULES + [
     (r"^input_proj\.", "neck.input_proj."),
     (r"^query_position_embeddings\.", "query_embed."),
     (r"\.self_attn_layer_norm\.", ".SA_NORM."),
     (r"\.encoder_attn_layer_norm\.", ".norm1."),
     (r"\.encoder_attn\.", ".cross_attn."),
-    (r"\.mlp\.fc1\.", ".linear1."),
-    (r"\.mlp\.fc2\.", ".linear2."),
-    (r"\.fc1\.", ".linear1."),
-    (r"\.fc2\.", ".linear2."),
 ]
 
 
@@ -76,8 +78,7 @@ def convert_hf_deformable_detr(state_dict: dict[str, Tensor]) -> dict[str, Tenso
     return _merge_qkv(out)
 
 
-_DETR_RULES = [
-    (r"^backbone\.(conv_encoder\.)?model\.(.*)$", lambda m: "backbone.body." + convert_hf_resnet_key(m.group(2))),
+_DETR_RULES = _COMMON_RULES + [
     (r"^input_projection\.", "input_proj."),
     (r"^query_position_embeddings\.", "query_embed."),
     (r"^decoder\.layernorm\.", "decoder.norm."),
@@ -86,10 +87,6 @@ _DETR_RULES = [
     (r"\.encoder_attn_layer_norm\.", ".norm2."),
     (r"\.encoder_attn\.", ".multihead_attn."),
     (r"\.self_attn_layer_norm\.", ".norm1."),
-    (r"\.mlp\.fc1\.", ".linear1."),
-    (r"\.mlp\.fc2\.", ".linear2."),
-    (r"\.fc1\.", ".linear1."),
-    (r"\.fc2\.", ".linear2."),
 ]
 
 
