@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -112,18 +111,17 @@ def cmd_eval(args: Namespace) -> dict:
     from torch.utils.data import DataLoader
 
     from detrkit.config import dataset_paths
-    from detrkit.data import CocoDetection, build_transforms, collate
+    from detrkit.data import CocoDetection, collate
     from detrkit.engine.checkpoint import load_checkpoint, resolve_weights_file
     from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
-    from detrkit.engine.train import resolve_device
+    from detrkit.engine.train import resolve_device, val_transforms
 
     model, meta = load_checkpoint(args.checkpoint)
     if args.images and args.ann:
         images, ann = Path(args.images), Path(args.ann)
     else:
         images, ann = dataset_paths(TrainConfig(data=args.data), "val")
-    size = int(meta.get("image_size", 800))
-    dataset = CocoDetection(images, ann, build_transforms(False, val_size=size, max_size=round(size * 1333 / 800)))
+    dataset = CocoDetection(images, ann, val_transforms(int(meta.get("image_size", 800))))
     if dataset.label_to_cat != meta["label_to_cat"]:
         print(f"warning: {ann} has category ids {dataset.label_to_cat}, the checkpoint was trained on {meta['label_to_cat']}",
               file=sys.stderr)

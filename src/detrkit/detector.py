@@ -7,15 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision import tv_tensors
 
 from detrkit.data.collate import pad_images
-from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detrkit.engine.checkpoint import load_checkpoint
-from detrkit.engine.train import resolve_device
+from detrkit.engine.train import resolve_device, val_transforms
 from detrkit.models.postprocess import postprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -81,12 +79,7 @@ class Detector:
         self.class_names = self.meta["class_names"]
         self.label_to_cat = self.meta["label_to_cat"]
         self.cat_to_name = dict(zip(self.label_to_cat, self.class_names))
-        size = int(self.meta.get("image_size", 800))
-        self.transform = T.Compose([
-            T.Resize(size, max_size=round(size * 1333 / 800)),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        self.transform = val_transforms(int(self.meta.get("image_size", 800)), with_boxes=False)
 
     @torch.no_grad()
     def predict(self, images, *, threshold: float | None = None, max_detections: int = 100):

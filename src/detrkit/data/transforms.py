@@ -49,16 +49,20 @@ def build_transforms(
     crop: bool = True,
     crop_scales: Sequence[int] = (400, 500, 600),
     crop_size: tuple[int, int] = (384, 600),
+    with_boxes: bool = True,
 ) -> T.Compose:
-    """The transform applied to ``(image, target)``; target holds ``boxes`` (BoundingBoxes) and ``labels``."""
+    """The transform applied to ``(image, target)``; target holds ``boxes`` (BoundingBoxes) and ``labels``.
+
+    ``with_boxes=False`` (validation only) gives the image-only transform used for inference.
+    """
+    to_input = [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     finish = [
+        *to_input,
         T.ClampBoundingBoxes(),
         T.SanitizeBoundingBoxes(min_size=1),  # drops boxes cropped away, with their labels
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]
     if not train:
-        return T.Compose([T.Resize(val_size, max_size=max_size), *finish])
+        return T.Compose([T.Resize(val_size, max_size=max_size), *(finish if with_boxes else to_input)])
     resize = T.RandomShortestSize(list(scales), max_size=max_size)
     if crop:
         resize = T.RandomChoice([

@@ -43,10 +43,16 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def val_transforms(image_size: int, *, with_boxes: bool = True):
+    """The evaluation / inference resize of a model trained at ``image_size`` (DETR's 800 / 1333 scaled)."""
+    recipe = scales_for(image_size)
+    return build_transforms(False, val_size=recipe["val_size"], max_size=recipe["max_size"], with_boxes=with_boxes)
+
+
 def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     size = cfg.image_size or max(model_info(cfg.model).input_size)
     recipe = scales_for(size)
-    val_tf = build_transforms(False, val_size=recipe["val_size"], max_size=recipe["max_size"])
+    val_tf = val_transforms(size)
     train_tf = build_transforms(True, crop=cfg.crop, **recipe) if cfg.augment else val_tf
     train = CocoDetection(*dataset_paths(cfg, "train"), transforms=train_tf)
     val = CocoDetection(*dataset_paths(cfg, "val"), transforms=val_tf)
@@ -189,7 +195,8 @@ class Trainer:
         losses = self.criterion(outputs, batch.targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            warnings.warn(f"non-finite loss at step {self.step} (epoch {self.epoch + 1}, batch {index}); step skipped")
+            warnings.warn(f"non-finite loss at step {self.step} (epoch {self.epoch + 1}, batch {index}); step skipped",
+                          stacklevel=2)
             self.optimizer.zero_grad(set_to_none=True)
             return {"loss": float("nan")}
         self.scaler.scale(loss / cfg.accumulate).backward()
@@ -201,7 +208,9 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items() if "_aux" not in k}}
+        logged = {k: v for k, v in losses.items() if "_aux" not in k}
+        values = torch.stack([loss.detach(), *(v.detach() for v in logged.values())]).tolist()  # one host transfer
+        return dict(zip(["loss", *logged], values))
 
 
 def _fmt_time(seconds: float) -> str:

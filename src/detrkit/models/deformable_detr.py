@@ -14,7 +14,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detrkit.backbones import ResNetBackbone
