@@ -102,3 +102,45 @@ def test_detr_matches_hf():
         out = model(images, mask)
     assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
     assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_dab_detr_matches_hf(size):
+    """DabDetrForObjectDetection (random weights incl. PReLU slopes, anchors and the zero-initialised box head)."""
+    from transformers import DabDetrConfig, DabDetrForObjectDetection, ResNetConfig
+
+    from detrkit.convert import convert_hf_dab_detr
+    from detrkit.models import build_dab_detr
+
+    torch.manual_seed(0)
+    if size == "tiny":
+        backbone = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                                layer_type="basic", out_features=["stage4"])
+        sizes = dict(hidden_size=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                     encoder_attention_heads=4, decoder_attention_heads=4, num_queries=12)
+    else:
+        backbone = ResNetConfig(out_features=["stage4"])
+        sizes = dict(hidden_size=256, encoder_layers=6, decoder_layers=6, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
+                     encoder_attention_heads=8, decoder_attention_heads=8, num_queries=300)
+    config = DabDetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                           **sizes, num_labels=5, auxiliary_loss=True)
+    hf = DabDetrForObjectDetection(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "bbox" in name or "activation" in name or "refpoint" in name:
+                p.normal_(0, 0.5 if "activation" in name or "refpoint" in name else 0.1)
+    _randomize_frozen_bn(hf)
+    hf.eval()
+    images, mask = _inputs()
+    with torch.no_grad():
+        ref = hf(pixel_values=images, pixel_mask=(~mask).long(), output_hidden_states=False)
+
+    model = build_dab_detr(num_classes=5, backbone="resnet18" if size == "tiny" else "resnet50",
+                           d_model=sizes["hidden_size"], nhead=sizes["decoder_attention_heads"],
+                           num_encoder_layers=sizes["encoder_layers"], num_decoder_layers=sizes["decoder_layers"],
+                           dim_feedforward=sizes["encoder_ffn_dim"], num_queries=sizes["num_queries"]).eval()
+    model.load_state_dict(convert_hf_dab_detr(hf.state_dict()), strict=True)
+    with torch.no_grad():
+        out = model(images, mask)
+    assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
+    assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4

@@ -1,9 +1,10 @@
 """Checkpoint conversion from the reference implementations to detrkit's parameter names."""
 
-from detrkit.convert.hf import convert_hf_deformable_detr, convert_hf_detr, convert_hf_resnet_key
+from detrkit.convert.hf import convert_hf_dab_detr, convert_hf_deformable_detr, convert_hf_detr, convert_hf_resnet_key
 from detrkit.convert.official import convert_official_deformable_detr, convert_official_detr
 
 __all__ = [
+    "convert_hf_dab_detr",
     "convert_hf_deformable_detr",
     "convert_hf_detr",
     "convert_hf_resnet_key",

@@ -101,3 +101,45 @@ def convert_hf_detr(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         key = key.replace(".final_layer_norm.", ".norm3." if key.startswith("decoder.") else ".norm2.")
         out[key] = value
     return _merge_qkv(out)
+
+
+_DAB_RULES = _COMMON_RULES + [
+    (r"^query_refpoint_embeddings\.", "refpoint_embed."),
+    (r"^input_projection\.", "input_proj."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+    (r"^decoder\.layernorm\.", "decoder.norm."),
+    (r"\.activation_fn\.", ".activation."),
+    # decoder layers: HF nests the official flat names one level deeper
+    (r"\.self_attn\.self_attn_(query|key)_(content|pos)_proj\.",
+     lambda m: f".sa_{m.group(1)[0]}{m.group(2)}_proj."),
+    (r"\.self_attn\.self_attn_value_proj\.", ".sa_v_proj."),
+    (r"\.self_attn\.self_attn\.output_proj\.", ".self_attn.out_proj."),
+    (r"\.self_attn\.self_attn_layer_norm\.", ".norm1."),
+    (r"\.cross_attn\.cross_attn_(query|key)_(content|pos)_proj\.",
+     lambda m: f".ca_{m.group(1)[0]}{m.group(2)}_proj."),
+    (r"\.cross_attn\.cross_attn_value_proj\.", ".ca_v_proj."),
+    (r"\.cross_attn\.cross_attn_query_pos_sine_proj\.", ".ca_qpos_sine_proj."),
+    (r"\.cross_attn\.cross_attn\.output_proj\.", ".cross_attn.out_proj."),
+    (r"\.cross_attn\.cross_attn_layer_norm\.", ".norm2."),
+    (r"\.mlp\.final_layer_norm\.", ".norm3."),
+    (r"\.mlp\.activation\.", ".activation."),
+    (r"^encoder\.(layers\.\d+)\.self_attn_layer_norm\.", r"encoder.\1.norm1."),
+    (r"^encoder\.(layers\.\d+)\.final_layer_norm\.", r"encoder.\1.norm2."),
+]
+
+
+def convert_hf_dab_detr(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``DabDetrForObjectDetection`` state dict (HF ResNet backbone) -> detrkit :class:`~detrkit.models.DABDETR`.
+
+    HF keeps the box head twice (``bbox_predictor`` and the decoder's tied copy); detrkit's decoder holds the
+    same module, so both names map onto it.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("model.")
+        for pattern, repl in _DAB_RULES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    if "bbox_embed.layers.0.weight" in out:
+        out.update({f"decoder.{k}": v for k, v in out.items() if k.startswith("bbox_embed.")})
+    return _merge_qkv(out)

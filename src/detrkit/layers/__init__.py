@@ -9,7 +9,7 @@ from detrkit.layers.deformable import (
 )
 from detrkit.layers.mlp import MLP
 from detrkit.layers.neck import MultiScaleProjection
-from detrkit.layers.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
+from detrkit.layers.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, anchor_sine_embed
 from detrkit.layers.transformer import (
     TransformerDecoder,
     TransformerDecoderLayer,
@@ -31,4 +31,5 @@ __all__ = [
     "TransformerDecoderLayer",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "anchor_sine_embed",
 ]

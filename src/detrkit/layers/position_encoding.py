@@ -91,3 +91,20 @@ class PositionEmbeddingLearned(nn.Module):
         y_emb = self.row_embed(torch.arange(h, device=mask.device))  # (H, F)
         pos = torch.cat([x_emb[None].expand(h, w, -1), y_emb[:, None].expand(h, w, -1)], dim=-1)  # (H, W, 2F)
         return pos.permute(2, 0, 1)[None].expand(b, -1, -1, -1)  # (B, 2F, H, W)
+
+
+def anchor_sine_embed(anchors: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0) -> Tensor:
+    """Sine encoding of normalized points / anchor boxes (DAB-DETR, Liu et al. 2022, section 4.2, eq. 4).
+
+    Each coordinate in [0, 1] is scaled to [0, 2*pi] and encoded like one axis of
+    :class:`PositionEmbeddingSine`; the encodings are concatenated in the order (y, x, w, h), so the
+    first half of a 4-D anchor's code is the same layout as a feature map's (y, x) position encoding.
+
+    anchors (..., 2 or 4) -> (..., 2 or 4 * num_pos_feats).
+    """
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=anchors.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = anchors[..., None].float() * (2 * math.pi) / dim_t  # (..., n, F)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (..., n, F)
+    order = [1, 0, *range(2, anchors.shape[-1])]  # x, y, w, h -> y, x, w, h
+    return pos[..., order, :].flatten(-2).to(anchors.dtype)  # (..., n*F)

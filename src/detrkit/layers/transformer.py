@@ -23,10 +23,20 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+def activation_layer(name: str) -> nn.Module:
+    """The FFN non-linearity: ``"relu"`` (DETR, Deformable DETR, DINO) or ``"prelu"`` (DAB-DETR, DN-DETR)."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "prelu":  # one learned negative slope per layer (a parameter: `activation.weight`)
+        return nn.PReLU()
+    raise ValueError(f"activation must be 'relu' or 'prelu', got {name!r}")
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention + FFN, each followed by residual and LayerNorm (post-norm)."""
 
-    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 2048, dropout: float = 0.1) -> None:
+    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str = "relu") -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -36,12 +46,13 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
+        self.activation = activation_layer(activation)
 
     def forward(self, src: Tensor, pos: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
         """src, pos (B, S, C); key_padding_mask (B, S) True on padding -> (B, S, C)."""
         q = k = _with_pos(src, pos)
         src = self.norm1(src + self.dropout1(self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0]))
-        src = self.norm2(src + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(src))))))
+        src = self.norm2(src + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(src))))))
         return src
 
 

@@ -1,0 +1,145 @@
+"""Denoising training: noised ground truth as extra decoder queries (DN-DETR and DINO).
+
+DN-DETR (Li et al. 2022, section 3): besides the matching queries, the decoder receives the
+ground-truth boxes and labels of the batch, noised, in several groups, and learns to reconstruct
+the originals. Those queries need no Hungarian matching (query k of a group is object k), which
+stabilises the early bipartite matching and speeds up convergence. An attention mask (section 3.4)
+keeps the matching queries from seeing any denoising query (they would read the answers) and keeps
+the groups from seeing each other.
+
+DINO (Zhang et al. 2022, section 3.3), contrastive denoising: each group holds a positive and a
+negative query per object; positives are noised by less than lambda1 and reconstruct the object,
+negatives are noised by between lambda1 and lambda2 (here lambda2 = 2 * lambda1) and learn to
+predict "no object", which teaches the model to reject anchors near, but not on, an object.
+
+Layout of the ``N`` denoising queries (placed before the matching queries): ``num_groups`` groups
+of ``group_size`` slots; with ``M`` the batch's largest object count, slot ``j < M`` of a group is
+object ``j``'s positive and (contrastive) slot ``M + j`` its negative. Images with fewer objects
+leave slots empty; empty slots are not supervised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from detrkit.ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+
+
+@dataclass(frozen=True)
+class DenoisingConfig:
+    """How ground truth is noised into denoising queries.
+
+    Args:
+        num_queries: DINO's budget: groups = max(1, num_queries // M) for the batch's largest object count M
+            (each group then holds M positive and, contrastive, M negative queries).
+        num_groups: DN-DETR's fixed number of groups (overrides ``num_queries``).
+        label_noise: probability that a label is replaced by a random class (DN-DETR 0.2; DINO 0.5 * 0.5).
+        box_noise_scale: lambda (DN-DETR 0.4: centre shift up to lambda * w / 2, size scaled by 1 +- lambda;
+            DINO 0.4 = lambda1: corners moved by up to lambda1 * w / 2 for positives, by lambda1..2*lambda1 for negatives).
+        contrastive: add DINO's negative queries.
+    """
+
+    num_queries: int = 100
+    num_groups: int | None = None
+    label_noise: float = 0.25
+    box_noise_scale: float = 0.4
+    contrastive: bool = True
+
+
+def _noise_boxes(boxes: Tensor, scale: float, negative: Tensor | None) -> Tensor:
+    """boxes (n, 4) cxcywh -> noised boxes (n, 4) cxcywh in [0, 1]."""
+    if scale <= 0:
+        return boxes
+    wh = boxes[:, 2:]
+    if negative is None:  # DN-DETR: shift the centre by up to scale * wh / 2, rescale w, h by up to 1 +- scale
+        diff = torch.cat([wh / 2, wh], -1)
+        noised = boxes + (torch.rand_like(boxes) * 2 - 1) * diff * scale
+        return noised.clamp(0.0, 1.0)
+    # DINO: move each corner by a fraction of half the box size: [0, 1) for positives, [1, 2) for negatives
+    magnitude = torch.rand_like(boxes) + negative[:, None].to(boxes.dtype)
+    sign = torch.randint_like(boxes, 0, 2) * 2 - 1
+    xyxy = box_cxcywh_to_xyxy(boxes) + sign * magnitude * torch.cat([wh, wh], -1) / 2 * scale
+    return box_xyxy_to_cxcywh(xyxy.clamp(0.0, 1.0))
+
+
+def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_matching: int, cfg: DenoisingConfig):
+    """Noise the batch's ground truth into denoising queries.
+
+    Args:
+        targets: per image ``{"labels": (n,), "boxes": (n, 4) cxcywh}``.
+        num_classes: labels are flipped to a random class in [0, num_classes).
+        num_matching: number of matching queries that follow the denoising ones (for the mask).
+        cfg: the noise settings.
+
+    Returns:
+        ``labels`` (B, N) int64 noised labels (``num_classes`` on empty slots), ``boxes`` (B, N, 4) noised cxcywh
+        boxes (0.5 on empty slots), ``attn_mask`` (N + Q, N + Q) bool, True where attention is blocked, and
+        ``meta``: the layout (``num_dn``, ``num_groups``, ``group_size``, ``max_objects``, ``contrastive``).
+        Returns None when the batch has no object.
+    """
+    counts = [len(t["labels"]) for t in targets]
+    m = max(counts, default=0)
+    if m == 0:
+        return None
+    device = targets[0]["boxes"].device
+    groups = cfg.num_groups or max(1, cfg.num_queries // m)
+    group_size = 2 * m if cfg.contrastive else m
+    n, b = groups * group_size, len(targets)
+
+    labels = torch.full((b, n), num_classes, dtype=torch.int64, device=device)
+    boxes = torch.full((b, n, 4), 0.5, device=device)
+    for i, t in enumerate(targets):
+        k = counts[i]
+        if k == 0:
+            continue
+        copies = 2 if cfg.contrastive else 1  # positive, then negative
+        slot = (torch.arange(groups, device=device)[:, None, None] * group_size
+                + torch.arange(copies, device=device)[None, :, None] * m
+                + torch.arange(k, device=device)[None, None, :]).flatten()  # (groups * copies * k,)
+        gt_labels = t["labels"].repeat(groups * copies)
+        gt_boxes = t["boxes"].float().repeat(groups * copies, 1)
+        flip = torch.rand(len(gt_labels), device=device) < cfg.label_noise
+        gt_labels = torch.where(flip, torch.randint_like(gt_labels, 0, num_classes), gt_labels)
+        negative = (torch.arange(copies, device=device)[None, :, None] == 1).expand(groups, copies, k).flatten()
+        labels[i, slot] = gt_labels
+        boxes[i, slot] = _noise_boxes(gt_boxes, cfg.box_noise_scale, negative if cfg.contrastive else None)
+
+    # Section 3.4 of DN-DETR: matching queries must not see denoising queries, groups must not see each other.
+    total = n + num_matching
+    attn_mask = torch.zeros(total, total, dtype=torch.bool, device=device)
+    attn_mask[n:, :n] = True
+    group_id = torch.arange(n, device=device) // group_size
+    attn_mask[:n, :n] = group_id[:, None] != group_id[None, :]
+    meta = {"num_dn": n, "num_groups": groups, "group_size": group_size, "max_objects": m,
+            "contrastive": cfg.contrastive}
+    return labels, boxes, attn_mask, meta
+
+
+def split_dn_outputs(logits: Tensor, boxes: Tensor, meta: dict | None) -> tuple[Tensor, Tensor]:
+    """Drop the denoising queries from per-layer outputs (L, B, N + Q, *) and store them in ``meta["outputs"]``."""
+    if meta is None:
+        return logits, boxes
+    n = meta["num_dn"]
+    meta["outputs"] = [{"pred_logits": lg[:, :n], "pred_boxes": bx[:, :n]} for lg, bx in zip(logits, boxes)]
+    return logits[:, :, n:], boxes[:, :, n:]
+
+
+def dn_slots(meta: dict, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Which denoising slot reconstructs which object: (batch index, slot, target index, is positive), each (P,)."""
+    groups, group_size, m = meta["num_groups"], meta["group_size"], meta["max_objects"]
+    copies = 2 if meta["contrastive"] else 1
+    out = [], [], [], []
+    for i, t in enumerate(targets):
+        k = len(t["labels"])
+        g = torch.arange(groups)[:, None, None]
+        c = torch.arange(copies)[None, :, None]
+        j = torch.arange(k)[None, None, :]
+        slot = (g * group_size + c * m + j).flatten()
+        out[0].append(torch.full_like(slot, i))
+        out[1].append(slot)
+        out[2].append(j.expand(groups, copies, k).flatten())
+        out[3].append((c == 0).expand(groups, copies, k).flatten())
+    return tuple(torch.cat(x) for x in out)

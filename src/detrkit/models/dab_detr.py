@@ -1,0 +1,188 @@
+"""DAB-DETR (Liu et al., ICLR 2022) and DN-DETR (Li et al., CVPR 2022) on top of it.
+
+DETR's single-scale encoder, but the decoder's queries are learned 4-D anchor boxes refined layer by
+layer (layers/dab.py), with the sigmoid focal loss. DN-DETR adds denoising training
+(layers/denoising.py): noised ground truth enters the decoder as extra queries whose labels are
+embedded by ``label_enc`` plus an indicator channel (1 = denoising, 0 = matching query); the
+matching queries' content is the embedding of the extra "unknown" class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.backbones import ResNetBackbone
+from detrkit.layers import MLP, PositionEmbeddingSine, TransformerEncoderLayer
+from detrkit.layers.dab import DABDecoder, DABDecoderLayer, DABEncoder
+from detrkit.layers.denoising import DenoisingConfig, build_dn_queries, split_dn_outputs
+from detrkit.losses.criterion import LossConfig
+from detrkit.models.outputs import DetectionOutput
+from detrkit.ops import inverse_sigmoid
+from detrkit.registry import register_model
+
+
+class DABDETR(nn.Module):
+    """The DAB-DETR detector, optionally with DN-DETR denoising training.
+
+    Args:
+        backbone: returns ``{stage: (features, mask)}``; the last stage is used.
+        position_encoding: sine encoding of the feature map's mask.
+        encoder: :class:`~detrkit.layers.dab.DABEncoder`.
+        decoder: :class:`~detrkit.layers.dab.DABDecoder`.
+        num_classes: object classes (sigmoid outputs, no background class).
+        num_queries: anchor boxes (300).
+        d_model: transformer width.
+        denoising: DN-DETR settings; None = plain DAB-DETR.
+    """
+
+    activation = "sigmoid"
+    loss_config = LossConfig(focal=True, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, cost_class=2.0)
+
+    def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DABEncoder, decoder: DABDecoder, *,
+                 num_classes: int, num_queries: int = 300, d_model: int = 256,
+                 denoising: DenoisingConfig | None = None) -> None:
+        super().__init__()
+        self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
+        self.backbone, self.position_encoding = backbone, position_encoding
+        (self.feature_name, in_channels), = list(backbone.channels.items())[-1:]
+        self.input_proj = nn.Conv2d(in_channels, d_model, kernel_size=1)
+        self.encoder, self.decoder = encoder, decoder
+        self.refpoint_embed = nn.Embedding(num_queries, 4)  # anchors (x, y, w, h) before the sigmoid
+        self.class_embed = nn.Linear(d_model, num_classes)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal prior p = 0.01
+        self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        decoder.bbox_embed = self.bbox_embed  # one box head for the final boxes and the anchor updates
+        self.denoising = denoising
+        if denoising is not None:  # class embeddings + the "unknown" class; the last channel is the indicator
+            self.label_enc = nn.Embedding(num_classes + 1, d_model - 1)
+
+    def forward(self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None) -> DetectionOutput:
+        """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising in training."""
+        memory, mask, pos = self._encode(images, padding_mask)
+        tgt, anchors, attn_mask, dn_meta = self._build_queries(images.shape[0], targets)
+        hidden, refs = self.decoder(tgt, memory, pos, anchors, mask, attn_mask)
+        return self._heads(hidden, refs, dn_meta)
+
+    def _encode(self, images: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Backbone -> projection -> encoder: memory (B, S, C), mask (B, S), pos (B, S, C)."""
+        if padding_mask is None:
+            padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
+        feat, mask = self.backbone(images, padding_mask)[self.feature_name]
+        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, h*w, C)
+        pos = self.position_encoding(mask).to(src.dtype).flatten(2).transpose(1, 2)  # (B, h*w, C)
+        mask = mask.flatten(1)  # (B, h*w)
+        return self.encoder(src, pos, mask), mask, pos
+
+    def _embed_labels(self, labels: Tensor, indicator: float) -> Tensor:
+        """labels (B, N) -> DN-DETR content queries (B, N, C): label embedding + indicator channel."""
+        emb = self.label_enc(labels)
+        return torch.cat([emb, emb.new_full((*labels.shape, 1), indicator)], -1)
+
+    def _build_queries(self, batch: int, targets: list[dict] | None):
+        """Content queries (B, N, C), anchors (B, N, 4) before the sigmoid, self-attention mask and denoising
+        layout; N = Q matching queries, preceded in DN training by the denoising ones."""
+        anchors = self.refpoint_embed.weight[None].expand(batch, -1, -1)
+        if self.denoising is None:
+            return anchors.new_zeros(batch, self.num_queries, self.d_model), anchors, None, None
+        unknown = torch.full((batch, self.num_queries), self.num_classes, dtype=torch.int64, device=anchors.device)
+        tgt = self._embed_labels(unknown, 0.0)
+        dn = build_dn_queries(targets, self.num_classes, self.num_queries, self.denoising) if self.training and targets else None
+        if dn is None:  # inference (or a batch without objects): no denoising part at all
+            return tgt, anchors, None, None
+        labels, boxes, attn_mask, meta = dn
+        tgt = torch.cat([self._embed_labels(labels, 1.0), tgt], 1)
+        anchors = torch.cat([inverse_sigmoid(boxes).to(anchors.dtype), anchors], 1)
+        return tgt, anchors, attn_mask, meta
+
+    def _heads(self, hidden: Tensor, refs: Tensor, dn_meta: dict | None) -> DetectionOutput:
+        """hidden (L, B, N, C), anchors each layer received (L, B, N, 4) -> logits and boxes per layer."""
+        logits = self.class_embed(hidden)  # (L, B, N, K)
+        boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs)).sigmoid()  # (L, B, N, 4)
+        logits, boxes = split_dn_outputs(logits, boxes, dn_meta)
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, dn_meta=dn_meta)
+
+
+def _denoising_config(value) -> DenoisingConfig | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, DenoisingConfig):
+        return value
+    if isinstance(value, dict):
+        return DenoisingConfig(**value)
+    raise TypeError(f"denoising must be None, a DenoisingConfig or a dict of its fields, got {value!r}")
+
+
+def build_dab_detr(
+    *,
+    num_classes: int,
+    backbone: str = "resnet50",
+    dilation: bool = False,
+    feature_stage: str = "layer4",
+    pretrained_backbone: bool = False,
+    backbone_norm: str = "frozen",
+    trainable_layers: int = 3,
+    d_model: int = 256,
+    nhead: int = 8,
+    num_encoder_layers: int = 6,
+    num_decoder_layers: int = 6,
+    dim_feedforward: int = 2048,
+    dropout: float = 0.1,
+    activation: str = "prelu",
+    num_queries: int = 300,
+    pe_temperature: float = 20.0,
+    denoising: DenoisingConfig | dict | None = None,
+) -> DABDETR:
+    """Wire a DAB-DETR (DN-DETR with ``denoising``) from plain settings; the presets pass the papers' values."""
+    body = ResNetBackbone(backbone, return_layers=(feature_stage,), dilation=dilation, pretrained=pretrained_backbone,
+                          norm=backbone_norm, trainable_layers=trainable_layers)
+    pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
+    encoder = DABEncoder(TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation), num_encoder_layers, d_model)
+    decoder = DABDecoder(DABDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, is_first=True),
+                         num_decoder_layers, d_model)
+    for p in [*encoder.parameters(), *decoder.parameters()]:
+        if p.dim() > 1:  # the official transformer's init: Xavier on every matrix
+            nn.init.xavier_uniform_(p)
+    return DABDETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
+                   denoising=_denoising_config(denoising))
+
+
+# DN-DETR's recipe: 5 groups, 20% of labels flipped, box noise 0.4, no negatives
+DN_DETR_NOISE = DenoisingConfig(num_groups=5, label_noise=0.2, box_noise_scale=0.4, contrastive=False)
+_LITE = dict(backbone="resnet18", feature_stage="layer3", backbone_norm="batch", trainable_layers=5, d_model=128,
+             nhead=8, num_encoder_layers=3, num_decoder_layers=3, dim_feedforward=512, dropout=0.0, num_queries=100)
+
+
+@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.422)
+def dab_detr_r50(*, num_classes: int = 91, **overrides) -> DABDETR:
+    """DAB-DETR, ResNet-50: 300 anchor queries, 6+6 layers, PReLU FFN, focal loss."""
+    return build_dab_detr(**{"num_classes": num_classes, **overrides})
+
+
+@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.445)
+def dab_detr_r50_dc5(*, num_classes: int = 91, **overrides) -> DABDETR:
+    """DAB-DETR with a dilated last ResNet-50 stage (stride 16)."""
+    return build_dab_detr(**{"num_classes": num_classes, "dilation": True, **overrides})
+
+
+@register_model(paper="DAB-DETR (Liu et al. 2022), lite preset", input_size=(640, 640), coco_ap=None)
+def dab_detr_lite(*, num_classes: int = 91, **overrides) -> DABDETR:
+    """DAB-DETR-Lite: ResNet-18 to stride 16, width 128, 3+3 layers, FFN 512, 100 anchors (as detr_lite)."""
+    return build_dab_detr(num_classes=num_classes, **{**_LITE, **overrides})
+
+
+@register_model(paper="DN-DETR (Li et al. 2022)", input_size=(800, 1333), coco_ap=0.444)
+def dn_dab_detr_r50(*, num_classes: int = 91, **overrides) -> DABDETR:
+    """DN-DAB-DETR, ResNet-50: DAB-DETR trained with 5 denoising groups."""
+    return build_dab_detr(**{"num_classes": num_classes, "denoising": DN_DETR_NOISE, **overrides})
+
+
+@register_model(paper="DN-DETR (Li et al. 2022), lite preset", input_size=(640, 640), coco_ap=None)
+def dn_dab_detr_lite(*, num_classes: int = 91, **overrides) -> DABDETR:
+    """DN-DAB-DETR-Lite: dab_detr_lite trained with 5 denoising groups."""
+    return build_dab_detr(num_classes=num_classes, **{**_LITE, "denoising": DN_DETR_NOISE, **overrides})
