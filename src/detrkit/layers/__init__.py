@@ -1,6 +1,7 @@
 """Reusable building blocks: position encodings, MLP, transformer layers, deformable attention, neck."""
 
 from detrkit.layers.deformable import (
+    DeformableAnchorDecoder,
     DeformableDecoder,
     DeformableDecoderLayer,
     DeformableEncoder,
@@ -18,6 +19,7 @@ from detrkit.layers.transformer import (
 )
 
 __all__ = [
+    "DeformableAnchorDecoder",
     "DeformableDecoder",
     "DeformableDecoderLayer",
     "DeformableEncoder",

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detrkit.layers.mlp import MLP
+from detrkit.layers.position_encoding import anchor_sine_embed
 from detrkit.ops import inverse_sigmoid, ms_deform_attn
 
 
@@ -200,3 +202,42 @@ class DeformableDecoder(nn.Module):
             hidden.append(tgt)
             references.append(reference_points)
         return torch.stack(hidden), torch.stack(references)
+
+
+class DeformableAnchorDecoder(nn.Module):
+    """The decoder of DAB-Deformable-DETR, DN-Deformable-DETR and DINO: 4-D anchor boxes as queries.
+
+    Each layer sine-encodes its anchor box (scaled to the valid image area) and turns the code into the
+    positional query with ``ref_point_head`` (DAB-DETR section 4.2); deformable cross-attention samples
+    around the box; the layer's box head (``bbox_embed``, set by the detector) refines the box in
+    inverse-sigmoid space, and the refined box is passed on detached.
+
+    Look forward twice (DINO, Zhang et al. 2022, section 3.4): the box that layer i + 1's prediction
+    refines is the *undetached* box of layer i, so layer i + 1's box loss also trains layer i's
+    parameters, while the chain of references itself stays detached. Without it, the references used
+    for the predictions are the detached ones (Deformable DETR's "look forward once").
+    """
+
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, d_model: int, *, look_forward_twice: bool = True) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.bbox_embed: nn.ModuleList | None = None  # one box head per layer, set by the detector
+        self.d_model, self.look_forward_twice = d_model, look_forward_twice
+
+    def forward(self, tgt: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                valid_ratios: Tensor, padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """tgt (B, Q, C); anchors (B, Q, 4) before the sigmoid -> hidden (L, B, Q, C), normed, and the box each
+        layer's prediction refines (L, B, Q, 4), sigmoid space (undetached after layer 0 with look forward twice)."""
+        ref = anchors.sigmoid()
+        hidden, refs = [], [ref]
+        for lid, layer in enumerate(self.layers):
+            ref_input = ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, Q, levels, 4)
+            query_pos = self.ref_point_head(anchor_sine_embed(ref_input[:, :, 0], self.d_model // 2))  # (B, Q, C)
+            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, self_attn_mask)
+            new_ref = (self.bbox_embed[lid](tgt) + inverse_sigmoid(ref)).sigmoid()
+            ref = new_ref.detach()
+            refs.append(new_ref if self.look_forward_twice else ref)
+            hidden.append(self.norm(tgt))
+        return torch.stack(hidden), torch.stack(refs[:-1])

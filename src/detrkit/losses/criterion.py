@@ -7,7 +7,8 @@ layer's output ("auxiliary decoding losses"). Deformable DETR and its successors
 term to the sigmoid focal loss (``focal=True``).
 
 Returned losses are already weighted; their sum is the training objective. Keys: ``loss_class``,
-``loss_bbox``, ``loss_giou``, with ``_aux{i}`` for decoder layer i and ``_enc`` for two-stage proposals.
+``loss_bbox``, ``loss_giou``, with ``_aux{i}`` for decoder layer i, ``_enc`` for two-stage proposals,
+``_dn`` / ``_dn_aux{i}`` for the denoising queries of the last / i-th decoder layer (DN-DETR, DINO).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
+from detrkit.layers.denoising import dn_slots
 from detrkit.losses.matcher import HungarianMatcher
 from detrkit.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -80,7 +82,53 @@ class SetCriterion(nn.Module):
             if self.config.enc_class_agnostic:
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self._layer_losses(enc["pred_logits"], enc["pred_boxes"], enc_targets, num_boxes, "_enc"))
+        if outputs.dn_meta is not None and "outputs" in outputs.dn_meta:
+            losses.update(self._dn_losses(outputs.dn_meta, targets, num_boxes))
         return losses
+
+    def _dn_losses(self, meta: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
+        """Denoising losses (DN-DETR section 3.1, DINO section 3.3): no matching, slot k of a group reconstructs
+        object k. Positives: focal loss towards the true class + L1 + GIoU; DINO's negatives: focal loss towards
+        no-object only. Empty slots (images with fewer objects than the batch maximum) are not supervised.
+        Normalised by the number of objects times the number of groups."""
+        if not self.config.focal:
+            raise ValueError("denoising losses are defined for focal-loss (sigmoid) models")
+        b_idx, slot, t_idx, positive = dn_slots(meta, targets)
+        if len(slot) == 0:
+            return {}
+        dn_outputs = meta["outputs"]
+        device = dn_outputs[-1]["pred_logits"].device
+        offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)
+        flat = offsets[b_idx] + t_idx
+        labels = torch.cat([t["labels"] for t in targets]).to(device)[flat.to(device)]
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()[flat.to(device)]
+        b_idx, slot, positive = b_idx.to(device), slot.to(device), positive.to(device)
+        norm = num_boxes * meta["num_groups"]
+        losses = {}
+        for lid, out in enumerate(dn_outputs):
+            last = lid == len(dn_outputs) - 1
+            if not (last or self.config.aux_loss):
+                continue
+            logits = out["pred_logits"][b_idx, slot].float()  # (P, K)
+            onehot = torch.zeros_like(logits)
+            onehot[positive, labels[positive]] = 1.0  # negatives keep an all-zero target: "no object"
+            c = self.config
+            loss_class = sigmoid_focal_loss(logits, onehot, alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum") / norm
+            pred = out["pred_boxes"][b_idx[positive], slot[positive]].float()
+            losses.update(self._weighted(loss_class, pred, boxes[positive], norm, "_dn" if last else f"_dn_aux{lid}"))
+        return losses
+
+    def _weighted(self, loss_class: Tensor, src_boxes: Tensor, tgt_boxes: Tensor, num_boxes: float, suffix: str) -> dict[str, Tensor]:
+        """The class loss plus L1 and GIoU of matched box pairs (M, 4), each times its weight."""
+        c = self.config
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {
+            LOSS_CLASS + suffix: c.class_weight * loss_class,
+            LOSS_BBOX + suffix: c.bbox_weight * loss_bbox,
+            LOSS_GIOU + suffix: c.giou_weight * loss_giou,
+        }
 
     def _layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: float, suffix: str) -> dict[str, Tensor]:
         indices = self.matcher(logits, boxes, targets)
@@ -99,15 +147,7 @@ class SetCriterion(nn.Module):
         else:
             loss_class = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=self.class_weights)
 
-        src_boxes = boxes[batch_idx, src_idx].float()  # (M, 4)
-        loss_bbox = F.l1_loss(src_boxes, matched_tgt_boxes, reduction="sum") / num_boxes
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(matched_tgt_boxes)))
-        loss_giou = (1 - giou).sum() / num_boxes
-        return {
-            LOSS_CLASS + suffix: c.class_weight * loss_class,
-            LOSS_BBOX + suffix: c.bbox_weight * loss_bbox,
-            LOSS_GIOU + suffix: c.giou_weight * loss_giou,
-        }
+        return self._weighted(loss_class, boxes[batch_idx, src_idx].float(), matched_tgt_boxes, num_boxes, suffix)
 
     @staticmethod
     def _num_boxes(targets: list[dict], device: torch.device) -> float:

@@ -1,0 +1,225 @@
+"""DINO (Zhang et al., "DINO: DETR with Improved DeNoising Anchor Boxes for End-to-End Object Detection", ICLR 2023).
+
+Deformable DETR's 4-scale encoder with DAB-style anchor-box queries and three improvements, each in
+one visible place:
+
+- contrastive denoising (section 3.3): positive and negative noised ground truth as extra queries,
+  ``layers/denoising.py`` (built in :meth:`DINO._add_dn_queries`, losses in ``losses/criterion.py``);
+- mixed query selection (section 3.2): the positional queries (anchor boxes) are the top-k encoder
+  proposals, the content queries stay learned embeddings (:meth:`DINO._select_queries`);
+- look forward twice (section 3.4): each layer's box prediction refines the previous layer's undetached
+  box (``layers/deformable.py``, :class:`~detrkit.layers.DeformableAnchorDecoder`).
+
+With ``two_stage=False``, ``look_forward_twice=False`` and DN-DETR's non-contrastive noise, the same
+class is DN-Deformable-DETR (DAB-Deformable-DETR trained with denoising).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.backbones import ResNetBackbone
+from detrkit.layers import (
+    MLP,
+    DeformableAnchorDecoder,
+    DeformableDecoderLayer,
+    DeformableEncoder,
+    DeformableEncoderLayer,
+    MultiScaleProjection,
+    PositionEmbeddingSine,
+)
+from detrkit.layers.denoising import DenoisingConfig, build_dn_queries, split_dn_outputs
+from detrkit.losses.criterion import LossConfig
+from detrkit.models.deformable_detr import DeformableDETR, encoder_proposals
+from detrkit.models.outputs import DetectionOutput
+from detrkit.ops import inverse_sigmoid
+from detrkit.registry import register_model
+
+
+class DINO(nn.Module):
+    """The DINO detector.
+
+    Args:
+        backbone: returns ``{stage: (features, mask)}`` for the levels it feeds the neck.
+        position_encoding: sine encoding of each level's mask.
+        encoder: deformable encoder.
+        decoder: :class:`~detrkit.layers.DeformableAnchorDecoder`.
+        num_classes: object classes (sigmoid outputs).
+        num_queries: matching queries (900).
+        d_model: transformer width.
+        num_feature_levels: backbone levels + extra stride-2 levels.
+        two_stage: mixed query selection from encoder proposals; False = learned anchors (``refpoint_embed``).
+        denoising: denoising settings (DINO: contrastive, 100 queries); None = no denoising.
+    """
+
+    activation = "sigmoid"
+    loss_config = LossConfig(focal=True, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, cost_class=2.0)
+    slow_params = ("sampling_offsets",)  # 0.1x lr, as in the official recipe
+
+    def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
+                 decoder: DeformableAnchorDecoder, *, num_classes: int, num_queries: int = 900, d_model: int = 256,
+                 num_feature_levels: int = 4, two_stage: bool = True, denoising: DenoisingConfig | None = None) -> None:
+        super().__init__()
+        self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
+        self.two_stage, self.denoising = two_stage, denoising
+        self.backbone, self.position_encoding = backbone, position_encoding
+        channels = list(backbone.channels.values())
+        self.neck = MultiScaleProjection(channels, d_model, num_extra=num_feature_levels - len(channels))
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model).normal_())
+        self.encoder, self.decoder = encoder, decoder
+        self.tgt_embed = nn.Embedding(num_queries, d_model)  # learned content queries
+        nn.init.normal_(self.tgt_embed.weight)
+        class_head = nn.Linear(d_model, num_classes)
+        nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))  # focal prior p = 0.01
+        box_head = MLP(d_model, d_model, 4, 3)
+        nn.init.zeros_(box_head.layers[-1].weight)
+        nn.init.zeros_(box_head.layers[-1].bias)
+        num_layers = len(decoder.layers)
+        self.class_embed = nn.ModuleList([class_head] * num_layers)  # one head shared by all decoder layers
+        self.bbox_embed = nn.ModuleList([box_head] * num_layers)
+        decoder.bbox_embed = self.bbox_embed
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.enc_out_class_embed = copy.deepcopy(class_head)  # the encoder's own heads
+            self.enc_out_bbox_embed = copy.deepcopy(box_head)
+        else:
+            self.refpoint_embed = nn.Embedding(num_queries, 4)  # learned anchors before the sigmoid
+        if denoising is not None:
+            self.label_enc = nn.Embedding(num_classes + 1, d_model)
+
+    # the same backbone -> neck -> deformable encoder as Deformable DETR
+    _encode = DeformableDETR._encode
+
+    def forward(self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None) -> DetectionOutput:
+        """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising in training."""
+        memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
+        tgt, anchors, enc_outputs = self._select_queries(memory, mask, shapes)
+        tgt, anchors, attn_mask, dn_meta = self._add_dn_queries(tgt, anchors, targets)
+        hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, ratios, mask, attn_mask)
+        return self._heads(hidden, refs, enc_outputs, dn_meta)
+
+    def _select_queries(self, memory: Tensor, mask: Tensor, shapes: Tensor):
+        """Mixed query selection (section 3.2): anchors = the top-k encoder proposals (by best class score),
+        detached; content = the learned ``tgt_embed``. Returns tgt (B, Q, C), anchors (B, Q, 4) before the
+        sigmoid and the encoder outputs of the selected proposals for the two-stage loss."""
+        b = memory.shape[0]
+        if not self.two_stage:
+            return (self.tgt_embed.weight[None].expand(b, -1, -1), self.refpoint_embed.weight[None].expand(b, -1, -1),
+                    None)
+        out_memory, proposals = encoder_proposals(memory, mask, shapes)
+        out_memory = self.enc_output_norm(self.enc_output(out_memory))
+        enc_logits = self.enc_out_class_embed(out_memory)  # (B, S, K)
+        enc_coords = self.enc_out_bbox_embed(out_memory) + proposals  # (B, S, 4), inverse-sigmoid space
+        k = min(self.num_queries, memory.shape[1])
+        topk = enc_logits.max(-1).values.topk(k, dim=1).indices  # (B, k)
+        coords = enc_coords.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, k, 4)
+        logits = enc_logits.gather(1, topk[..., None].expand(-1, -1, enc_logits.shape[-1]))  # (B, k, K)
+        tgt = self.tgt_embed.weight[None, :k].expand(b, -1, -1)
+        return tgt, coords.detach(), {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
+
+    def _add_dn_queries(self, tgt: Tensor, anchors: Tensor, targets: list[dict] | None):
+        """In training, prepend the denoising queries (label embeddings at noised boxes) and build the mask."""
+        if self.denoising is None or not self.training or not targets:
+            return tgt, anchors, None, None
+        dn = build_dn_queries(targets, self.num_classes, tgt.shape[1], self.denoising)
+        if dn is None:
+            return tgt, anchors, None, None
+        labels, boxes, attn_mask, meta = dn
+        tgt = torch.cat([self.label_enc(labels).to(tgt.dtype), tgt], 1)
+        anchors = torch.cat([inverse_sigmoid(boxes).to(anchors.dtype), anchors], 1)
+        return tgt, anchors, attn_mask, meta
+
+    def _heads(self, hidden: Tensor, refs: Tensor, enc_outputs: dict | None, dn_meta: dict | None) -> DetectionOutput:
+        """hidden (L, B, N, C), boxes each layer refines (L, B, N, 4) -> logits and boxes per layer."""
+        logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hidden)])  # (L, B, N, K)
+        boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i])).sigmoid()
+                             for i, h in enumerate(hidden)])  # (L, B, N, 4)
+        logits, boxes = split_dn_outputs(logits, boxes, dn_meta)
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs,
+                               dn_meta=dn_meta)
+
+
+def build_dino(
+    *,
+    num_classes: int,
+    backbone: str = "resnet50",
+    feature_stages: tuple[str, ...] = ("layer2", "layer3", "layer4"),
+    num_feature_levels: int = 4,
+    pretrained_backbone: bool = False,
+    backbone_norm: str = "frozen",
+    trainable_layers: int = 3,
+    d_model: int = 256,
+    nhead: int = 8,
+    num_encoder_layers: int = 6,
+    num_decoder_layers: int = 6,
+    dim_feedforward: int = 2048,
+    dropout: float = 0.0,
+    n_points: int = 4,
+    num_queries: int = 900,
+    pe_temperature: float = 20.0,
+    two_stage: bool = True,
+    look_forward_twice: bool = True,
+    denoising: DenoisingConfig | dict | None = None,
+) -> DINO:
+    """Wire a DINO (or, with the flags off, DN-Deformable-DETR) from plain settings."""
+    from detrkit.models.dab_detr import _denoising_config
+
+    body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
+                          norm=backbone_norm, trainable_layers=trainable_layers)
+    pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
+    enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
+    dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
+    encoder = DeformableEncoder(enc_layer, num_encoder_layers)
+    decoder = DeformableAnchorDecoder(dec_layer, num_decoder_layers, d_model, look_forward_twice=look_forward_twice)
+    for module in (encoder, decoder):  # Xavier on matrices, then each deformable attention's own init
+        for p in module.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in module.modules():
+            if hasattr(m, "sampling_offsets"):
+                m.reset_parameters()
+    return DINO(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
+                num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=_denoising_config(denoising))
+
+
+# DINO's recipe: 100 denoising pairs, half the labels noised (flip probability 0.25), box noise lambda1 = 0.4
+DINO_NOISE = DenoisingConfig(num_queries=100, label_noise=0.25, box_noise_scale=0.4, contrastive=True)
+_PAPER = "DINO (Zhang et al. 2022)"
+
+
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.490)
+def dino_r50_4scale(*, num_classes: int = 91, **overrides) -> DINO:
+    """DINO-4scale, ResNet-50: 900 queries, contrastive denoising, 12-epoch recipe (lr 1e-4, backbone 1e-5, drop at 11)."""
+    return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE, **overrides})
+
+
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.494)
+def dino_r50_5scale(*, num_classes: int = 91, **overrides) -> DINO:
+    """DINO-5scale, ResNet-50: adds the stride-4 level (layer1), 12-epoch recipe."""
+    return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE,
+                         "feature_stages": ("layer1", "layer2", "layer3", "layer4"), "num_feature_levels": 5,
+                         **overrides})
+
+
+@register_model(paper=f"{_PAPER}, lite preset", input_size=(640, 640), coco_ap=None)
+def dino_lite(*, num_classes: int = 91, **overrides) -> DINO:
+    """DINO-Lite: ResNet-18 (strides 8/16 + one extra level), width 128, 3+3 layers, 100 queries, 100 DN queries."""
+    defaults = dict(backbone="resnet18", feature_stages=("layer2", "layer3"), num_feature_levels=3,
+                    backbone_norm="batch", trainable_layers=5, d_model=128, nhead=8, num_encoder_layers=3,
+                    num_decoder_layers=3, dim_feedforward=512, num_queries=100, denoising=DINO_NOISE)
+    return build_dino(num_classes=num_classes, **{**defaults, **overrides})
+
+
+@register_model(paper="DN-DETR (Li et al. 2022), DN-Deformable-DETR", input_size=(800, 1333), coco_ap=None)
+def dn_deformable_detr_r50(*, num_classes: int = 91, **overrides) -> DINO:
+    """DN-Deformable-DETR, ResNet-50: Deformable DETR with 300 learned anchor boxes, refinement, 5 denoising groups."""
+    from detrkit.models.dab_detr import DN_DETR_NOISE
+
+    return build_dino(**{"num_classes": num_classes, "num_queries": 300, "dim_feedforward": 1024, "dropout": 0.1,
+                         "two_stage": False, "look_forward_twice": False, "denoising": DN_DETR_NOISE, **overrides})
