@@ -1,4 +1,5 @@
-"""facebookresearch/detr state dicts -> detrkit DETR.
+"""Official repositories' state dicts -> detrkit: facebookresearch/detr, fundamentalvision/Deformable-DETR,
+IDEA-Research DAB-DETR / DN-DETR and DINO.
 
 detrkit keeps the official module names inside each part, so the mapping is a handful of prefix
 renames: the official ``Joiner`` nests the backbone as ``backbone.0`` and the position encoding as
@@ -59,3 +60,24 @@ def convert_official_deformable_detr(state_dict: dict[str, Tensor]) -> dict[str,
         if key is not None:
             out[key] = value
     return out
+
+
+def convert_official_dab_detr(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """IDEA-Research DAB-DETR / DN-DETR (DN-DAB-DETR) state dict -> detrkit :class:`~detrkit.models.DABDETR`.
+
+    Same containers as DETR (``backbone.0.body``, ``transformer.encoder`` / ``decoder``); the decoder keeps its
+    reference to the shared box head (``transformer.decoder.bbox_embed``), as detrkit's does. ``label_enc``
+    (DN-DETR) passes through.
+    """
+    return convert_official_detr(state_dict)
+
+
+def convert_official_dino(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """IDEA-Research DINO state dict -> detrkit :class:`~detrkit.models.DINO` (or DN-Deformable-DETR).
+
+    The deformable transformer keeps Deformable DETR's names, so the Deformable-DETR mapping applies:
+    ``transformer.{level_embed, tgt_embed, enc_output(_norm), enc_out_class_embed, enc_out_bbox_embed,
+    refpoint_embed}`` and the encoder / decoder move to the top level; the decoder's copies of the class
+    heads are dropped (detrkit's decoder only refines boxes).
+    """
+    return convert_official_deformable_detr(state_dict)

@@ -54,6 +54,8 @@ class DINO(nn.Module):
         num_feature_levels: backbone levels + extra stride-2 levels.
         two_stage: mixed query selection from encoder proposals; False = learned anchors (``refpoint_embed``).
         denoising: denoising settings (DINO: contrastive, 100 queries); None = no denoising.
+        share_heads: one class head and one box head for all decoder layers (official DINO); False = one per
+            layer (detrex's DINO).
     """
 
     activation = "sigmoid"
@@ -62,7 +64,8 @@ class DINO(nn.Module):
 
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
                  decoder: DeformableAnchorDecoder, *, num_classes: int, num_queries: int = 900, d_model: int = 256,
-                 num_feature_levels: int = 4, two_stage: bool = True, denoising: DenoisingConfig | None = None) -> None:
+                 num_feature_levels: int = 4, two_stage: bool = True, denoising: DenoisingConfig | None = None,
+                 share_heads: bool = True) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
         self.two_stage, self.denoising = two_stage, denoising
@@ -79,8 +82,12 @@ class DINO(nn.Module):
         nn.init.zeros_(box_head.layers[-1].weight)
         nn.init.zeros_(box_head.layers[-1].bias)
         num_layers = len(decoder.layers)
-        self.class_embed = nn.ModuleList([class_head] * num_layers)  # one head shared by all decoder layers
-        self.bbox_embed = nn.ModuleList([box_head] * num_layers)
+        if share_heads:  # the same module at every index
+            self.class_embed = nn.ModuleList([class_head] * num_layers)
+            self.bbox_embed = nn.ModuleList([box_head] * num_layers)
+        else:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_layers))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_layers))
         decoder.bbox_embed = self.bbox_embed
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
@@ -163,16 +170,22 @@ def build_dino(
     n_points: int = 4,
     num_queries: int = 900,
     pe_temperature: float = 20.0,
+    pe_offset: float = 0.0,
     two_stage: bool = True,
     look_forward_twice: bool = True,
     denoising: DenoisingConfig | dict | None = None,
+    share_heads: bool = True,
 ) -> DINO:
-    """Wire a DINO (or, with the flags off, DN-Deformable-DETR) from plain settings."""
+    """Wire a DINO (or, with the flags off, DN-Deformable-DETR) from plain settings.
+
+    The official DINO encodes positions with temperature 20 and no offset; detrex's DINO with 10000 and -0.5
+    (``pe_temperature=10000, pe_offset=-0.5, share_heads=False`` reproduce a detrex model).
+    """
     from detrkit.models.dab_detr import _denoising_config
 
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
-    pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
+    pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True, offset=pe_offset)
     enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
     dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
     encoder = DeformableEncoder(enc_layer, num_encoder_layers)
@@ -185,7 +198,8 @@ def build_dino(
             if hasattr(m, "sampling_offsets"):
                 m.reset_parameters()
     return DINO(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
-                num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=_denoising_config(denoising))
+                num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=_denoising_config(denoising),
+                share_heads=share_heads)
 
 
 # DINO's recipe: 100 denoising pairs, half the labels noised (flip probability 0.25), box noise lambda1 = 0.4
