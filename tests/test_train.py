@@ -116,3 +116,12 @@ def test_demo_quick(tmp_path, capsys):
     assert "AP50" in out
     assert (tmp_path / "demo" / "run" / "metrics.json").is_file()
     assert len(list((tmp_path / "demo" / "predictions").glob("*.jpg"))) >= 1
+
+
+def test_paper_recipe():
+    from detrkit.config import TrainConfig, apply_recipe
+
+    cfg = apply_recipe(TrainConfig(model="dino_r50_4scale", epochs=3, lr=5e-4, batch_size=7, recipe=True))
+    assert (cfg.epochs, cfg.lr, cfg.lr_backbone, cfg.lr_drop, cfg.batch_size) == (12, 1e-4, 1e-5, 11, 7)
+    with pytest.raises(ValueError, match="no paper recipe"):
+        apply_recipe(TrainConfig(model="dino_lite", recipe=True))

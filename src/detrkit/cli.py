@@ -83,12 +83,13 @@ def cmd_models(_: Namespace) -> None:
 
     names = list_models()
     width = max(map(len, names))
-    print(f"{'model':<{width}}  {'input':<9} {'COCO AP':>7}  description")
+    print(f"{'model':<{width}}  {'input':<9} {'COCO AP':>7}  {'recipe':<15}  description")
     for name in names:
         info = model_info(name)
         ap = f"{100 * info.coco_ap:.1f}" if info.coco_ap else "-"
         size = f"{info.input_size[0]}x{info.input_size[1]}"
-        print(f"{name:<{width}}  {size:<9} {ap:>7}  {info.description}")
+        recipe = f"{info.recipe['epochs']} ep, lr {info.recipe['lr']:.0e}" if info.recipe else "-"
+        print(f"{name:<{width}}  {size:<9} {ap:>7}  {recipe:<15}  {info.description}")
 
 
 def cmd_synth(args: Namespace) -> None:

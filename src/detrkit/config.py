@@ -7,7 +7,7 @@ folder so that it can be repeated exactly.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -37,6 +37,8 @@ class TrainConfig:
         eval_every: evaluate on the val split every N epochs (and always after the last).
         resume: a checkpoint folder (or ``last``/``true`` for the output folder's latest) to continue from.
         max_train_images / max_val_images: use only the first N images (quick experiments, tests).
+        recipe: take epochs / lr / lr_backbone / lr_drop from the preset's paper schedule (``detrkit models``
+            shows it), overriding those four fields.
     """
 
     model: str = "detr_lite"
@@ -68,6 +70,7 @@ class TrainConfig:
     max_train_images: int | None = None
     max_val_images: int | None = None
     progress: bool = True
+    recipe: bool = False
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
@@ -75,6 +78,16 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         return cls(**yaml.safe_load(Path(path).read_text()))
+
+
+def apply_recipe(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with epochs / lr / lr_backbone / lr_drop from its preset's paper schedule."""
+    from detrkit.registry import model_info
+
+    recipe = model_info(cfg.model).recipe
+    if recipe is None:
+        raise ValueError(f"{cfg.model} has no paper recipe (the lite presets are ours): set --epochs / --lr yourself")
+    return replace(cfg, **recipe, recipe=False)
 
 
 def dataset_paths(cfg: TrainConfig, split: str) -> tuple[Path, Path]:

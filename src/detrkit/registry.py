@@ -17,6 +17,7 @@ class ModelInfo:
     paper: str
     input_size: tuple[int, int]
     coco_ap: float | None  # box AP on COCO val2017 reported by the paper, if any
+    recipe: dict | None = None  # the paper's schedule as TrainConfig fields (``detrkit train --recipe true``)
 
     @property
     def description(self) -> str:
@@ -33,13 +34,17 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-def register_model(*, paper: str, input_size: tuple[int, int], coco_ap: float | None = None):
-    """Decorator: add a builder ``fn(*, num_classes, **overrides) -> nn.Module`` under its function name."""
+def register_model(*, paper: str, input_size: tuple[int, int], coco_ap: float | None = None, recipe: dict | None = None):
+    """Decorator: add a builder ``fn(*, num_classes, **overrides) -> nn.Module`` under its function name.
+
+    ``recipe``: the paper's training schedule as :class:`~detrkit.config.TrainConfig` fields, e.g.
+    ``{"epochs": 12, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 11}``.
+    """
 
     def wrap(fn):
         if fn.__name__ in _MODELS:
             raise ValueError(f"model {fn.__name__!r} is registered twice")
-        _MODELS[fn.__name__] = ModelInfo(fn.__name__, fn, paper, input_size, coco_ap)
+        _MODELS[fn.__name__] = ModelInfo(fn.__name__, fn, paper, input_size, coco_ap, recipe)
         return fn
 
     return wrap

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm import tqdm
 
-from detrkit.config import TrainConfig, dataset_paths, scales_for
+from detrkit.config import TrainConfig, apply_recipe, dataset_paths, scales_for
 from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
 from detrkit.engine.checkpoint import load_state, load_weights, save_checkpoint
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
@@ -86,6 +86,9 @@ class Trainer:
     """One training run described by a :class:`TrainConfig`; ``Trainer(cfg).fit()`` returns the final metrics."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        if cfg.recipe:
+            cfg = apply_recipe(cfg)
+            tqdm.write(f"{cfg.model}: the paper's recipe {model_info(cfg.model).recipe}")
         self.cfg = cfg
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)

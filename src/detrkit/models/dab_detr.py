@@ -154,17 +154,18 @@ def build_dab_detr(
 
 # DN-DETR's recipe: 5 groups, 20% of labels flipped, box noise 0.4, no negatives
 DN_DETR_NOISE = DenoisingConfig(num_groups=5, label_noise=0.2, box_noise_scale=0.4, contrastive=False)
+_RECIPE = {"epochs": 50, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 40}  # DAB-DETR / DN-DETR: 50 epochs
 _LITE = dict(backbone="resnet18", feature_stage="layer3", backbone_norm="batch", trainable_layers=5, d_model=128,
              nhead=8, num_encoder_layers=3, num_decoder_layers=3, dim_feedforward=512, dropout=0.0, num_queries=100)
 
 
-@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.422)
+@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.422, recipe=_RECIPE)
 def dab_detr_r50(*, num_classes: int = 91, **overrides) -> DABDETR:
     """DAB-DETR, ResNet-50: 300 anchor queries, 6+6 layers, PReLU FFN, focal loss."""
     return build_dab_detr(**{"num_classes": num_classes, **overrides})
 
 
-@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.445)
+@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.445, recipe=_RECIPE)
 def dab_detr_r50_dc5(*, num_classes: int = 91, **overrides) -> DABDETR:
     """DAB-DETR with a dilated last ResNet-50 stage (stride 16)."""
     return build_dab_detr(**{"num_classes": num_classes, "dilation": True, **overrides})
@@ -176,7 +177,7 @@ def dab_detr_lite(*, num_classes: int = 91, **overrides) -> DABDETR:
     return build_dab_detr(num_classes=num_classes, **{**_LITE, **overrides})
 
 
-@register_model(paper="DN-DETR (Li et al. 2022)", input_size=(800, 1333), coco_ap=0.444)
+@register_model(paper="DN-DETR (Li et al. 2022)", input_size=(800, 1333), coco_ap=0.444, recipe=_RECIPE)
 def dn_dab_detr_r50(*, num_classes: int = 91, **overrides) -> DABDETR:
     """DN-DAB-DETR, ResNet-50: DAB-DETR trained with 5 denoising groups."""
     return build_dab_detr(**{"num_classes": num_classes, "denoising": DN_DETR_NOISE, **overrides})

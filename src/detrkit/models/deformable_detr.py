@@ -223,27 +223,28 @@ def build_deformable_detr(
 
 
 _PAPER = "Deformable DETR (Zhu et al. 2021)"
+_RECIPE = {"epochs": 50, "lr": 2e-4, "lr_backbone": 2e-5, "lr_drop": 40}  # the paper's 50-epoch schedule
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.445)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.445, recipe=_RECIPE)
 def deformable_detr_r50(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Deformable DETR, ResNet-50, 4 levels, 6+6 layers, 300 queries, focal loss."""
     return build_deformable_detr(**{"num_classes": num_classes, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.462)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.462, recipe=_RECIPE)
 def deformable_detr_r50_refine(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Deformable DETR with iterative bounding box refinement."""
     return build_deformable_detr(**{"num_classes": num_classes, "refine": True, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.469)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.469, recipe=_RECIPE)
 def deformable_detr_r50_two_stage(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Two-stage Deformable DETR (with refinement): encoder proposals become the queries."""
     return build_deformable_detr(**{"num_classes": num_classes, "refine": True, "two_stage": True, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.394)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.394, recipe=_RECIPE)
 def deformable_detr_r50_single_scale(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Single-scale Deformable DETR: only the stride-32 map, deformable attention on one level."""
     return build_deformable_detr(**{"num_classes": num_classes, "feature_stages": ("layer4",), "num_feature_levels": 1,

@@ -129,19 +129,23 @@ def build_detr(
     return DETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model)
 
 
-@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.420)
+# the paper's schedule (section 4): 500 epochs, lr drop after 400, backbone at 1e-5
+DETR_RECIPE = {"epochs": 500, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 400}
+
+
+@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.420, recipe=DETR_RECIPE)
 def detr_r50(*, num_classes: int = 91, **overrides) -> DETR:
     """DETR with a ResNet-50: 6+6 layers, 8 heads, width 256, FFN 2048, 100 queries."""
     return build_detr(**{"num_classes": num_classes, "backbone": "resnet50", **overrides})
 
 
-@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.435)
+@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.435, recipe=DETR_RECIPE)
 def detr_r101(*, num_classes: int = 91, **overrides) -> DETR:
     """DETR with a ResNet-101."""
     return build_detr(**{"num_classes": num_classes, "backbone": "resnet101", **overrides})
 
 
-@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.433)
+@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.433, recipe=DETR_RECIPE)
 def detr_r50_dc5(*, num_classes: int = 91, **overrides) -> DETR:
     """DETR-DC5: ResNet-50 with a dilated last stage (stride 16 features)."""
     return build_detr(**{"num_classes": num_classes, "backbone": "resnet50", "dilation": True, **overrides})

@@ -205,15 +205,16 @@ def build_dino(
 # DINO's recipe: 100 denoising pairs, half the labels noised (flip probability 0.25), box noise lambda1 = 0.4
 DINO_NOISE = DenoisingConfig(num_queries=100, label_noise=0.25, box_noise_scale=0.4, contrastive=True)
 _PAPER = "DINO (Zhang et al. 2022)"
+_RECIPE = {"epochs": 12, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 11}  # DINO's 12-epoch (1x) schedule
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.490)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.490, recipe=_RECIPE)
 def dino_r50_4scale(*, num_classes: int = 91, **overrides) -> DINO:
     """DINO-4scale, ResNet-50: 900 queries, contrastive denoising, 12-epoch recipe (lr 1e-4, backbone 1e-5, drop at 11)."""
     return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.494)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.494, recipe=_RECIPE)
 def dino_r50_5scale(*, num_classes: int = 91, **overrides) -> DINO:
     """DINO-5scale, ResNet-50: adds the stride-4 level (layer1), 12-epoch recipe."""
     return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE,
@@ -230,7 +231,8 @@ def dino_lite(*, num_classes: int = 91, **overrides) -> DINO:
     return build_dino(num_classes=num_classes, **{**defaults, **overrides})
 
 
-@register_model(paper="DN-DETR (Li et al. 2022), DN-Deformable-DETR", input_size=(800, 1333), coco_ap=None)
+@register_model(paper="DN-DETR (Li et al. 2022), DN-Deformable-DETR", input_size=(800, 1333), coco_ap=None,
+                recipe={"epochs": 50, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 40})
 def dn_deformable_detr_r50(*, num_classes: int = 91, **overrides) -> DINO:
     """DN-Deformable-DETR, ResNet-50: Deformable DETR with 300 learned anchor boxes, refinement, 5 denoising groups."""
     from detrkit.models.dab_detr import DN_DETR_NOISE
