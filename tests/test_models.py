@@ -74,9 +74,10 @@ def test_transformer_ignores_padded_tokens():
     torch.testing.assert_close(out_p, out, atol=1e-5, rtol=1e-5)
 
 
-def test_save_load_round_trip(tmp_path):
-    model = create_model("detr_lite", num_classes=4, **TINY).eval()
-    meta = {"model": "detr_lite", "num_classes": 4, "model_args": TINY, "class_names": list("abcd"),
+@pytest.mark.parametrize("name", list_models())
+def test_save_load_round_trip(tmp_path, name):
+    model = create_model(name, num_classes=4, **TINY).eval()
+    meta = {"model": name, "num_classes": 4, "model_args": TINY, "class_names": list("abcd"),
             "label_to_cat": [1, 2, 5, 9], "image_size": 64}
     save_checkpoint(tmp_path / "ckpt", model, meta)
     loaded, loaded_meta = load_checkpoint(tmp_path / "ckpt")
@@ -86,5 +87,6 @@ def test_save_load_round_trip(tmp_path):
         a, b = model(images, mask), loaded.eval()(images, mask)
     assert torch.equal(a.pred_logits, b.pred_logits) and torch.equal(a.pred_boxes, b.pred_boxes)
     # a checkpoint that does not fit the model is refused with the keys named, never partially loaded
-    with pytest.raises(CheckpointError, match="shape of class_embed.weight"):
-        create_model("detr_lite", num_classes=7, weights=str(tmp_path / "ckpt"), **TINY)
+    if name == "detr_lite":
+        with pytest.raises(CheckpointError, match="shape of class_embed.weight"):
+            create_model("detr_lite", num_classes=7, weights=str(tmp_path / "ckpt"), **TINY)
