@@ -19,6 +19,7 @@ from detrkit.layers import MLP, PositionEmbeddingSine, TransformerEncoderLayer
 from detrkit.layers.dab import DABDecoder, DABDecoderLayer, DABEncoder
 from detrkit.layers.denoising import DenoisingConfig, build_dn_queries, split_dn_outputs
 from detrkit.losses.criterion import LossConfig
+from detrkit.models.detr import DETR
 from detrkit.models.outputs import DetectionOutput
 from detrkit.ops import inverse_sigmoid
 from detrkit.registry import register_model
@@ -68,15 +69,8 @@ class DABDETR(nn.Module):
         hidden, refs = self.decoder(tgt, memory, pos, anchors, mask, attn_mask)
         return self._heads(hidden, refs, dn_meta)
 
-    def _encode(self, images: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Backbone -> projection -> encoder: memory (B, S, C), mask (B, S), pos (B, S, C)."""
-        if padding_mask is None:
-            padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
-        feat, mask = self.backbone(images, padding_mask)[self.feature_name]
-        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, h*w, C)
-        pos = self.position_encoding(mask).to(src.dtype).flatten(2).transpose(1, 2)  # (B, h*w, C)
-        mask = mask.flatten(1)  # (B, h*w)
-        return self.encoder(src, pos, mask), mask, pos
+    # the same backbone -> projection -> encoder (memory, mask, pos) as DETR
+    _encode = DETR._encode
 
     def _embed_labels(self, labels: Tensor, indicator: float) -> Tensor:
         """labels (B, N) -> DN-DETR content queries (B, N, C): label embedding + indicator channel."""

@@ -184,6 +184,17 @@ class DeformableDETR(nn.Module):
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs)
 
 
+def init_deformable_transformer(*modules: nn.Module) -> None:
+    """The official init: Xavier on every matrix, then each deformable attention's own (radial offsets)."""
+    for module in modules:
+        for p in module.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in module.modules():
+            if hasattr(m, "sampling_offsets"):
+                m.reset_parameters()
+
+
 def build_deformable_detr(
     *,
     num_classes: int,
@@ -211,13 +222,7 @@ def build_deformable_detr(
     enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
     dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
     encoder, decoder = DeformableEncoder(enc_layer, num_encoder_layers), DeformableDecoder(dec_layer, num_decoder_layers)
-    for module in (encoder, decoder):  # the official init: Xavier on matrices, then each MSDeformAttn's own
-        for p in module.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in module.modules():
-            if hasattr(m, "sampling_offsets"):
-                m.reset_parameters()
+    init_deformable_transformer(encoder, decoder)
     return DeformableDETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                           num_feature_levels=num_feature_levels, refine=refine, two_stage=two_stage)
 

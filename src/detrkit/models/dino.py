@@ -34,7 +34,7 @@ from detrkit.layers import (
 )
 from detrkit.layers.denoising import DenoisingConfig, build_dn_queries, split_dn_outputs
 from detrkit.losses.criterion import LossConfig
-from detrkit.models.deformable_detr import DeformableDETR, encoder_proposals
+from detrkit.models.deformable_detr import DeformableDETR, encoder_proposals, init_deformable_transformer
 from detrkit.models.outputs import DetectionOutput
 from detrkit.ops import inverse_sigmoid
 from detrkit.registry import register_model
@@ -190,13 +190,7 @@ def build_dino(
     dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
     encoder = DeformableEncoder(enc_layer, num_encoder_layers)
     decoder = DeformableAnchorDecoder(dec_layer, num_decoder_layers, d_model, look_forward_twice=look_forward_twice)
-    for module in (encoder, decoder):  # Xavier on matrices, then each deformable attention's own init
-        for p in module.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in module.modules():
-            if hasattr(m, "sampling_offsets"):
-                m.reset_parameters()
+    init_deformable_transformer(encoder, decoder)
     return DINO(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                 num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=_denoising_config(denoising),
                 share_heads=share_heads)
