@@ -49,6 +49,23 @@ class DenoisingConfig:
     contrastive: bool = True
 
 
+# The papers' settings. DN-DETR: 5 groups, 20% of labels flipped, box noise 0.4, no negatives.
+DN_DETR_NOISE = DenoisingConfig(num_groups=5, label_noise=0.2, box_noise_scale=0.4, contrastive=False)
+# DINO: 100 denoising pairs, half the labels noised (flip probability 0.25), lambda1 = 0.4, negatives.
+DINO_NOISE = DenoisingConfig(num_queries=100, label_noise=0.25, box_noise_scale=0.4, contrastive=True)
+
+
+def as_denoising_config(value) -> DenoisingConfig | None:
+    """A builder's ``denoising`` argument (None / False, a DenoisingConfig, or a dict of its fields from YAML / CLI)."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, DenoisingConfig):
+        return value
+    if isinstance(value, dict):
+        return DenoisingConfig(**value)
+    raise TypeError(f"denoising must be None, a DenoisingConfig or a dict of its fields, got {value!r}")
+
+
 def _noise_boxes(boxes: Tensor, scale: float, negative: Tensor | None) -> Tensor:
     """boxes (n, 4) cxcywh -> noised boxes (n, 4) cxcywh in [0, 1]."""
     if scale <= 0:

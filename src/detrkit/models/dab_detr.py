@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from detrkit.backbones import ResNetBackbone
 from detrkit.layers import MLP, PositionEmbeddingSine, TransformerEncoderLayer
 from detrkit.layers.dab import DABDecoder, DABDecoderLayer, DABEncoder
-from detrkit.layers.denoising import DenoisingConfig, build_dn_queries, split_dn_outputs
+from detrkit.layers.denoising import (
+    DN_DETR_NOISE,
+    DenoisingConfig,
+    as_denoising_config,
+    build_dn_queries,
+    split_dn_outputs,
+)
 from detrkit.losses.criterion import LossConfig
 from detrkit.models.detr import DETR
 from detrkit.models.outputs import DetectionOutput
@@ -102,16 +108,6 @@ class DABDETR(nn.Module):
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, dn_meta=dn_meta)
 
 
-def _denoising_config(value) -> DenoisingConfig | None:
-    if value is None or value is False:
-        return None
-    if isinstance(value, DenoisingConfig):
-        return value
-    if isinstance(value, dict):
-        return DenoisingConfig(**value)
-    raise TypeError(f"denoising must be None, a DenoisingConfig or a dict of its fields, got {value!r}")
-
-
 def build_dab_detr(
     *,
     num_classes: int,
@@ -143,11 +139,9 @@ def build_dab_detr(
         if p.dim() > 1:  # the official transformer's init: Xavier on every matrix
             nn.init.xavier_uniform_(p)
     return DABDETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
-                   denoising=_denoising_config(denoising))
+                   denoising=as_denoising_config(denoising))
 
 
-# DN-DETR's recipe: 5 groups, 20% of labels flipped, box noise 0.4, no negatives
-DN_DETR_NOISE = DenoisingConfig(num_groups=5, label_noise=0.2, box_noise_scale=0.4, contrastive=False)
 _RECIPE = {"epochs": 50, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 40}  # DAB-DETR / DN-DETR: 50 epochs
 _LITE = dict(backbone="resnet18", feature_stage="layer3", backbone_norm="batch", trainable_layers=5, d_model=128,
              nhead=8, num_encoder_layers=3, num_decoder_layers=3, dim_feedforward=512, dropout=0.0, num_queries=100)

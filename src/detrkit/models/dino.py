@@ -32,9 +32,20 @@ from detrkit.layers import (
     MultiScaleProjection,
     PositionEmbeddingSine,
 )
-from detrkit.layers.denoising import DenoisingConfig, build_dn_queries, split_dn_outputs
+from detrkit.layers.denoising import (
+    DINO_NOISE,
+    DN_DETR_NOISE,
+    DenoisingConfig,
+    as_denoising_config,
+    build_dn_queries,
+    split_dn_outputs,
+)
 from detrkit.losses.criterion import LossConfig
-from detrkit.models.deformable_detr import DeformableDETR, encoder_proposals, init_deformable_transformer
+from detrkit.models.deformable_detr import (
+    DeformableDETR,
+    encoder_proposals,
+    init_deformable_transformer,
+)
 from detrkit.models.outputs import DetectionOutput
 from detrkit.ops import inverse_sigmoid
 from detrkit.registry import register_model
@@ -181,8 +192,6 @@ def build_dino(
     The official DINO encodes positions with temperature 20 and no offset; detrex's DINO with 10000 and -0.5
     (``pe_temperature=10000, pe_offset=-0.5, share_heads=False`` reproduce a detrex model).
     """
-    from detrkit.models.dab_detr import _denoising_config
-
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
     pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True, offset=pe_offset)
@@ -192,12 +201,10 @@ def build_dino(
     decoder = DeformableAnchorDecoder(dec_layer, num_decoder_layers, d_model, look_forward_twice=look_forward_twice)
     init_deformable_transformer(encoder, decoder)
     return DINO(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
-                num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=_denoising_config(denoising),
+                num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=as_denoising_config(denoising),
                 share_heads=share_heads)
 
 
-# DINO's recipe: 100 denoising pairs, half the labels noised (flip probability 0.25), box noise lambda1 = 0.4
-DINO_NOISE = DenoisingConfig(num_queries=100, label_noise=0.25, box_noise_scale=0.4, contrastive=True)
 _PAPER = "DINO (Zhang et al. 2022)"
 _RECIPE = {"epochs": 12, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 11}  # DINO's 12-epoch (1x) schedule
 
@@ -229,7 +236,5 @@ def dino_lite(*, num_classes: int = 91, **overrides) -> DINO:
                 recipe={"epochs": 50, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 40})
 def dn_deformable_detr_r50(*, num_classes: int = 91, **overrides) -> DINO:
     """DN-Deformable-DETR, ResNet-50: Deformable DETR with 300 learned anchor boxes, refinement, 5 denoising groups."""
-    from detrkit.models.dab_detr import DN_DETR_NOISE
-
     return build_dino(**{"num_classes": num_classes, "num_queries": 300, "dim_feedforward": 1024, "dropout": 0.1,
                          "two_stage": False, "look_forward_twice": False, "denoising": DN_DETR_NOISE, **overrides})
