@@ -106,23 +106,20 @@ def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_mat
     group_size = 2 * m if cfg.contrastive else m
     n, b = groups * group_size, len(targets)
 
+    meta = {"num_dn": n, "num_groups": groups, "group_size": group_size, "max_objects": m,
+            "contrastive": cfg.contrastive}
     labels = torch.full((b, n), num_classes, dtype=torch.int64, device=device)
     boxes = torch.full((b, n, 4), 0.5, device=device)
-    for i, t in enumerate(targets):
-        k = counts[i]
-        if k == 0:
+    _, slots, objects, positive = dn_slots(meta, targets)  # the layout, image after image
+    sizes = [groups * (2 if cfg.contrastive else 1) * k for k in counts]
+    for i, (slot, obj, pos) in enumerate(zip(slots.split(sizes), objects.split(sizes), positive.split(sizes))):
+        if len(slot) == 0:
             continue
-        copies = 2 if cfg.contrastive else 1  # positive, then negative
-        slot = (torch.arange(groups, device=device)[:, None, None] * group_size
-                + torch.arange(copies, device=device)[None, :, None] * m
-                + torch.arange(k, device=device)[None, None, :]).flatten()  # (groups * copies * k,)
-        gt_labels = t["labels"].repeat(groups * copies)
-        gt_boxes = t["boxes"].float().repeat(groups * copies, 1)
+        slot, obj, pos = slot.to(device), obj.to(device), pos.to(device)
+        gt_labels, gt_boxes = targets[i]["labels"][obj], targets[i]["boxes"].float()[obj]
         flip = torch.rand(len(gt_labels), device=device) < cfg.label_noise
-        gt_labels = torch.where(flip, torch.randint_like(gt_labels, 0, num_classes), gt_labels)
-        negative = (torch.arange(copies, device=device)[None, :, None] == 1).expand(groups, copies, k).flatten()
-        labels[i, slot] = gt_labels
-        boxes[i, slot] = _noise_boxes(gt_boxes, cfg.box_noise_scale, negative if cfg.contrastive else None)
+        labels[i, slot] = torch.where(flip, torch.randint_like(gt_labels, 0, num_classes), gt_labels)
+        boxes[i, slot] = _noise_boxes(gt_boxes, cfg.box_noise_scale, ~pos if cfg.contrastive else None)
 
     # Section 3.4 of DN-DETR: matching queries must not see denoising queries, groups must not see each other.
     total = n + num_matching
@@ -130,8 +127,6 @@ def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_mat
     attn_mask[n:, :n] = True
     group_id = torch.arange(n, device=device) // group_size
     attn_mask[:n, :n] = group_id[:, None] != group_id[None, :]
-    meta = {"num_dn": n, "num_groups": groups, "group_size": group_size, "max_objects": m,
-            "contrastive": cfg.contrastive}
     return labels, boxes, attn_mask, meta
 
 
