@@ -86,7 +86,12 @@ def test_save_load_round_trip(tmp_path, name):
     with torch.no_grad():
         a, b = model(images, mask), loaded.eval()(images, mask)
     assert torch.equal(a.pred_logits, b.pred_logits) and torch.equal(a.pred_boxes, b.pred_boxes)
-    # a checkpoint that does not fit the model is refused with the keys named, never partially loaded
     if name == "detr_lite":
-        with pytest.raises(CheckpointError, match="shape of class_embed.weight"):
-            create_model("detr_lite", num_classes=7, weights=str(tmp_path / "ckpt"), **TINY)
+        # a checkpoint that does not fit the model is refused with the keys named, never partially loaded
+        with pytest.raises(CheckpointError, match=r"shape of encoder\.layers\.0\.linear1\.weight"):
+            create_model("detr_lite", weights=str(tmp_path / "ckpt"), **{**TINY, "dim_feedforward": 32})
+        # except the class heads, on request: fine-tuning on another label space
+        with pytest.warns(UserWarning, match=r"re-initialised for fine-tuning"):
+            tuned = create_model("detr_lite", num_classes=7, weights=str(tmp_path / "ckpt"), **TINY)
+        assert tuned.class_embed.weight.shape[0] == 8
+        assert torch.equal(tuned.query_embed.weight, model.query_embed.weight)

@@ -1,12 +1,37 @@
-"""Parity with HF transformers' DeformableDetrForObjectDetection (random weights, converted)."""
+"""Parity with HF transformers' Detr / DeformableDetr / DabDetr ForObjectDetection (random weights, converted).
+
+The tiny models go the way a user's checkpoint goes: ``save_pretrained`` writes the Hub layout (model.safetensors,
+tied tensors stored once), ``create_model(preset, weights=folder)`` detects and converts it. Raw outputs must
+agree to 1e-4, and so must the detections of each library's own postprocessing.
+"""
 
 import pytest
 import torch
+from _detections import assert_same_detections
 
+from detrkit import create_model
 from detrkit.convert import convert_hf_deformable_detr
 from detrkit.models import build_deformable_detr
+from detrkit.models.postprocess import postprocess
 
 transformers = pytest.importorskip("transformers")
+
+
+def _load_saved(hf, folder, preset: str, **overrides):
+    hf.save_pretrained(folder)
+    return create_model(preset, weights=folder, **overrides).eval()
+
+
+def _assert_same_detections(out, ref, sizes, activation: str):
+    """detrkit's postprocess vs HF's post_process_object_detection: the same detections (label, score, box)."""
+    from transformers import DeformableDetrImageProcessor, DetrImageProcessor
+
+    # DETR: softmax without no-object; Deformable / DAB: top-100 sigmoid scores over (query, class) pairs
+    processor = DetrImageProcessor() if activation == "softmax" else DeformableDetrImageProcessor()
+    theirs = processor.post_process_object_detection(ref, threshold=0.0, target_sizes=sizes)
+    mine = postprocess(out, sizes, activation=activation, top_k=100)
+    for m, t in zip(mine, theirs, strict=True):
+        assert_same_detections(m, t, box_tol=1e-4 * max(sizes[0]))
 
 
 def _randomize_frozen_bn(model):
@@ -32,7 +57,7 @@ FULL = dict(d_model=256, encoder_layers=6, decoder_layers=6, encoder_ffn_dim=102
 
 
 @pytest.mark.parametrize("size,variant", [("tiny", "plain"), ("tiny", "refine"), ("tiny", "two_stage"), ("full", "two_stage")])
-def test_deformable_detr_matches_hf(size, variant):
+def test_deformable_detr_matches_hf(size, variant, tmp_path):
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
 
     refine, two_stage = variant in ("refine", "two_stage"), variant == "two_stage"
@@ -56,17 +81,21 @@ def test_deformable_detr_matches_hf(size, variant):
     with torch.no_grad():
         ref = hf(pixel_values=images, pixel_mask=(~mask).long())
 
-    model = build_deformable_detr(
-        num_classes=5, backbone="resnet18" if size == "tiny" else "resnet50", d_model=sizes["d_model"],
-        nhead=sizes["encoder_attention_heads"], num_encoder_layers=sizes["encoder_layers"],
-        num_decoder_layers=sizes["decoder_layers"], dim_feedforward=sizes["encoder_ffn_dim"],
-        num_queries=sizes["num_queries"], refine=refine, two_stage=two_stage,
-    ).eval()
-    model.load_state_dict(convert_hf_deformable_detr(hf.state_dict()), strict=True)
+    args = dict(backbone="resnet18" if size == "tiny" else "resnet50", d_model=sizes["d_model"],
+                nhead=sizes["encoder_attention_heads"], num_encoder_layers=sizes["encoder_layers"],
+                num_decoder_layers=sizes["decoder_layers"], dim_feedforward=sizes["encoder_ffn_dim"],
+                num_queries=sizes["num_queries"])
+    if size == "tiny":  # through the saved Hub layout
+        preset = {"plain": "deformable_detr_r50", "refine": "deformable_detr_r50_refine"}.get(variant, "deformable_detr_r50_two_stage")
+        model = _load_saved(hf, tmp_path, preset, **args)
+    else:
+        model = build_deformable_detr(num_classes=5, refine=refine, two_stage=two_stage, **args).eval()
+        model.load_state_dict(convert_hf_deformable_detr(hf.state_dict()), strict=True)
     with torch.no_grad():
         out = model(images, mask)
     assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
     assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4
+    _assert_same_detections(out, ref, [tuple(images.shape[-2:])] * 2, "sigmoid")
     with torch.no_grad():  # HF returns auxiliary outputs only with labels; apply its heads to its hidden states
         hf_aux = [hf.class_embed[i](ref.intermediate_hidden_states[:, i]) for i in range(len(out.aux_outputs))]
     assert len(hf_aux) == sizes["decoder_layers"] - 1
@@ -77,11 +106,8 @@ def test_deformable_detr_matches_hf(size, variant):
         assert (out.enc_outputs["pred_boxes"] - ref.enc_outputs_coord_logits.sigmoid()).abs().max().item() <= 1e-4
 
 
-def test_detr_matches_hf():
+def test_detr_matches_hf(tmp_path):
     from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
-
-    from detrkit.convert import convert_hf_detr
-    from detrkit.models import build_detr
 
     torch.manual_seed(0)
     backbone = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic",
@@ -95,17 +121,18 @@ def test_detr_matches_hf():
     images, mask = _inputs()
     with torch.no_grad():
         ref = hf(pixel_values=images, pixel_mask=(~mask).long())
-    model = build_detr(num_classes=5, backbone="resnet18", d_model=64, nhead=4, num_encoder_layers=2,
-                       num_decoder_layers=3, dim_feedforward=128, num_queries=12).eval()
-    model.load_state_dict(convert_hf_detr(hf.state_dict()), strict=True)
+    model = _load_saved(hf, tmp_path, "detr_r50", backbone="resnet18", d_model=64, nhead=4, num_encoder_layers=2,
+                        num_decoder_layers=3, dim_feedforward=128, num_queries=12)
+    assert model.num_classes == 5  # 6 outputs in the file: the classes + no-object
     with torch.no_grad():
         out = model(images, mask)
     assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
     assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4
+    _assert_same_detections(out, ref, [tuple(images.shape[-2:])] * 2, "softmax")
 
 
 @pytest.mark.parametrize("size", ["tiny", "full"])
-def test_dab_detr_matches_hf(size):
+def test_dab_detr_matches_hf(size, tmp_path):
     """DabDetrForObjectDetection (random weights incl. PReLU slopes, anchors and the zero-initialised box head)."""
     from transformers import DabDetrConfig, DabDetrForObjectDetection, ResNetConfig
 
@@ -135,12 +162,17 @@ def test_dab_detr_matches_hf(size):
     with torch.no_grad():
         ref = hf(pixel_values=images, pixel_mask=(~mask).long(), output_hidden_states=False)
 
-    model = build_dab_detr(num_classes=5, backbone="resnet18" if size == "tiny" else "resnet50",
-                           d_model=sizes["hidden_size"], nhead=sizes["decoder_attention_heads"],
-                           num_encoder_layers=sizes["encoder_layers"], num_decoder_layers=sizes["decoder_layers"],
-                           dim_feedforward=sizes["encoder_ffn_dim"], num_queries=sizes["num_queries"]).eval()
-    model.load_state_dict(convert_hf_dab_detr(hf.state_dict()), strict=True)
+    args = dict(backbone="resnet18" if size == "tiny" else "resnet50", d_model=sizes["hidden_size"],
+                nhead=sizes["decoder_attention_heads"], num_encoder_layers=sizes["encoder_layers"],
+                num_decoder_layers=sizes["decoder_layers"], dim_feedforward=sizes["encoder_ffn_dim"],
+                num_queries=sizes["num_queries"])
+    if size == "tiny":  # through the saved Hub layout
+        model = _load_saved(hf, tmp_path, "dab_detr_r50", **args)
+    else:
+        model = build_dab_detr(num_classes=5, **args).eval()
+        model.load_state_dict(convert_hf_dab_detr(hf.state_dict()), strict=True)
     with torch.no_grad():
         out = model(images, mask)
     assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
     assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4
+    _assert_same_detections(out, ref, [tuple(images.shape[-2:])] * 2, "sigmoid")

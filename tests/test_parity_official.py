@@ -14,8 +14,10 @@ import textwrap
 import pytest
 import torch
 
-from detrkit.convert import convert_official_detr
-from detrkit.models.detr import build_detr
+from _detections import assert_same_detections
+
+from detrkit import create_model
+from detrkit.models.postprocess import postprocess
 
 
 
@@ -37,7 +39,7 @@ OFFICIAL_SCRIPT = textwrap.dedent("""
     backbone_mod.is_main_process = lambda: False  # never download ImageNet weights
     from models.backbone import build_backbone
     from models.transformer import build_transformer
-    from models.detr import DETR
+    from models.detr import DETR, PostProcess
     from util.misc import NestedTensor
 
     backbone, dilation, pos, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
@@ -61,8 +63,11 @@ OFFICIAL_SCRIPT = textwrap.dedent("""
     images[1][:, mask[1]] = 0
     with torch.no_grad():
         o = model(NestedTensor(images, mask))
-    torch.save({"state_dict": model.state_dict(), "images": images, "mask": mask, "logits": o["pred_logits"],
-                "boxes": o["pred_boxes"], "aux_logits": torch.stack([a["pred_logits"] for a in o["aux_outputs"]])}, out)
+    sizes = torch.tensor([[480, 640], [300, 500]])
+    torch.save({"images": images, "mask": mask, "logits": o["pred_logits"], "boxes": o["pred_boxes"],
+                "aux_logits": torch.stack([a["pred_logits"] for a in o["aux_outputs"]]), "sizes": sizes,
+                "detections": PostProcess()(o, sizes)}, out)
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 0}, out + ".ckpt.pth")  # as main.py saves it
 """)
 
 
@@ -74,9 +79,11 @@ def test_detr_matches_official_implementation(tmp_path, backbone, dilation, pos)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = torch.load(out, weights_only=True)
 
-    model = build_detr(num_classes=7, backbone=backbone, dilation=dilation, position_embedding=pos, d_model=64, nhead=4,
-                       dim_feedforward=128, num_encoder_layers=2, num_decoder_layers=3, num_queries=12)
-    model.load_state_dict(convert_official_detr(ref["state_dict"]), strict=True)
+    # the official training checkpoint, read the way a user reads it (format detected, classes from the head)
+    model = create_model("detr_r50_dc5" if dilation else "detr_r50", weights=f"{out}.ckpt.pth", backbone=backbone,
+                         position_embedding=pos, d_model=64, nhead=4, dim_feedforward=128, num_encoder_layers=2,
+                         num_decoder_layers=3, num_queries=12)
+    assert model.num_classes == 7
     model.eval()
     with torch.no_grad():
         o = model(ref["images"], ref["mask"])
@@ -84,3 +91,7 @@ def test_detr_matches_official_implementation(tmp_path, backbone, dilation, pos)
     assert (o.pred_boxes - ref["boxes"]).abs().max().item() <= 1e-4
     aux = torch.stack([a["pred_logits"] for a in o.aux_outputs])
     assert (aux - ref["aux_logits"]).abs().max().item() <= 1e-4
+    # the official PostProcess (softmax, no-object dropped, boxes scaled to each image's size) vs detrkit's
+    mine = postprocess(o, ref["sizes"], activation="softmax", top_k=12)
+    for m, theirs in zip(mine, ref["detections"], strict=True):
+        assert_same_detections(m, theirs, box_tol=1e-4 * 640)

@@ -1,4 +1,4 @@
-"""The ``detrkit`` command: demo, train, eval, predict, models, data synth."""
+"""The ``detrkit`` command: demo, train, eval, predict, convert, models, data synth."""
 
 from __future__ import annotations
 
@@ -52,9 +52,13 @@ def _parser() -> ArgumentParser:
     ev.add_argument("--output", help="where to write metrics.json (default: next to the checkpoint)")
     sub.add_subcommand("eval", ev, help="evaluate a checkpoint (COCO AP)")
 
-    pr = ArgumentParser(description="Detect objects in an image or a folder of images; writes annotated images and JSON.")
+    pr = ArgumentParser(description="Detect objects in an image or a folder of images; writes annotated images and JSON. "
+                                    "Give a detrkit --checkpoint, or --model with --weights for any other checkpoint.")
     pr.add_argument("source", help="an image file or a folder of images")
-    pr.add_argument("--checkpoint", required=True, help="checkpoint folder, model.safetensors or training run folder")
+    pr.add_argument("--checkpoint", help="detrkit checkpoint folder, model.safetensors or training run folder")
+    pr.add_argument("--model", help="preset of --weights, e.g. dino_r50_4scale")
+    pr.add_argument("--weights", help="with --model: an official / detrex / HF checkpoint file, a URL, or 'coco' "
+                                      "for the preset's released COCO weights")
     pr.add_argument("--output", default="predictions", help="folder for annotated images and detections.json")
     pr.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep a detection")
     pr.add_argument("--max_detections", type=int, default=100)
@@ -62,6 +66,19 @@ def _parser() -> ArgumentParser:
     sub.add_subcommand("predict", pr, help="predict on images")
 
     sub.add_subcommand("models", ArgumentParser(description="List the registered model presets."), help="list presets")
+
+    cv = ArgumentParser(description="Convert a checkpoint of the reference implementations (official DETR, "
+                                    "Deformable-DETR, DAB-DETR, DN-DETR, DINO; detrex; HF transformers Detr / "
+                                    "DeformableDetr / DabDetr) to a detrkit .safetensors checkpoint. The layout is "
+                                    "detected from the keys; prints what was mapped, ignored and missing. Never "
+                                    "unpickles code (torch.load weights_only=True).")
+    cv.add_argument("source", help="checkpoint file or folder (.pth, .bin, .safetensors), a URL, or 'coco'")
+    cv.add_argument("--model", required=True, help="the preset the checkpoint was trained as, e.g. dino_r50_4scale")
+    cv.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    cv.add_argument("--num_classes", type=int, help="re-initialise the class heads for this many classes (fine-tuning)")
+    cv.add_argument("--model_args", type=dict, default={}, help="builder settings that differ from the preset, "
+                                                                  "e.g. '{num_queries: 100}'")
+    sub.add_subcommand("convert", cv, help="convert official / detrex / HF checkpoints to detrkit")
 
     data = ArgumentParser(description="Dataset tools.")
     sub.add_subcommand("data", data, help="dataset tools (synth)")
@@ -83,13 +100,48 @@ def cmd_models(_: Namespace) -> None:
 
     names = list_models()
     width = max(map(len, names))
-    print(f"{'model':<{width}}  {'input':<9} {'COCO AP':>7}  {'recipe':<15}  description")
+    print(f"{'model':<{width}}  {'input':<9} {'COCO AP':>7}  {'weights':>7}  {'recipe':<15}  description")
     for name in names:
         info = model_info(name)
         ap = f"{100 * info.coco_ap:.1f}" if info.coco_ap else "-"
         size = f"{info.input_size[0]}x{info.input_size[1]}"
         recipe = f"{info.recipe['epochs']} ep, lr {info.recipe['lr']:.0e}" if info.recipe else "-"
-        print(f"{name:<{width}}  {size:<9} {ap:>7}  {recipe:<15}  {info.description}")
+        weights = f"{100 * info.weights['coco'].coco_ap:.1f}" if "coco" in info.weights else "-"
+        print(f"{name:<{width}}  {size:<9} {ap:>7}  {weights:>7}  {recipe:<15}  {info.description}")
+    print("\nCOCO AP: the paper's; weights: AP of the released COCO weights (weights=\"coco\", --weights coco).")
+
+
+def cmd_convert(args: Namespace) -> None:
+    import warnings
+
+    from detrkit.convert.formats import load_pretrained, read_checkpoint
+    from detrkit.engine.checkpoint import save_weights
+    from detrkit.registry import resolve_weights
+
+    conv = read_checkpoint(resolve_weights(args.model, args.source, **args.model_args))
+    fmt = conv.format
+    print(f"read {conv.file}: {conv.num_source_keys} tensors, layout {fmt.name} ({fmt.source})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # re-initialised heads are reported below
+        model, meta = load_pretrained(args.model, conv, num_classes=args.num_classes, **args.model_args)
+    own = model.state_dict()
+    reinit = meta["source"]["reinitialised"]
+    print(f"mapped: {conv.num_source_keys - len(conv.ignored)} checkpoint tensors -> {len(own) - len(reinit)} of the "
+          f"{len(own)} tensors of {args.model}")
+    print(f"ignored: {len(conv.ignored)}")
+    for reason in sorted({r for _, r in conv.ignored}):
+        keys = [k for k, r in conv.ignored if r == reason]
+        print(f"  {len(keys)} x {reason}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
+    print(f"missing: {len(reinit)}" + (f" (class heads re-initialised for {meta['num_classes']} classes: "
+                                        f"{', '.join(reinit[:4])}{' ...' if len(reinit) > 4 else ''})" if reinit else ""))
+    names = meta["class_names"]
+    print(f"classes: {meta['num_classes']} ({', '.join(n for n in names[:6] if n != 'N/A')}, ...)")
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(out, model, meta)
+    print(f"wrote {out}: use it with `detrkit predict IMAGE --checkpoint {out}` or detrkit.Detector('{out}')")
 
 
 def cmd_synth(args: Namespace) -> None:
@@ -158,7 +210,12 @@ def _predict_files(files: list[Path], args: Namespace) -> None:
     from detrkit.detector import Detector, to_pil
     from detrkit.viz import draw_detections
 
-    detector = Detector(args.checkpoint, device=args.device, threshold=args.threshold)
+    if args.checkpoint:
+        detector = Detector(args.checkpoint, device=args.device, threshold=args.threshold)
+    elif args.model and args.weights:
+        detector = Detector(args.weights, model=args.model, device=args.device, threshold=args.threshold)
+    else:
+        raise FileNotFoundError("give --checkpoint (a detrkit checkpoint) or --model with --weights")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     names = dict(zip(detector.label_to_cat, detector.class_names))
@@ -200,14 +257,16 @@ def cmd_demo(args: Namespace) -> dict:
     print(f"[3/3] drawing predictions on validation images into {out / 'predictions'}")
     val_images = sorted((data / "val").glob("*.jpg"))[:8]
     # A short CPU run gives modest confidences (focal-loss scores near 0.2): draw what clears 0.2.
-    _predict_files(val_images, Namespace(checkpoint=str(out / "run"), output=str(out / "predictions"),
-                                         threshold=0.2, max_detections=20, device=opts["device"]))
+    _predict_files(val_images, Namespace(checkpoint=str(out / "run"), model=None, weights=None,
+                                         output=str(out / "predictions"), threshold=0.2, max_detections=20,
+                                         device=opts["device"]))
     print(f"done in {time.perf_counter() - t0:.0f} s: metrics in {out / 'run' / 'metrics.json'}, "
           f"checkpoint in {out / 'run' / 'checkpoints'}")
     return metrics
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,9 @@ class TrainConfig:
             folders (what ``detrkit data synth`` writes); or set the four explicit paths below.
         output_dir: where checkpoints, metrics.jsonl, metrics.json and config.yaml go.
         model_args: builder overrides, e.g. ``{num_queries: 50, pretrained_backbone: true}``.
+        weights: weights to start from (fine-tuning): any checkpoint ``create_model`` reads (detrkit, official,
+            detrex, HF transformers, a URL) or ``coco`` for the preset's released COCO weights. The class heads
+            are re-initialised (with a warning) when the dataset's number of classes differs.
         image_size: training scale; None = the preset's size. Train scales are 0.6..1.0 of it (multi-scale,
             step 32), the longer side is capped at 1333/800 of it, validation resizes to it (DETR's
             480-800 / 1333 / 800 recipe at 800).
@@ -49,6 +52,7 @@ class TrainConfig:
     val_ann: str | None = None
     output_dir: str = "runs/train"
     model_args: dict = field(default_factory=dict)
+    weights: str | None = None
     image_size: int | None = None
     augment: bool = True
     crop: bool = True

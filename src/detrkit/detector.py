@@ -12,9 +12,11 @@ from torch import Tensor
 from torchvision import tv_tensors
 
 from detrkit.data.collate import pad_images
+from detrkit.convert.formats import load_pretrained
 from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.train import resolve_device, val_transforms
 from detrkit.models.postprocess import postprocess
+from detrkit.registry import resolve_weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -66,13 +68,19 @@ class Detector:
     """A trained detector ready for inference.
 
     Args:
-        checkpoint: a detrkit checkpoint folder, ``model.safetensors`` or a training run folder.
+        checkpoint: a detrkit checkpoint folder, ``model.safetensors`` or a training run folder; with ``model``,
+            any checkpoint :func:`~detrkit.create_model` reads (official, detrex, HF, a URL, ``"coco"``).
+        model: the preset of a checkpoint that is not detrkit's own, e.g. ``"dino_r50_4scale"``.
         device: ``auto``, ``cpu``, ``cuda``...
         threshold: default minimum score of returned detections.
     """
 
-    def __init__(self, checkpoint: str | Path, *, device: str = "auto", threshold: float = 0.5) -> None:
-        self.model, self.meta = load_checkpoint(checkpoint)
+    def __init__(self, checkpoint: str | Path, *, model: str | None = None, device: str = "auto",
+                 threshold: float = 0.5) -> None:
+        if model is None:
+            self.model, self.meta = load_checkpoint(checkpoint)
+        else:
+            self.model, self.meta = load_pretrained(model, resolve_weights(model, checkpoint))
         self.device = resolve_device(device)
         self.model.eval().to(self.device)
         self.threshold = threshold

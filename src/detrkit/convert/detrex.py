@@ -79,16 +79,19 @@ def _neck_level(kind: str, idx: str, state_dict: dict[str, Tensor]) -> int:
     return sum(k.startswith("neck.convs.") and k.endswith(".conv.weight") for k in state_dict) + int(idx)
 
 
-def convert_detrex(state_dict: dict[str, Tensor], *, num_decoder_layers: int = 6) -> dict[str, Tensor]:
+def convert_detrex(state_dict: dict[str, Tensor], *, num_decoder_layers: int | None = None) -> dict[str, Tensor]:
     """A detrex DETR, Deformable-DETR, DAB-DETR, DN-DETR or DINO state dict -> detrkit names.
 
     Build the detrkit model with detrex's ``num_classes`` (80 for its COCO models). DINO additionally needs
     ``share_heads=False, pe_temperature=10000, pe_offset=-0.5``: detrex keeps one class / box head per decoder
     layer plus the encoder proposals' head at index ``num_decoder_layers`` (-> ``enc_out_class_embed`` /
     ``enc_out_bbox_embed``), and its label embedding lacks the official layout's unused last row (appended as
-    zeros). DN-DETR's ``label_encoder`` becomes ``label_enc``.
+    zeros). DN-DETR's ``label_encoder`` becomes ``label_enc``. ``num_decoder_layers``: None = counted from the keys.
     """
     family = detrex_family(state_dict)
+    if num_decoder_layers is None:
+        layers = [int(m.group(1)) for k in state_dict if (m := re.match(r"transformer\.decoder\.layers\.(\d+)\.", k))]
+        num_decoder_layers = max(layers, default=5) + 1
     out = {}
     for key, value in state_dict.items():
         if key.startswith("transformer.decoder.class_embed.") or (
@@ -122,7 +125,7 @@ def convert_detrex(state_dict: dict[str, Tensor], *, num_decoder_layers: int = 6
     return out
 
 
-def convert_detrex_dino(state_dict: dict[str, Tensor], *, num_decoder_layers: int = 6) -> dict[str, Tensor]:
+def convert_detrex_dino(state_dict: dict[str, Tensor], *, num_decoder_layers: int | None = None) -> dict[str, Tensor]:
     """A detrex DINO state dict -> detrkit :class:`~detrkit.models.DINO` (see :func:`convert_detrex`)."""
     if detrex_family(state_dict) != "dino":
         raise ValueError("not a detrex DINO state dict (no transformer.tgt_embed.weight)")

@@ -61,12 +61,20 @@ def _merge_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def convert_hf_deformable_detr(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``DeformableDetrForObjectDetection`` state dict -> detrkit :class:`~detrkit.models.DeformableDETR`."""
-    out = {}
+    """``DeformableDetrForObjectDetection`` state dict -> detrkit :class:`~detrkit.models.DeformableDETR`.
+
+    Also reads files written by ``save_pretrained``, which store each tied tensor once: transformers 5 ties the
+    class (and, without refinement, box) heads of every decoder layer to the first, and keeps the decoder's
+    copies (``model.decoder.{class,bbox}_embed``) rather than the top-level heads. Missing heads are restored
+    from what was kept, as transformers does when it loads the file.
+    """
+    out, decoder_heads = {}, {}
     for key, value in state_dict.items():
         key = key.removeprefix("model.")
-        if key.startswith("decoder.class_embed."):
-            continue  # the same modules as the top-level class heads
+        if key.startswith(("decoder.class_embed.", "decoder.bbox_embed.")):
+            decoder_heads[key.removeprefix("decoder.")] = value  # the same modules as the top-level heads
+            if key.startswith("decoder.class_embed."):
+                continue  # detrkit's decoder refines boxes only
         for pattern, repl in _DEFORMABLE_RULES:
             key = re.sub(pattern, repl, key)
         # In encoder layers the norm after self-attention is norm1 and the last is norm2; in decoder
@@ -75,6 +83,15 @@ def convert_hf_deformable_detr(state_dict: dict[str, Tensor]) -> dict[str, Tenso
         key = key.replace(".SA_NORM.", ".norm2." if is_decoder else ".norm1.")
         key = key.replace(".final_layer_norm.", ".norm3." if is_decoder else ".norm2.")
         out[key] = value
+    for key, value in decoder_heads.items():
+        out.setdefault(key, value)
+    layers = 1 + max((int(m.group(1)) for k in out if (m := re.match(r"decoder\.layers\.(\d+)\.", k))), default=-1)
+    num_pred = layers + ("enc_output.weight" in out)  # two-stage: one more head, for the encoder proposals
+    for head in ("class_embed", "bbox_embed"):
+        first = {k.removeprefix(f"{head}.0."): v for k, v in out.items() if k.startswith(f"{head}.0.")}
+        for i in range(1, num_pred):
+            if not any(k.startswith(f"{head}.{i}.") for k in out):
+                out.update({f"{head}.{i}.{rest}": v for rest, v in first.items()})
     return _merge_qkv(out)
 
 

@@ -29,12 +29,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, state: dict | None = None) -> Path:
-    """Write ``path/`` atomically: model.safetensors (+ meta) and, when given, state.pt."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _state_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
     weights, seen = {}, set()
     for k, v in model.state_dict().items():
         v = v.detach().contiguous().cpu()
@@ -42,7 +37,25 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, state: dict 
             v = v.clone()
         seen.add(v.data_ptr())
         weights[k] = v
-    save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"detrkit": json.dumps(meta)})
+    return weights
+
+
+def save_weights(file: str | Path, model: nn.Module, meta: dict) -> Path:
+    """Write ``model``'s weights and ``meta`` to one ``.safetensors`` file, atomically (temporary file + rename)."""
+    file = Path(file)
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(_state_for_safetensors(model), str(tmp), metadata={"detrkit": json.dumps(meta)})
+    tmp.replace(file)
+    return file
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, state: dict | None = None) -> Path:
+    """Write ``path/`` atomically: model.safetensors (+ meta) and, when given, state.pt."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_state_for_safetensors(model), str(tmp / WEIGHTS_NAME), metadata={"detrkit": json.dumps(meta)})
     if state is not None:
         torch.save(state, tmp / STATE_NAME)
     old = path.with_name(path.name + ".old")

@@ -22,7 +22,8 @@ from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
 from detrkit.engine.checkpoint import load_state, load_weights, save_checkpoint
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
 from detrkit.losses import build_criterion
-from detrkit.registry import create_model, model_info
+from detrkit.convert.formats import load_pretrained
+from detrkit.registry import create_model, model_info, resolve_weights
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -107,7 +108,14 @@ class Trainer:
                                        drop_last=len(train_sub) >= cfg.batch_size, generator=self.generator, **loader_args)
         self.val_loader = DataLoader(val_sub, shuffle=False, **loader_args)
 
-        self.model = create_model(cfg.model, num_classes=self.train_set.num_classes, **cfg.model_args).to(self.device)
+        model_args = dict(cfg.model_args)
+        if cfg.weights:  # fine-tuning: the layout may imply builder settings (detrex DINO), which the checkpoints keep
+            self.model, loaded = load_pretrained(cfg.model, resolve_weights(cfg.model, cfg.weights, **model_args),
+                                                 num_classes=self.train_set.num_classes, **model_args)
+            model_args = loaded["model_args"]
+        else:
+            self.model = create_model(cfg.model, num_classes=self.train_set.num_classes, **model_args)
+        self.model.to(self.device)
         # channels-last convolutions: ~20% faster backbone steps on CPU (oneDNN) and with AMP on GPU
         self.model.to(memory_format=torch.channels_last)
         self.criterion = build_criterion(self.model).to(self.device)
@@ -118,7 +126,7 @@ class Trainer:
         self.epoch, self.step, self.best_ap = 0, 0, -1.0
         self.meta = {
             "model": cfg.model, "num_classes": self.train_set.num_classes,
-            "model_args": {k: v for k, v in cfg.model_args.items() if k != "pretrained_backbone"},
+            "model_args": {k: v for k, v in model_args.items() if k != "pretrained_backbone"},
             "class_names": self.train_set.class_names, "label_to_cat": self.train_set.label_to_cat,
             "image_size": cfg.image_size or max(model_info(cfg.model).input_size),
         }

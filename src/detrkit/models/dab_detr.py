@@ -28,7 +28,11 @@ from detrkit.losses.criterion import LossConfig
 from detrkit.models.detr import DETR
 from detrkit.models.outputs import DetectionOutput
 from detrkit.ops import inverse_sigmoid
-from detrkit.registry import register_model
+from detrkit.registry import Weights, register_model
+
+# Released COCO weights (``create_model(name, weights="coco")``); detrex models use the 80 COCO classes.
+_DETREX = "IDEA-Research/detrex model zoo"
+_DETREX_URL = "https://github.com/IDEA-Research/detrex-storage/releases/download"
 
 
 class DABDETR(nn.Module):
@@ -147,13 +151,15 @@ _LITE = dict(backbone="resnet18", feature_stage="layer3", backbone_norm="batch",
              nhead=8, num_encoder_layers=3, num_decoder_layers=3, dim_feedforward=512, dropout=0.0, num_queries=100)
 
 
-@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.422, recipe=_RECIPE)
+@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.422, recipe=_RECIPE,
+                weights={"coco": Weights(f"{_DETREX_URL}/v0.1.0/dab_detr_r50_50ep.pth", 0.433, _DETREX)})
 def dab_detr_r50(*, num_classes: int = 91, **overrides) -> DABDETR:
     """DAB-DETR, ResNet-50: 300 anchor queries, 6+6 layers, PReLU FFN, focal loss."""
     return build_dab_detr(**{"num_classes": num_classes, **overrides})
 
 
-@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.445, recipe=_RECIPE)
+@register_model(paper="DAB-DETR (Liu et al. 2022)", input_size=(800, 1333), coco_ap=0.445, recipe=_RECIPE,
+                weights={"coco": Weights(f"{_DETREX_URL}/v0.3.0/converted_dab_detr_r50_dc5.pth", 0.446, _DETREX)})
 def dab_detr_r50_dc5(*, num_classes: int = 91, **overrides) -> DABDETR:
     """DAB-DETR with a dilated last ResNet-50 stage (stride 16)."""
     return build_dab_detr(**{"num_classes": num_classes, "dilation": True, **overrides})
@@ -165,7 +171,8 @@ def dab_detr_lite(*, num_classes: int = 91, **overrides) -> DABDETR:
     return build_dab_detr(num_classes=num_classes, **{**_LITE, **overrides})
 
 
-@register_model(paper="DN-DETR (Li et al. 2022)", input_size=(800, 1333), coco_ap=0.444, recipe=_RECIPE)
+@register_model(paper="DN-DETR (Li et al. 2022)", input_size=(800, 1333), coco_ap=0.444, recipe=_RECIPE,
+                weights={"coco": Weights(f"{_DETREX_URL}/v0.1.0/dn_detr_r50_50ep.pth", 0.447, _DETREX)})
 def dn_dab_detr_r50(*, num_classes: int = 91, **overrides) -> DABDETR:
     """DN-DAB-DETR, ResNet-50: DAB-DETR trained with 5 denoising groups."""
     return build_dab_detr(**{"num_classes": num_classes, "denoising": DN_DETR_NOISE, **overrides})

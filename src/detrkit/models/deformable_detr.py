@@ -29,7 +29,12 @@ from detrkit.layers import (
 from detrkit.losses.criterion import LossConfig
 from detrkit.models.outputs import DetectionOutput
 from detrkit.ops import inverse_sigmoid
-from detrkit.registry import register_model
+from detrkit.registry import Weights, register_model
+
+# Released COCO weights (``create_model(name, weights="coco")``); detrex models use the 80 COCO classes.
+_DETREX = "IDEA-Research/detrex model zoo"
+_DETREX_URL = "https://github.com/IDEA-Research/detrex-storage/releases/download"
+_HF_DEFORMABLE = "https://huggingface.co/SenseTime/deformable-detr/resolve/main/pytorch_model.bin"
 
 
 def valid_ratios(mask: Tensor) -> Tensor:
@@ -231,19 +236,22 @@ _PAPER = "Deformable DETR (Zhu et al. 2021)"
 _RECIPE = {"epochs": 50, "lr": 2e-4, "lr_backbone": 2e-5, "lr_drop": 40}  # the paper's 50-epoch schedule
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.445, recipe=_RECIPE)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.445, recipe=_RECIPE,
+                weights={"coco": Weights(_HF_DEFORMABLE, 0.445, "SenseTime/deformable-detr (HF Hub)")})
 def deformable_detr_r50(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Deformable DETR, ResNet-50, 4 levels, 6+6 layers, 300 queries, focal loss."""
     return build_deformable_detr(**{"num_classes": num_classes, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.462, recipe=_RECIPE)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.462, recipe=_RECIPE,
+                weights={"coco": Weights(f"{_DETREX_URL}/v0.1.1/deformable_detr_with_box_refinement_50ep_new.pth", 0.470, _DETREX)})
 def deformable_detr_r50_refine(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Deformable DETR with iterative bounding box refinement."""
     return build_deformable_detr(**{"num_classes": num_classes, "refine": True, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.469, recipe=_RECIPE)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.469, recipe=_RECIPE,
+                weights={"coco": Weights(f"{_DETREX_URL}/v0.1.1/deformable_detr_r50_two_stage_50ep_new.pth", 0.482, _DETREX)})
 def deformable_detr_r50_two_stage(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Two-stage Deformable DETR (with refinement): encoder proposals become the queries."""
     return build_deformable_detr(**{"num_classes": num_classes, "refine": True, "two_stage": True, **overrides})

@@ -23,7 +23,11 @@ from detrkit.layers import (
 )
 from detrkit.losses.criterion import LossConfig
 from detrkit.models.outputs import DetectionOutput
-from detrkit.registry import register_model
+from detrkit.registry import Weights, register_model
+
+# Released COCO weights (``create_model(name, weights="coco")``), named with their sha256 prefix.
+_FB = "facebookresearch/detr"
+_FB_URL = "https://dl.fbaipublicfiles.com/detr"
 
 
 class DETR(nn.Module):
@@ -133,19 +137,22 @@ def build_detr(
 DETR_RECIPE = {"epochs": 500, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 400}
 
 
-@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.420, recipe=DETR_RECIPE)
+@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.420, recipe=DETR_RECIPE,
+                weights={"coco": Weights(f"{_FB_URL}/detr-r50-e632da11.pth", 0.420, _FB, "e632da11")})
 def detr_r50(*, num_classes: int = 91, **overrides) -> DETR:
     """DETR with a ResNet-50: 6+6 layers, 8 heads, width 256, FFN 2048, 100 queries."""
     return build_detr(**{"num_classes": num_classes, "backbone": "resnet50", **overrides})
 
 
-@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.435, recipe=DETR_RECIPE)
+@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.435, recipe=DETR_RECIPE,
+                weights={"coco": Weights(f"{_FB_URL}/detr-r101-2c7b67e5.pth", 0.435, _FB, "2c7b67e5")})
 def detr_r101(*, num_classes: int = 91, **overrides) -> DETR:
     """DETR with a ResNet-101."""
     return build_detr(**{"num_classes": num_classes, "backbone": "resnet101", **overrides})
 
 
-@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.433, recipe=DETR_RECIPE)
+@register_model(paper="DETR (Carion et al. 2020)", input_size=(800, 1333), coco_ap=0.433, recipe=DETR_RECIPE,
+                weights={"coco": Weights(f"{_FB_URL}/detr-r50-dc5-f0fb7ef5.pth", 0.433, _FB, "f0fb7ef5")})
 def detr_r50_dc5(*, num_classes: int = 91, **overrides) -> DETR:
     """DETR-DC5: ResNet-50 with a dilated last stage (stride 16 features)."""
     return build_detr(**{"num_classes": num_classes, "backbone": "resnet50", "dilation": True, **overrides})

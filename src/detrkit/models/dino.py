@@ -48,7 +48,11 @@ from detrkit.models.deformable_detr import (
 )
 from detrkit.models.outputs import DetectionOutput
 from detrkit.ops import inverse_sigmoid
-from detrkit.registry import register_model
+from detrkit.registry import Weights, register_model
+
+# Released COCO weights (``create_model(name, weights="coco")``); detrex models use the 80 COCO classes.
+_DETREX = "IDEA-Research/detrex model zoo"
+_DETREX_URL = "https://github.com/IDEA-Research/detrex-storage/releases/download"
 
 
 class DINO(nn.Module):
@@ -209,13 +213,15 @@ _PAPER = "DINO (Zhang et al. 2022)"
 _RECIPE = {"epochs": 12, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 11}  # DINO's 12-epoch (1x) schedule
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.490, recipe=_RECIPE)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.490, recipe=_RECIPE,
+                weights={"coco": Weights(f"{_DETREX_URL}/v0.2.0/dino_r50_4scale_12ep_49_2AP.pth", 0.492, _DETREX)})
 def dino_r50_4scale(*, num_classes: int = 91, **overrides) -> DINO:
     """DINO-4scale, ResNet-50: 900 queries, contrastive denoising, 12-epoch recipe (lr 1e-4, backbone 1e-5, drop at 11)."""
     return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.494, recipe=_RECIPE)
+@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.494, recipe=_RECIPE,
+                weights={"coco": Weights(f"{_DETREX_URL}/v0.2.1/dino_r50_5scale_12ep.pth", 0.496, _DETREX)})
 def dino_r50_5scale(*, num_classes: int = 91, **overrides) -> DINO:
     """DINO-5scale, ResNet-50: adds the stride-4 level (layer1), 12-epoch recipe."""
     return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE,

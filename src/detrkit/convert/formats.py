@@ -1,0 +1,296 @@
+"""Any supported checkpoint -> a detrkit model: read it safely, tell its layout from its keys, rename, load strictly.
+
+``load_pretrained("dino_r50_4scale", "checkpoint0011_4scale.pth")`` is what ``create_model(name, weights=...)``,
+``Detector(..., model=...)`` and ``detrkit convert`` call. Nothing is loaded partially: a key the model does
+not have, a parameter the checkpoint does not fill, or a shape that differs is an error that lists them.
+The one exception is asked for explicitly: a ``num_classes`` different from the checkpoint's re-initialises
+the class heads (fine-tuning on another label space) and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from detrkit.convert.detrex import convert_detrex
+from detrkit.convert.hf import convert_hf_dab_detr, convert_hf_deformable_detr, convert_hf_detr
+from detrkit.convert.official import (
+    convert_official_dab_detr,
+    convert_official_deformable_detr,
+    convert_official_detr,
+    convert_official_dino,
+)
+from detrkit.data.coco_classes import coco_label_space
+from detrkit.engine.checkpoint import WEIGHTS_NAME, CheckpointError
+
+# The detrkit module each model class lives in: a preset fits a layout when its builder comes from there.
+_MODULES = {"DETR": "detrkit.models.detr", "DeformableDETR": "detrkit.models.deformable_detr",
+            "DABDETR": "detrkit.models.dab_detr", "DINO": "detrkit.models.dino"}
+# Parameters whose shape follows num_classes: re-initialised when fine-tuning on another label space.
+CLASS_DEPENDENT = re.compile(r"(^|\.)(class_embed|enc_out_class_embed|label_enc)\.")
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A checkpoint layout detrkit reads.
+
+    Attributes:
+        name: e.g. ``official_dino``.
+        source: who writes it (repository or library).
+        model_class: the detrkit class it maps onto (None: a detrkit checkpoint, any class).
+        convert: state dict in this layout -> detrkit names.
+        ignore: source keys that are deliberately not loaded, and why.
+        model_args: builder settings the layout implies (detrex DINO's per-layer heads, its sine encoding).
+    """
+
+    name: str
+    source: str
+    model_class: str | None
+    convert: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    ignore: tuple[tuple[str, str], ...] = ()
+    model_args: dict = field(default_factory=dict)
+
+
+_DEC_CLASS_COPY = (r"^(transformer|model)\.decoder\.class_embed\.", "the decoder's reference to class_embed")
+FORMATS = {f.name: f for f in [
+    CheckpointFormat("detrkit", "detrkit", None, dict),
+    CheckpointFormat("official_detr", "facebookresearch/detr", "DETR", convert_official_detr,
+                     ((r"^(detr\.)?(bbox_attention|mask_head)\.", "panoptic segmentation head"),)),
+    CheckpointFormat("official_deformable_detr", "fundamentalvision/Deformable-DETR", "DeformableDETR",
+                     convert_official_deformable_detr, (_DEC_CLASS_COPY,)),
+    CheckpointFormat("official_dab_detr", "IDEA-Research/DAB-DETR or DN-DETR", "DABDETR", convert_official_dab_detr),
+    CheckpointFormat("official_dino", "IDEA-Research/DINO", "DINO", convert_official_dino, (_DEC_CLASS_COPY,)),
+    CheckpointFormat("detrex_detr", "IDEA-Research/detrex", "DETR", convert_detrex),
+    CheckpointFormat("detrex_deformable_detr", "IDEA-Research/detrex", "DeformableDETR", convert_detrex,
+                     (_DEC_CLASS_COPY,)),
+    CheckpointFormat("detrex_dab_detr", "IDEA-Research/detrex", "DABDETR", convert_detrex),
+    CheckpointFormat("detrex_dino", "IDEA-Research/detrex", "DINO", convert_detrex,
+                     (_DEC_CLASS_COPY, (r"^transformer\.decoder\.bbox_embed\.", "the decoder's reference to bbox_embed")),
+                     {"share_heads": False, "pe_temperature": 10000.0, "pe_offset": -0.5}),
+    CheckpointFormat("hf_detr", "HF transformers DetrForObjectDetection", "DETR", convert_hf_detr),
+    CheckpointFormat("hf_deformable_detr", "HF transformers DeformableDetrForObjectDetection", "DeformableDETR",
+                     convert_hf_deformable_detr, (_DEC_CLASS_COPY,)),
+    CheckpointFormat("hf_dab_detr", "HF transformers DabDetrForObjectDetection", "DABDETR", convert_hf_dab_detr),
+]}
+
+
+def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
+    """Tell a checkpoint's layout from its keys (see :data:`FORMATS`)."""
+    keys = set(state_dict)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("model.backbone."):  # HF transformers
+        if "class_labels_classifier.weight" in keys:
+            return FORMATS["hf_detr"]
+        if "model.query_refpoint_embeddings.weight" in keys:
+            return FORMATS["hf_dab_detr"]
+        if "model.level_embed" in keys:
+            return FORMATS["hf_deformable_detr"]
+    elif has("backbone.stem.") or has("backbone.res2."):  # detectron2 ResNet: detrex
+        if "transformer.tgt_embed.weight" in keys:
+            return FORMATS["detrex_dino"]
+        if "refpoint_embed.weight" in keys:
+            return FORMATS["detrex_dab_detr"]
+        return FORMATS["detrex_deformable_detr" if has("neck.") else "detrex_detr"]
+    elif has("backbone.0.body.") or has("detr.backbone.0.body."):  # the official repositories' Joiner
+        if "transformer.tgt_embed.weight" in keys or has("transformer.enc_out_class_embed."):
+            return FORMATS["official_dino"]
+        if "transformer.level_embed" in keys:
+            return FORMATS["official_deformable_detr"]
+        if "refpoint_embed.weight" in keys:
+            return FORMATS["official_dab_detr"]
+        return FORMATS["official_detr"]
+    elif has("backbone.body."):
+        return FORMATS["detrkit"]
+    sample = ", ".join(sorted(keys)[:6])
+    raise CheckpointError(f"unrecognised checkpoint layout (keys: {sample}, ...). detrkit reads detrkit, official "
+                          f"DETR / Deformable-DETR / DAB-DETR / DN-DETR / DINO, detrex and HF transformers (Detr, "
+                          f"DeformableDetr, DabDetr) checkpoints of ResNet models.")
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
+    """The tensors of a checkpoint file (or folder) and its detrkit metadata, if any. Never runs pickled code.
+
+    Reads ``.safetensors`` directly and anything else with ``torch.load(weights_only=True)`` (argparse
+    namespaces, which the official repositories store their settings in, are allowed as plain data).
+    Unwraps ``{"model": state_dict, ...}`` and DDP's ``module.`` prefix.
+    """
+    file = _resolve_file(Path(path))
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                meta = (f.metadata() or {}).get("detrkit")
+            return load_file(str(file)), json.loads(meta) if meta else None
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{file} holds Python objects besides tensors, and detrkit never unpickles code from a checkpoint "
+            f"(torch.load weights_only=True said: {str(e).splitlines()[0]}). If you trust the file, save its weights "
+            f"alone once: python -c \"import torch; c = torch.load('{file}', weights_only=False); "
+            f"torch.save(c.get('model', c), 'weights.pth')\" and load weights.pth.") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    return _unwrap(obj, file), None
+
+
+def _resolve_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if path.is_dir():  # detrkit checkpoint / run folder, HF model folder
+        for name in (WEIGHTS_NAME, f"checkpoints/best/{WEIGHTS_NAME}", f"checkpoints/last/{WEIGHTS_NAME}",
+                     "pytorch_model.bin"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"no weights in {path}: expected {WEIGHTS_NAME}, pytorch_model.bin or a detrkit run folder")
+    raise CheckpointError(f"no such checkpoint: {path}")
+
+
+def _unwrap(obj, file: Path) -> dict[str, Tensor]:
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{file} does not hold a state dict (found {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{file} holds no tensors under its keys ({', '.join(list(obj)[:6])}, ...)")
+    if all(k.startswith("module.") for k in tensors):  # saved from a DistributedDataParallel wrapper
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
+
+
+@dataclass
+class Conversion:
+    """A checkpoint renamed to detrkit's names.
+
+    Attributes:
+        file: where it was read from.
+        format: its detected layout.
+        state_dict: the tensors under detrkit names.
+        ignored: ``(source key, reason)`` for keys deliberately not loaded.
+        meta: detrkit metadata, for detrkit checkpoints.
+    """
+
+    file: str
+    format: CheckpointFormat
+    state_dict: dict[str, Tensor]
+    ignored: list[tuple[str, str]]
+    meta: dict | None = None
+    num_source_keys: int = 0
+
+    def num_classes(self, softmax: bool) -> int | None:
+        """Classes of the checkpoint's head; ``softmax``: the head has one more output, DETR's no-object."""
+        if self.meta is not None:
+            return self.meta["num_classes"]
+        for key in ("class_embed.weight", "class_embed.0.weight"):
+            if key in self.state_dict:
+                return self.state_dict[key].shape[0] - softmax
+        return None
+
+
+def read_checkpoint(path: str | Path) -> Conversion:
+    """Read a checkpoint of any supported layout and rename it to detrkit's names."""
+    state, meta = read_state_dict(path)
+    fmt = detect_format(state)
+    ignored = [(k, reason) for k in state for pattern, reason in fmt.ignore if re.match(pattern, k)]
+    return Conversion(str(_resolve_file(Path(path))), fmt, fmt.convert(state), ignored, meta, len(state))
+
+
+def load_converted(model: nn.Module, conv: Conversion, *, reinit_classes: bool = False) -> list[str]:
+    """Load ``conv`` into ``model`` strictly; returns the class-head keys left re-initialised (``reinit_classes``)."""
+    state, own = dict(conv.state_dict), model.state_dict()
+    # Parameters the model holds under several names (heads shared with the decoder): files that store a
+    # tied tensor once (HF save_pretrained, safetensors) fill the other names from the one they keep.
+    tied: dict[tuple, list[str]] = {}
+    for k, v in own.items():
+        tied.setdefault((v.data_ptr(), tuple(v.shape), v.stride()), []).append(k)
+    for names in (n for n in tied.values() if len(n) > 1):
+        present = [n for n in names if n in state]
+        for n in names if present else ():
+            state.setdefault(n, state[present[0]])
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    reinit = [k for k in wrong if CLASS_DEPENDENT.search(k)] if reinit_classes else []
+    for k in reinit:
+        del state[k]
+    missing = sorted(set(own) - set(state) - set(reinit))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in wrong if k not in reinit]
+    if missing or unexpected or wrong:
+        lines = [f"{conv.file} ({conv.format.source}, layout {conv.format.name}) does not fit {type(model).__name__}:"]
+        for title, keys in (("missing (in the model, not in the checkpoint)", missing),
+                            ("unexpected (in the checkpoint, not in the model)", unexpected)):
+            if keys:
+                lines.append(f"  {title}, {len(keys)}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        for k in wrong[:8]:
+            lines.append(f"  shape of {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        lines.append("  Pick the preset the checkpoint was trained as (e.g. with or without refinement / two-stage, "
+                     "the same backbone, num_queries and number of levels); `detrkit models` lists them.")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=not reinit)
+    return reinit
+
+
+def label_space(conv: Conversion, num_classes: int, checkpoint_classes: int | None) -> tuple[list[int], list[str]]:
+    """(label_to_cat, class_names) for a model with ``num_classes`` loaded from ``conv``."""
+    if conv.meta is not None and conv.meta["num_classes"] == num_classes:
+        return conv.meta["label_to_cat"], conv.meta["class_names"]
+    if conv.format.model_class and checkpoint_classes == num_classes and (coco := coco_label_space(num_classes)):
+        return coco  # the reference checkpoints are COCO models: 91 ids (official, HF) or 80 (detrex)
+    return list(range(num_classes)), [f"class_{i}" for i in range(num_classes)]
+
+
+def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes: int | None = None,
+                    **overrides) -> tuple[nn.Module, dict]:
+    """Build preset ``name`` and load a checkpoint of any supported layout into it. Returns (model, meta).
+
+    Args:
+        name: a registered preset of the checkpoint's architecture.
+        weights: a checkpoint file or folder (detrkit, official, detrex or HF transformers), or what
+            :func:`read_checkpoint` made of one.
+        num_classes: None keeps the checkpoint's classes (and names: COCO's for the reference checkpoints);
+            another number re-initialises the class heads for fine-tuning, with a warning.
+        **overrides: builder settings, on top of what the layout implies.
+    """
+    from detrkit.registry import model_info
+
+    info = model_info(name)
+    conv = weights if isinstance(weights, Conversion) else read_checkpoint(weights)
+    fmt = conv.format
+    if fmt.model_class is not None and info.builder.__module__ != _MODULES[fmt.model_class]:
+        from detrkit.registry import list_models
+
+        fits = [n for n in list_models() if model_info(n).builder.__module__ == _MODULES[fmt.model_class]]
+        raise CheckpointError(f"{conv.file} is a {fmt.source} {fmt.model_class} checkpoint (layout {fmt.name}); "
+                              f"{name} is not a {fmt.model_class} preset. Presets that fit: {', '.join(fits)}")
+    args = {**fmt.model_args, **(conv.meta or {}).get("model_args", {}), **overrides}
+    ckpt_classes = conv.num_classes(softmax=info.builder.__module__ == _MODULES["DETR"])
+    n = num_classes or ckpt_classes or 91
+    model = info.builder(num_classes=n, **args)
+    reinit = load_converted(model, conv, reinit_classes=ckpt_classes is not None and n != ckpt_classes)
+    if reinit:
+        warnings.warn(f"{conv.file} has {ckpt_classes} classes, the model {n}: the class-dependent parameters "
+                      f"({', '.join(sorted({k.rsplit('.', 1)[0] for k in reinit})[:6])}) are re-initialised for "
+                      f"fine-tuning; everything else is loaded.", stacklevel=2)
+    label_to_cat, class_names = label_space(conv, n, ckpt_classes)
+    meta = {"model": name, "num_classes": n, "model_args": args, "class_names": class_names,
+            "label_to_cat": label_to_cat, "image_size": (conv.meta or {}).get("image_size", info.input_size[0]),
+            "source": {"file": conv.file, "format": fmt.name, "reinitialised": reinit}}
+    return model, meta

@@ -1,0 +1,217 @@
+"""``create_model(name, weights=...)``: layout detection, strict loading, fine-tuning, label spaces, safe reading,
+and the released-weights table (download, sha256, conversion, cache) against local ``file://`` URLs."""
+
+import argparse
+import hashlib
+import re
+
+import pytest
+import torch
+from test_detrex_names import _official_detr_keys, _to_detrex
+from test_official_names import _official_keys
+from test_official_names_dino import D, DEC, ENC, FFN, HEADS, K, POINTS, Q, _dab_official_keys, _detrex_dino_keys, _dino_official_keys
+
+from detrkit import create_model
+from detrkit.cli import main
+from detrkit.convert.formats import CLASS_DEPENDENT, detect_format, load_pretrained, read_state_dict
+from detrkit.convert.hub import download
+from detrkit.engine.checkpoint import CheckpointError
+from detrkit.models import build_detr
+from detrkit.registry import Weights, model_info
+
+TINY = dict(backbone="resnet18", d_model=D, nhead=HEADS, num_encoder_layers=ENC, num_decoder_layers=DEC,
+            dim_feedforward=FFN, num_queries=Q)
+TINY_DINO = dict(TINY, n_points=POINTS, denoising={"num_queries": 100})
+DETREX_DINO = dict(share_heads=False, pe_temperature=10000.0, pe_offset=-0.5)
+
+
+def _random(keys: dict, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {k: torch.randn(shape, generator=g) for k, shape in keys.items()}
+    # a valid BatchNorm, and weights scaled by fan-in so that a forward pass stays finite
+    return {k: v.abs() + 0.5 if "running_var" in k else v / v[0].numel() ** 0.5 if v.dim() > 1 else v
+            for k, v in out.items()}
+
+
+def _with_classes(state: dict, num: int) -> dict:
+    """The same checkpoint with class heads of ``num`` outputs (label embeddings: ``num`` + 1 rows)."""
+    out = {}
+    for k, v in state.items():
+        if CLASS_DEPENDENT.search(k) and v.shape[0] in (K, K + 1):
+            v = torch.randn(num + v.shape[0] - K, *v.shape[1:])
+        out[k] = v
+    return out
+
+
+LAYOUTS = {
+    "official_detr": lambda: _official_detr_keys(),
+    "official_deformable_detr": lambda: _official_keys(refine=True, two_stage=True),
+    "official_dab_detr": lambda: _dab_official_keys(dn=True),
+    "official_dino": _dino_official_keys,
+    "detrex_detr": lambda: {_to_detrex(k, "detr"): v for k, v in _official_detr_keys().items()},
+    "detrex_deformable_detr": lambda: {_to_detrex(k, "deformable"): v for k, v in _official_keys(True, False).items()},
+    "detrex_dab_detr": lambda: {_to_detrex(k, "dab"): v for k, v in _dab_official_keys(dn=False).items()},
+    "detrex_dino": _detrex_dino_keys,
+    "detrkit": lambda: {k: tuple(v.shape) for k, v in build_detr(num_classes=K, **TINY).state_dict().items()},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_is_detected_from_the_keys(layout):
+    assert detect_format(_random(LAYOUTS[layout]())).name == layout
+
+
+def test_unknown_layout_is_an_error_naming_the_keys():
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout.*foo.weight"):
+        detect_format({"foo.weight": torch.zeros(1)})
+
+
+def _save_official_dino(path, num_classes=K):
+    state = _random(_dino_official_keys())
+    if num_classes != K:
+        state = _with_classes(state, num_classes)
+    # the official training script's checkpoint: the model plus its argparse settings
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4, dn_number=100), "epoch": 11}, path)
+    return state
+
+
+def test_official_dino_checkpoint_loads_through_create_model(tmp_path):
+    state = _save_official_dino(tmp_path / "checkpoint0011_4scale.pth")
+    model = create_model("dino_r50_4scale", weights=tmp_path / "checkpoint0011_4scale.pth", **TINY_DINO)
+    own = model.state_dict()
+    assert model.num_classes == K  # taken from the checkpoint's class head
+    assert torch.equal(own["decoder.layers.1.norm2.weight"], state["transformer.decoder.layers.1.norm2.weight"])
+    assert torch.equal(own["enc_out_class_embed.weight"], state["transformer.enc_out_class_embed.weight"])
+    assert torch.equal(own["backbone.body.layer3.1.bn2.running_var"], state["backbone.0.body.layer3.1.bn2.running_var"])
+
+
+def test_coco_checkpoints_keep_coco_ids_and_names(tmp_path):
+    _save_official_dino(tmp_path / "official.pth", num_classes=91)
+    _, meta = load_pretrained("dino_r50_4scale", tmp_path / "official.pth", **TINY_DINO)
+    assert meta["num_classes"] == 91 and meta["label_to_cat"] == list(range(91))
+    assert (meta["class_names"][1], meta["class_names"][18], meta["class_names"][12]) == ("person", "dog", "N/A")
+
+    torch.save({"model": _with_classes(_random(_detrex_dino_keys()), 80)}, tmp_path / "detrex.pth")
+    model, meta = load_pretrained("dino_r50_4scale", tmp_path / "detrex.pth", **TINY_DINO)
+    assert model.num_classes == 80 and meta["model_args"]["share_heads"] is False  # detrex's layout, implied
+    assert meta["label_to_cat"][:3] == [1, 2, 3] and meta["label_to_cat"][-1] == 90
+    assert meta["class_names"][0] == "person" and meta["class_names"][-1] == "toothbrush"
+
+
+def test_other_num_classes_reinitialises_only_the_class_heads(tmp_path):
+    state = _save_official_dino(tmp_path / "ckpt.pth")
+    with pytest.warns(UserWarning, match="re-initialised for fine-tuning"):
+        model, meta = load_pretrained("dino_r50_4scale", tmp_path / "ckpt.pth", num_classes=3, **TINY_DINO)
+    own = model.state_dict()
+    assert own["class_embed.0.weight"].shape[0] == 3 and own["label_enc.weight"].shape[0] == 4
+    assert set(meta["source"]["reinitialised"]) == {k for k in own if CLASS_DEPENDENT.search(k)}
+    assert torch.equal(own["decoder.layers.0.linear1.weight"], state["transformer.decoder.layers.0.linear1.weight"])
+    assert meta["class_names"] == ["class_0", "class_1", "class_2"]
+
+
+def test_wrong_family_names_the_presets_that_fit(tmp_path):
+    _save_official_dino(tmp_path / "ckpt.pth")
+    with pytest.raises(CheckpointError, match=r"IDEA-Research/DINO DINO checkpoint.*Presets that fit: .*dino_r50_4scale"):
+        create_model("detr_r50", weights=tmp_path / "ckpt.pth")
+
+
+def test_mismatched_architecture_lists_the_keys(tmp_path):
+    torch.save({"model": _random(_official_keys(refine=True, two_stage=False))}, tmp_path / "refine.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected.*decoder\.bbox_embed\.0\.layers\.0\.bias"):
+        create_model("deformable_detr_r50", weights=tmp_path / "refine.pth", **TINY, n_points=POINTS)
+    # the right preset loads it
+    create_model("deformable_detr_r50_refine", weights=tmp_path / "refine.pth", **TINY, n_points=POINTS)
+
+
+class _Payload:
+    """Pickles to a call that would write a file, the classic checkpoint exploit."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_never_runs_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"backbone.0.body.conv1.weight": torch.zeros(1)}, "x": _Payload(marker)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="never unpickles code"):
+        read_state_dict(tmp_path / "bad.pth")
+    assert not marker.exists()
+
+
+def test_ddp_prefix_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _random(_dino_official_keys())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ddp.pth")
+    for file in ("w.safetensors", "ddp.pth"):
+        loaded, _ = read_state_dict(tmp_path / file)
+        assert sorted(loaded) == sorted(state)
+
+
+def _file_url(path) -> str:
+    return path.resolve().as_uri()
+
+
+def test_download_verifies_sha256_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETRKIT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "release.pth"
+    _save_official_dino(src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    got = download(_file_url(src), sha256=digest[:8], progress=False)
+    assert got.read_bytes() == src.read_bytes() and got.parent == tmp_path / "cache" / "downloads"
+    assert download(_file_url(src), sha256=digest, progress=False) == got  # cached, full digest matches too
+    other = tmp_path / "other" / "release.pth"
+    other.parent.mkdir()
+    other.write_bytes(b"not the release")
+    with pytest.raises(CheckpointError, match="invalid hash value"):
+        download(_file_url(other), sha256=digest[:8], progress=False)
+    assert [p.name for p in (tmp_path / "cache" / "downloads").iterdir()] == [got.name]  # nothing half-written kept
+
+
+def test_weights_coco_downloads_converts_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETRKIT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "dino_release.pth"
+    state = _save_official_dino(src, num_classes=91)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    monkeypatch.setitem(model_info("dino_r50_4scale").weights, "coco", Weights(_file_url(src), 0.49, "test", digest))
+    model = create_model("dino_r50_4scale", weights="coco", **TINY_DINO)
+    assert torch.equal(model.state_dict()["tgt_embed.weight"], state["transformer.tgt_embed.weight"])
+    converted = list((tmp_path / "cache" / "converted").glob("*.safetensors"))
+    assert len(converted) == 1
+    src.unlink()  # later loads read the converted file, not the release
+    for d in (tmp_path / "cache" / "downloads").iterdir():
+        d.unlink()
+    again, meta = load_pretrained("dino_r50_4scale", create_model.__globals__["resolve_weights"]("dino_r50_4scale", "coco"))
+    assert torch.equal(again.state_dict()["tgt_embed.weight"], state["transformer.tgt_embed.weight"])
+    assert meta["class_names"][18] == "dog"
+
+
+def test_unknown_weights_tag_is_an_error():
+    with pytest.raises(CheckpointError, match="dino_lite has no released weights 'coco'"):
+        create_model("dino_lite", weights="coco")
+
+
+def test_convert_cli_reports_and_writes_a_detrkit_checkpoint(tmp_path, capsys):
+    _save_official_dino(tmp_path / "ckpt.pth", num_classes=91)
+    out = tmp_path / "dino.safetensors"
+    args = ["convert", str(tmp_path / "ckpt.pth"), "--model", "dino_r50_4scale", "-o", str(out), "--model_args",
+            '{"backbone": "resnet18", "d_model": 32, "nhead": 4, "num_encoder_layers": 2, "num_decoder_layers": 3, '
+            '"dim_feedforward": 64, "num_queries": 10, "n_points": 2}']
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "layout official_dino (IDEA-Research/DINO)" in text
+    assert re.search(r"ignored: 6\n  6 x the decoder's reference to class_embed", text)  # 3 layers x weight + bias
+    assert "-> 277 of the 277 tensors" in text and "missing: 0" in text and "classes: 91 (person, bicycle" in text
+    from detrkit import Detector
+
+    detector = Detector(out)
+    assert detector.meta["model"] == "dino_r50_4scale" and detector.cat_to_name[18] == "dog"
+    assert len(detector.predict(torch.rand(3, 64, 80), threshold=0.0)) > 0
+    # fine-tuning conversion: class heads re-initialised, reported as missing
+    assert main(args[:5] + [str(tmp_path / "ft.safetensors"), "--num_classes", "4"] + args[6:]) == 0
+    text = capsys.readouterr().out  # 3 decoder class heads + the encoder's (weight, bias) + the label embedding
+    assert "missing: 9 (class heads re-initialised for 4 classes" in text and "-> 268 of the 277 tensors" in text
