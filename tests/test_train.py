@@ -125,3 +125,22 @@ def test_paper_recipe():
     assert (cfg.epochs, cfg.lr, cfg.lr_backbone, cfg.lr_drop, cfg.batch_size) == (12, 1e-4, 1e-5, 11, 7)
     with pytest.raises(ValueError, match="no paper recipe"):
         apply_recipe(TrainConfig(model="dino_lite", recipe=True))
+
+
+def test_fine_tune_from_official_weights(synth_dir, tmp_path):
+    """--weights: an official-layout 91-class DETR checkpoint; the synthetic classes re-initialise the head only."""
+    from detrkit import create_model
+
+    source = create_model("detr_lite", num_classes=91, **TINY)
+    official = {("backbone.0.body." + k.removeprefix("backbone.body.")) if k.startswith("backbone.body.") else
+                ("transformer." + k) if k.startswith(("encoder.", "decoder.")) else k: v
+                for k, v in source.state_dict().items()}
+    torch.save({"model": official}, tmp_path / "official.pth")
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="has 91 classes.*re-initialised for fine-tuning"):
+        train(_cfg(synth_dir, out, epochs=1, max_train_images=2, max_val_images=2, lr=0.0, lr_backbone=0.0,
+                   weights=str(tmp_path / "official.pth")))
+    tuned = Detector(out).model  # trained with lr 0: the loaded weights, saved as they were
+    assert torch.equal(tuned.backbone.body.conv1.weight, source.backbone.body.conv1.weight)
+    assert torch.equal(tuned.decoder.layers[1].linear2.weight, source.decoder.layers[1].linear2.weight)
+    assert tuned.class_embed.weight.shape[0] == tuned.num_classes + 1 != 92

@@ -215,3 +215,52 @@ def test_convert_cli_reports_and_writes_a_detrkit_checkpoint(tmp_path, capsys):
     assert main(args[:5] + [str(tmp_path / "ft.safetensors"), "--num_classes", "4"] + args[6:]) == 0
     text = capsys.readouterr().out  # 3 decoder class heads + the encoder's (weight, bias) + the label embedding
     assert "missing: 9 (class heads re-initialised for 4 classes" in text and "-> 268 of the 277 tensors" in text
+
+
+def test_predict_cli_with_official_weights_draws_coco_names(tmp_path):
+    """`detrkit predict IMG --model detr_r50 --weights detr-r50.pth`: a full-size official-layout checkpoint whose
+    class head is set to prefer COCO id 18 ("dog") everywhere."""
+    import json
+
+    from PIL import Image
+
+    source = create_model("detr_r50")
+    with torch.no_grad():
+        source.class_embed.bias.zero_()
+        source.class_embed.bias[18] = 20.0
+    renames = (("backbone.body.", "backbone.0.body."), ("encoder.", "transformer.encoder."),
+               ("decoder.", "transformer.decoder."))
+    official = {}
+    for k, v in source.state_dict().items():
+        for old, new in renames:
+            if k.startswith(old):
+                k = new + k[len(old):]
+                break
+        official[k] = v
+    torch.save({"model": official}, tmp_path / "detr-r50.pth")
+    Image.new("RGB", (96, 72), (120, 90, 60)).save(tmp_path / "photo.jpg")
+    out = tmp_path / "pred"
+    assert main(["predict", str(tmp_path / "photo.jpg"), "--model", "detr_r50", "--weights",
+                 str(tmp_path / "detr-r50.pth"), "--output", str(out), "--threshold", "0.5"]) == 0
+    dets = json.loads((out / "detections.json").read_text())["photo.jpg"]
+    assert len(dets) == 100 and {d["name"] for d in dets} == {"dog"} and {d["label"] for d in dets} == {18}
+    assert (out / "photo.jpg").is_file()
+
+
+def test_eval_maps_predictions_through_the_checkpoint_label_space(synth_dir, tmp_path, capsys):
+    """A COCO-id model (91 outputs) scored on a dataset with fewer categories: predictions keep the model's ids."""
+    import json
+
+    from conftest import TINY as TINY_ANY
+
+    from detrkit.data.coco_classes import coco_label_space
+    from detrkit.engine.checkpoint import save_weights
+
+    ids, names = coco_label_space(91)
+    model = create_model("detr_lite", num_classes=91, **TINY_ANY)
+    meta = {"model": "detr_lite", "num_classes": 91, "model_args": TINY_ANY, "class_names": names,
+            "label_to_cat": ids, "image_size": 64}
+    save_weights(tmp_path / "coco.safetensors", model, meta)
+    assert main(["eval", "--checkpoint", str(tmp_path / "coco.safetensors"), "--data", str(synth_dir),
+                 "--output", str(tmp_path / "m.json")]) == 0
+    assert 0.0 <= json.loads((tmp_path / "m.json").read_text())["AP"] <= 1.0

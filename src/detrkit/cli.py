@@ -175,12 +175,13 @@ def cmd_eval(args: Namespace) -> dict:
     else:
         images, ann = dataset_paths(TrainConfig(data=args.data), "val")
     dataset = CocoDetection(images, ann, val_transforms(int(meta.get("image_size", 800))))
-    if dataset.label_to_cat != meta["label_to_cat"]:
-        print(f"warning: {ann} has category ids {dataset.label_to_cat}, the checkpoint was trained on {meta['label_to_cat']}",
-              file=sys.stderr)
+    unknown = sorted(set(dataset.label_to_cat) - set(meta["label_to_cat"]))
+    if unknown:
+        print(f"warning: {ann} has category ids the checkpoint never predicts: {unknown[:10]}; the checkpoint was "
+              f"trained on {meta['label_to_cat'][:10]}...", file=sys.stderr)
     device = resolve_device(args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
-    metrics = evaluate(model.to(device), loader, dataset, device)
+    metrics = evaluate(model.to(device), loader, dataset, device, label_to_cat=meta["label_to_cat"])
     out = Path(args.output) if args.output else resolve_weights_file(args.checkpoint).parent / "metrics.json"
     write_metrics(metrics, out)
     print(format_metrics(metrics))

@@ -55,8 +55,13 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dataset, device: torch.device | str = "cpu", *,
-             amp_dtype: torch.dtype | None = None, progress: bool = True) -> dict[str, float]:
-    """Run ``model`` over ``loader`` and score it against ``dataset.coco`` (a :class:`~detrkit.data.CocoDetection`)."""
+             amp_dtype: torch.dtype | None = None, progress: bool = True,
+             label_to_cat: list[int] | None = None) -> dict[str, float]:
+    """Run ``model`` over ``loader`` and score it against ``dataset.coco`` (a :class:`~detrkit.data.CocoDetection`).
+
+    ``label_to_cat``: the model's class index -> category id, when it is not the dataset's (a COCO model with
+    91 outputs evaluated on COCO's 80 categories); default ``dataset.label_to_cat``.
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -66,7 +71,8 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device | str = "cp
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(batch.images, batch.padding_mask)
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
-        dets = postprocess(outputs, sizes, activation=model.activation, label_map=dataset.label_to_cat)
+        dets = postprocess(outputs, sizes, activation=model.activation,
+                           label_map=dataset.label_to_cat if label_to_cat is None else label_to_cat)
         ids = [int(t["image_id"]) for t in batch.targets]
         results += coco_results(dets, ids)
         image_ids += ids
