@@ -56,19 +56,24 @@ def _to_detrex(key: str, family: str) -> str:
     return key
 
 
-def _official_detr_keys() -> dict:
-    model = build_detr(num_classes=5, backbone="resnet18", d_model=32, nhead=4, num_encoder_layers=2,
-                       num_decoder_layers=3, dim_feedforward=64, num_queries=10)
+def official_detr_state(model) -> dict:
+    """A detrkit DETR's state dict in facebookresearch/detr's names (the Joiner's ``backbone.0``, ``transformer.``)."""
     renames = (("backbone.body.", "backbone.0.body."), ("encoder.", "transformer.encoder."),
                ("decoder.", "transformer.decoder."))
-    keys = {}
+    out = {}
     for k, v in model.state_dict().items():
         for old, new in renames:
             if k.startswith(old):
                 k = new + k[len(old):]
                 break
-        keys[k] = tuple(v.shape)
-    return keys
+        out[k] = v
+    return out
+
+
+def _official_detr_keys() -> dict:
+    model = build_detr(num_classes=5, backbone="resnet18", d_model=32, nhead=4, num_encoder_layers=2,
+                       num_decoder_layers=3, dim_feedforward=64, num_queries=10)
+    return {k: tuple(v.shape) for k, v in official_detr_state(model).items()}
 
 
 CASES = {

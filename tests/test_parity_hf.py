@@ -176,3 +176,39 @@ def test_dab_detr_matches_hf(size, tmp_path):
     assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
     assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4
     _assert_same_detections(out, ref, [tuple(images.shape[-2:])] * 2, "sigmoid")
+
+
+def test_hub_checkpoint_with_timm_backbone_names(tmp_path):
+    """The Hub's DETR-family checkpoints were saved with timm ResNets (``use_timm_backbone=True``) in the older
+    key layout (``backbone.conv_encoder.model.layer1.0.conv1``, ``out_proj``, ``fc1``) as ``pytorch_model.bin``.
+    Written here from a random HF model by renaming its ResNet to timm's names, which are torchvision's."""
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    from detrkit.convert import convert_hf_resnet_key
+
+    torch.manual_seed(0)
+    backbone = ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic",
+                            out_features=["stage4"])
+    config = DetrConfig(backbone_config=backbone, d_model=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4, num_queries=12,
+                        num_labels=5)
+    hf = DetrForObjectDetection(config)
+    _randomize_frozen_bn(hf)
+    hf.eval()
+    hub = {}
+    for key, value in hf.state_dict().items():
+        if key.startswith("model.backbone.model."):
+            key = "model.backbone.conv_encoder.model." + convert_hf_resnet_key(key.removeprefix("model.backbone.model."))
+        key = key.replace(".o_proj.", ".out_proj.").replace(".mlp.fc", ".fc")
+        hub[key] = value
+    assert "model.backbone.conv_encoder.model.layer1.0.conv1.weight" in hub
+    assert "model.encoder.layers.0.self_attn.out_proj.weight" in hub and "model.encoder.layers.0.fc1.weight" in hub
+    torch.save(hub, tmp_path / "pytorch_model.bin")
+    images, mask = _inputs()
+    with torch.no_grad():
+        ref = hf(pixel_values=images, pixel_mask=(~mask).long())
+        model = create_model("detr_r50", weights=tmp_path, backbone="resnet18", d_model=64, nhead=4,
+                             num_encoder_layers=2, num_decoder_layers=3, dim_feedforward=128, num_queries=12).eval()
+        out = model(images, mask)
+    assert (out.pred_logits - ref.logits).abs().max().item() <= 1e-4
+    assert (out.pred_boxes - ref.pred_boxes).abs().max().item() <= 1e-4

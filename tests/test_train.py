@@ -131,11 +131,10 @@ def test_fine_tune_from_official_weights(synth_dir, tmp_path):
     """--weights: an official-layout 91-class DETR checkpoint; the synthetic classes re-initialise the head only."""
     from detrkit import create_model
 
+    from test_detrex_names import official_detr_state
+
     source = create_model("detr_lite", num_classes=91, **TINY)
-    official = {("backbone.0.body." + k.removeprefix("backbone.body.")) if k.startswith("backbone.body.") else
-                ("transformer." + k) if k.startswith(("encoder.", "decoder.")) else k: v
-                for k, v in source.state_dict().items()}
-    torch.save({"model": official}, tmp_path / "official.pth")
+    torch.save({"model": official_detr_state(source)}, tmp_path / "official.pth")
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="has 91 classes.*re-initialised for fine-tuning"):
         train(_cfg(synth_dir, out, epochs=1, max_train_images=2, max_val_images=2, lr=0.0, lr_backbone=0.0,

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from test_detrex_names import _official_detr_keys, _to_detrex
+from test_detrex_names import _official_detr_keys, _to_detrex, official_detr_state
 from test_official_names import _official_keys
 from test_official_names_dino import D, DEC, ENC, FFN, HEADS, K, POINTS, Q, _dab_official_keys, _detrex_dino_keys, _dino_official_keys
 
@@ -228,16 +228,7 @@ def test_predict_cli_with_official_weights_draws_coco_names(tmp_path):
     with torch.no_grad():
         source.class_embed.bias.zero_()
         source.class_embed.bias[18] = 20.0
-    renames = (("backbone.body.", "backbone.0.body."), ("encoder.", "transformer.encoder."),
-               ("decoder.", "transformer.decoder."))
-    official = {}
-    for k, v in source.state_dict().items():
-        for old, new in renames:
-            if k.startswith(old):
-                k = new + k[len(old):]
-                break
-        official[k] = v
-    torch.save({"model": official}, tmp_path / "detr-r50.pth")
+    torch.save({"model": official_detr_state(source)}, tmp_path / "detr-r50.pth")
     Image.new("RGB", (96, 72), (120, 90, 60)).save(tmp_path / "photo.jpg")
     out = tmp_path / "pred"
     assert main(["predict", str(tmp_path / "photo.jpg"), "--model", "detr_r50", "--weights",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 WEIGHTS_NAME, STATE_NAME = "model.safetensors", "state.pt"
@@ -89,26 +89,10 @@ def read_meta(path: str | Path) -> dict:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights into ``model`` strictly; mismatches are listed in a :class:`CheckpointError`."""
-    file = resolve_weights_file(path)
-    try:
-        state = load_file(str(file))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"cannot read {file}: {e}") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        lines = [f"{file} does not fit {type(model).__name__}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                lines.append(f"  {title} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-        for k in wrong[:8]:
-            lines.append(f"  shape of {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        lines.append("  Build the model with the checkpoint's preset and num_classes (or load it with detrkit.load_checkpoint).")
-        raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state)
+    """Load a detrkit checkpoint into ``model`` strictly; mismatches are listed in a :class:`CheckpointError`."""
+    from detrkit.convert.formats import load_converted, read_checkpoint
+
+    load_converted(model, read_checkpoint(resolve_weights_file(path)))
     return model
 
 
