@@ -65,6 +65,20 @@ def test_cli_train_eval_predict(synth_dir, tmp_path, capsys):
     assert len(dets) == 4 and all(len(d) == 3 for d in dets.values())
     assert {d["name"] for ds in dets.values() for d in ds} <= {"circle", "square", "triangle", "star", "cross"}
     assert len(list((tmp_path / "pred").glob("*.jpg"))) == 4
+    # COCO results: one entry per detection, bbox xywh of the same box
+    results = json.loads((tmp_path / "pred" / "results.json").read_text())
+    assert len(results) == 12 and {r["image_id"] for r in results} == {0, 1, 2, 3}  # digit file names are the ids
+    first = dets[sorted(dets)[0]][0]
+    assert results[0]["bbox"] == pytest.approx([first["box"][0], first["box"][1], first["box"][2] - first["box"][0],
+                                               first["box"][3] - first["box"][1]], abs=0.02)
+    # a glob, in batches of 3
+    # a glob, in batches of 3, with the image ids of the annotation file: results.json scores with COCOeval
+    ann = synth_dir / "annotations" / "instances_val.json"
+    rc = main(["predict", str(synth_dir / "val" / "*.jpg"), "--checkpoint", str(out), "--output", str(tmp_path / "g"),
+               "--threshold", "0.0", "--max_detections", "2", "--batch_size", "3", "--ann", str(ann)])
+    results = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert rc == 0 and len(results) == 8
+    assert {r["image_id"] for r in results} == {im["id"] for im in json.loads(ann.read_text())["images"]}
 
 
 def test_cli_errors_are_readable(tmp_path, capsys):

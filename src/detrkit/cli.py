@@ -1,7 +1,8 @@
-"""The ``detrkit`` command: demo, train, eval, predict, convert, models, data synth."""
+"""The ``detrkit`` command: demo, train, eval, predict, explain, convert, export, models, data synth."""
 
 from __future__ import annotations
 
+import glob
 import json
 import sys
 import time
@@ -54,7 +55,7 @@ def _parser() -> ArgumentParser:
 
     pr = ArgumentParser(description="Detect objects in an image or a folder of images; writes annotated images and JSON. "
                                     "Give a detrkit --checkpoint, or --model with --weights for any other checkpoint.")
-    pr.add_argument("source", help="an image file or a folder of images")
+    pr.add_argument("source", help="an image file, a folder of images, or a glob pattern in quotes ('shots/*.png')")
     pr.add_argument("--checkpoint", help="detrkit checkpoint folder, model.safetensors or training run folder")
     pr.add_argument("--model", help="preset of --weights, e.g. dino_r50_4scale")
     pr.add_argument("--weights", help="with --model: an official / detrex / HF checkpoint file, a URL, or 'coco' "
@@ -62,10 +63,44 @@ def _parser() -> ArgumentParser:
     pr.add_argument("--output", default="predictions", help="folder for annotated images and detections.json")
     pr.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep a detection")
     pr.add_argument("--max_detections", type=int, default=100)
+    pr.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
+    pr.add_argument("--ann", help="COCO annotation json whose image ids results.json should use (matched by file name); "
+                                  "default: digit-only file names are the ids (COCO's naming), others numbered from 1")
     pr.add_argument("--device", default="auto")
     sub.add_subcommand("predict", pr, help="predict on images")
 
     sub.add_subcommand("models", ArgumentParser(description="List the registered model presets."), help="list presets")
+
+    xp = ArgumentParser(description="Draw what each detection looked at, one image per detection: DETR's last decoder "
+                                    "layer cross-attention over the feature map (a heat map), or for deformable models "
+                                    "(Deformable DETR, DINO) the last decoder layer's sampling points, coloured and sized "
+                                    "by attention weight. Also writes explain.json.")
+    xp.add_argument("image", help="an image file")
+    xp.add_argument("--checkpoint", help="detrkit checkpoint folder, model.safetensors or training run folder")
+    xp.add_argument("--model", help="preset of --weights, e.g. detr_r50")
+    xp.add_argument("--weights", help="with --model: an official / detrex / HF checkpoint file, a URL, or 'coco'")
+    xp.add_argument("--output", default="explain", help="output folder")
+    xp.add_argument("--threshold", type=float, default=0.5, help="minimum score of the detections explained")
+    xp.add_argument("--max_detections", type=int, default=5)
+    xp.add_argument("--device", default="auto")
+    sub.add_subcommand("explain", xp, help="draw what each detection attended to")
+
+    ex = ArgumentParser(description="Export a detector with its postprocessing to ONNX: input `images` (B, 3, H, W) "
+                                    "normalized with ImageNet mean/std; outputs `boxes` (B, K, 4) xyxy pixels, `scores` "
+                                    "(B, K), `labels` (B, K) category ids. Then runs the file in onnxruntime on random "
+                                    "images and compares it with PyTorch, failing above 1e-3. Needs pip install "
+                                    "'detrkit[onnx]'.")
+    ex.add_argument("--checkpoint", help="detrkit checkpoint folder, model.safetensors or training run folder")
+    ex.add_argument("--model", help="preset of --weights (for checkpoints that are not detrkit's)")
+    ex.add_argument("--weights", help="with --model: an official / detrex / HF checkpoint, a URL, or 'coco'")
+    ex.add_argument("--format", default="onnx", help="export format (onnx)")
+    ex.add_argument("--output", help="output file (default: <model>.onnx)")
+    ex.add_argument("--image_size", type=int, help="side of the square sample image traced (default: the checkpoint's)")
+    ex.add_argument("--batch_size", type=int, default=1, help="batch size of the traced sample")
+    ex.add_argument("--top_k", type=int, default=100, help="detections per image in the graph's outputs")
+    ex.add_argument("--dynamic", type=bool, default=True, help="dynamic batch and image size axes")
+    ex.add_argument("--opset", type=int, default=18)
+    sub.add_subcommand("export", ex, help="export to ONNX (with an onnxruntime parity check)")
 
     cv = ArgumentParser(description="Convert a checkpoint of the reference implementations (official DETR, "
                                     "Deformable-DETR, DAB-DETR, DN-DETR, DINO; detrex; HF transformers Detr / "
@@ -109,6 +144,46 @@ def cmd_models(_: Namespace) -> None:
         weights = f"{100 * info.weights['coco'].coco_ap:.1f}" if "coco" in info.weights else "-"
         print(f"{name:<{width}}  {size:<9} {ap:>7}  {weights:>7}  {recipe:<15}  {info.description}")
     print("\nCOCO AP: the paper's; weights: AP of the released COCO weights (weights=\"coco\", --weights coco).")
+
+
+class CommandError(Exception):
+    """A command that cannot do what it was asked (printed without a traceback, exit status 2)."""
+
+
+def cmd_export(args: Namespace) -> None:
+    import torch
+
+    from detrkit.detector import load_for_inference
+
+    if args.format != "onnx":
+        raise CommandError(f"unknown export format {args.format!r}; supported: onnx")
+    try:
+        from detrkit.export import check_onnx, export_onnx
+    except ImportError as e:
+        raise CommandError(f"ONNX export needs extra packages ({e}): pip install 'detrkit[onnx]'") from None
+    if not (args.checkpoint or (args.model and args.weights)):
+        raise FileNotFoundError("give --checkpoint (a detrkit checkpoint) or --model with --weights")
+    model, meta = load_for_inference(args.checkpoint or args.weights, None if args.checkpoint else args.model)
+    size = args.image_size or int(meta.get("image_size", 640))
+    out = Path(args.output or f"{meta['model']}.onnx")
+    print(f"exporting {meta['model']} ({meta['num_classes']} classes) at {args.batch_size}x3x{size}x{size}"
+          f"{', dynamic batch and size' if args.dynamic else ''} to {out}")
+    t0 = time.perf_counter()
+    export_onnx(model, out, image_size=(size, size), batch_size=args.batch_size, label_to_cat=meta["label_to_cat"],
+                top_k=args.top_k, opset=args.opset, dynamic=args.dynamic)
+    print(f"exported in {time.perf_counter() - t0:.1f} s ({out.stat().st_size / 2**20:.1f} MiB)")
+    torch.manual_seed(0)
+    checks = [(args.batch_size, size, size)]
+    if args.dynamic:  # another batch size and a non-square size: the dynamic axes really are dynamic
+        checks.append((args.batch_size + 1, max(32, size * 3 // 4 // 32 * 32), size))
+    worst = 0.0
+    for b, h, w in checks:
+        diff = check_onnx(out, model, torch.randn(b, 3, h, w), label_to_cat=meta["label_to_cat"], top_k=args.top_k)
+        worst = max(worst, *diff.values())
+        print(f"onnxruntime vs PyTorch at {b}x3x{h}x{w}: max abs difference scores {diff['scores']:.2e}, "
+              f"boxes {diff['boxes']:.2e} (relative to the image size)")
+    if worst > 1e-3:
+        raise CommandError(f"the ONNX graph differs from PyTorch by {worst:.2e} > 1e-3; do not use {out}")
 
 
 def cmd_convert(args: Namespace) -> None:
@@ -190,45 +265,101 @@ def cmd_eval(args: Namespace) -> dict:
 
 
 def cmd_predict(args: Namespace) -> None:
+    _predict_files(image_files(args.source), args)
+
+
+def image_files(source: str) -> list[Path]:
+    """The images a predict SOURCE names: one file, a folder's images, or a glob pattern (``"shots/*.png"``)."""
     from detrkit.detector import IMAGE_SUFFIXES
 
-    source = Path(args.source)
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
-    elif source.is_file():
-        files = [source]
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif any(c in source for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True)
+                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
     else:
-        raise FileNotFoundError(f"no such image or folder: {source}")
-    _predict_files(files, args)
+        raise FileNotFoundError(f"no such image, folder or glob match: {source}")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+    return files
+
+
+def _image_ids(files: list[Path], ann: str | None) -> list[int]:
+    """Image ids for results.json: from a COCO annotation file (by file name), else COCO's naming
+    (000000039769.jpg -> 39769), else 1, 2, 3..."""
+    if ann:
+        by_name = {Path(im["file_name"]).name: im["id"] for im in json.loads(Path(ann).read_text())["images"]}
+        missing = [f.name for f in files if f.name not in by_name]
+        if missing:
+            raise FileNotFoundError(f"{ann} lists no image named {', '.join(missing[:5])}")
+        return [by_name[f.name] for f in files]
+    return [int(f.stem) if f.stem.isdigit() else i + 1 for i, f in enumerate(files)]
 
 
 def _predict_files(files: list[Path], args: Namespace) -> None:
-    """Annotated images and detections.json for ``files`` in ``args.output``."""
+    """Annotated images, detections.json (per image) and results.json (COCO results) for ``files`` in ``args.output``."""
     from tqdm import tqdm
 
-    from detrkit.detector import Detector, to_pil
+    from detrkit.detector import to_pil
     from detrkit.viz import draw_detections
 
-    if args.checkpoint:
-        detector = Detector(args.checkpoint, device=args.device, threshold=args.threshold)
-    elif args.model and args.weights:
-        detector = Detector(args.weights, model=args.model, device=args.device, threshold=args.threshold)
-    else:
-        raise FileNotFoundError("give --checkpoint (a detrkit checkpoint) or --model with --weights")
+    detector = _detector(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     names = dict(zip(detector.label_to_cat, detector.class_names))
-    all_dets = {}
-    for f in tqdm(files, desc="predict", unit="img", disable=len(files) < 2):
-        image = to_pil(f)
-        det = detector.predict(image, max_detections=args.max_detections)
-        draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(out / f"{f.stem}.jpg")
-        all_dets[f.name] = det.to_list()
-    (out / "detections.json").write_text(json.dumps(all_dets, indent=1))
-    print(f"{sum(map(len, all_dets.values()))} detections in {len(files)} image(s); annotated images and "
-          f"detections.json in {out}")
+    per_image, coco_results = {}, []
+    batch, image_ids = max(1, args.batch_size), _image_ids(files, getattr(args, "ann", None))
+    with tqdm(total=len(files), desc="predict", unit="img", disable=len(files) < 2) as bar:
+        for start in range(0, len(files), batch):
+            chunk = files[start : start + batch]
+            images = [to_pil(f) for f in chunk]
+            found = detector.predict(images, max_detections=args.max_detections)
+            for i, (f, image, det) in enumerate(zip(chunk, images, found)):
+                draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(out / f"{f.stem}.jpg")
+                per_image[f.name] = det.to_list()
+                coco_results += [{"image_id": image_ids[start + i], "category_id": int(c), "score": round(float(sc), 5),
+                                  "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]}
+                                 for (x1, y1, x2, y2), sc, c in zip(det.boxes.tolist(), det.scores, det.labels)]
+            bar.update(len(chunk))
+    (out / "detections.json").write_text(json.dumps(per_image, indent=1))
+    (out / "results.json").write_text(json.dumps(coco_results))
+    print(f"{len(coco_results)} detections in {len(files)} image(s); annotated images, detections.json (per image) "
+          f"and results.json (COCO results format) in {out}")
+
+
+def _detector(args: Namespace):
+    from detrkit.detector import Detector
+
+    if args.checkpoint:
+        return Detector(args.checkpoint, device=args.device, threshold=args.threshold)
+    if args.model and args.weights:
+        return Detector(args.weights, model=args.model, device=args.device, threshold=args.threshold)
+    raise FileNotFoundError("give --checkpoint (a detrkit checkpoint) or --model with --weights")
+
+
+def cmd_explain(args: Namespace) -> None:
+    from detrkit.detector import to_pil
+    from detrkit.explain import draw_explanation, explain
+
+    image = to_pil(args.image)
+    try:
+        found = explain(_detector(args), image, threshold=args.threshold, max_detections=args.max_detections)
+    except NotImplementedError as e:
+        raise CommandError(str(e)) from None
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    stem, summary = Path(args.image).stem, []
+    for i, exp in enumerate(found):
+        file = out / f"{stem}_{i}_{exp.name.replace(' ', '_')}.jpg"
+        draw_explanation(image, exp).save(file)
+        summary.append({"file": file.name, "box": [round(v, 2) for v in exp.box], "score": round(exp.score, 4),
+                        "label": exp.label, "name": exp.name, "query": exp.query})
+    (out / "explain.json").write_text(json.dumps(summary, indent=1))
+    print(f"{len(found)} detection(s) above {args.threshold} explained in {out}" +
+          ("" if found else "; lower --threshold to see more"))
 
 
 def cmd_demo(args: Namespace) -> dict:
@@ -260,14 +391,14 @@ def cmd_demo(args: Namespace) -> dict:
     # A short CPU run gives modest confidences (focal-loss scores near 0.2): draw what clears 0.2.
     _predict_files(val_images, Namespace(checkpoint=str(out / "run"), model=None, weights=None,
                                          output=str(out / "predictions"), threshold=0.2, max_detections=20,
-                                         device=opts["device"]))
+                                         batch_size=4, device=opts["device"]))
     print(f"done in {time.perf_counter() - t0:.0f} s: metrics in {out / 'run' / 'metrics.json'}, "
           f"checkpoint in {out / 'run' / 'checkpoints'}")
     return metrics
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "export": cmd_export, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_synth(args.data.synth)
         else:
             COMMANDS[command](args[command])
-    except (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError) as e:
+    except (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError) as e:
         print(f"detrkit {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

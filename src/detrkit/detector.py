@@ -64,6 +64,13 @@ def to_pil(image) -> Image.Image:
     raise TypeError(f"cannot read an image from {type(image).__name__}; pass a path, PIL image, numpy array or tensor")
 
 
+def load_for_inference(checkpoint: str | Path, model: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """(model, meta) from a detrkit checkpoint, or with ``model`` from any checkpoint / URL / tag it reads."""
+    if model is None:
+        return load_checkpoint(checkpoint)
+    return load_pretrained(model, resolve_weights(model, checkpoint))
+
+
 class Detector:
     """A trained detector ready for inference.
 
@@ -77,10 +84,7 @@ class Detector:
 
     def __init__(self, checkpoint: str | Path, *, model: str | None = None, device: str = "auto",
                  threshold: float = 0.5) -> None:
-        if model is None:
-            self.model, self.meta = load_checkpoint(checkpoint)
-        else:
-            self.model, self.meta = load_pretrained(model, resolve_weights(model, checkpoint))
+        self.model, self.meta = load_for_inference(checkpoint, model)
         self.device = resolve_device(device)
         self.model.eval().to(self.device)
         self.threshold = threshold
@@ -94,12 +98,17 @@ class Detector:
         """Detect objects in one image (returns :class:`Detections`) or a list of images (returns a list)."""
         single = not isinstance(images, (list, tuple))
         pils = [to_pil(img) for img in ([images] if single else images)]
-        tensors = [self.transform(tv_tensors.Image(torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1))) for p in pils]
-        batch, mask = pad_images([t.as_subclass(Tensor) for t in tensors])
-        outputs = self.model(batch.to(self.device), mask.to(self.device))
+        outputs = self.forward_pil(pils)
         sizes = [(p.height, p.width) for p in pils]
         dets = postprocess(outputs, sizes, activation=self.model.activation, top_k=max_detections,
                            threshold=self.threshold if threshold is None else threshold, label_map=self.label_to_cat)
         results = [Detections(d["boxes"].cpu(), d["scores"].cpu(), d["labels"].cpu(),
                               [self.cat_to_name[int(c)] for c in d["labels"]]) for d in dets]
         return results[0] if single else results
+
+    @torch.no_grad()
+    def forward_pil(self, pils: list[Image.Image]):
+        """The model's raw output for RGB PIL images (resized, normalized, padded into one batch)."""
+        tensors = [self.transform(tv_tensors.Image(torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1))) for p in pils]
+        batch, mask = pad_images([t.as_subclass(Tensor) for t in tensors])
+        return self.model(batch.to(self.device), mask.to(self.device))

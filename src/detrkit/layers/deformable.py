@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from detrkit.layers.mlp import MLP
 from detrkit.layers.position_encoding import anchor_sine_embed
-from detrkit.ops import inverse_sigmoid, ms_deform_attn
+from detrkit.ops import inverse_sigmoid, level_shapes, level_shapes_tensor
+from detrkit.ops.ms_deform_attn import LevelShapes, ms_deform_attn
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -40,6 +41,8 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.backend = "auto"
+        self.record = False  # keep the last sampling locations and weights in ``self.recorded`` (detrkit explain)
+        self.recorded: tuple[Tensor, Tensor] | None = None
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -64,7 +67,7 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
-    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Tensor,
+    def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: LevelShapes,
                 level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """query (B, Lq, C); reference_points (B, Lq, levels, 2 or 4) normalized; value (B, S, C);
         spatial_shapes (levels, 2); padding_mask (B, S) True on padding -> (B, Lq, C)."""
@@ -78,13 +81,15 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = self.attention_weights(query).view(b, lq, heads, levels * points).softmax(-1)
         weights = weights.view(b, lq, heads, levels, points)
         if reference_points.shape[-1] == 2:  # offsets are in pixels of each level
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)  # (levels, 2): w, h
+            normalizer = level_shapes_tensor(level_shapes(spatial_shapes), offsets).flip(-1)  # (levels, 2): w, h
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:  # offsets are fractions of the reference box (refinement / two-stage)
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        if self.record:
+            self.recorded = (locations.detach(), weights.detach())
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # (B, Lq, C)
         return self.output_proj(out)
 
@@ -104,7 +109,7 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: LevelShapes,
                 level_start_index: Tensor, padding_mask: Tensor | None) -> Tensor:
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(src2))
@@ -120,13 +125,13 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     @staticmethod
-    def reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+    def reference_points(spatial_shapes: LevelShapes, valid_ratios: Tensor) -> Tensor:
         """Pixel centres normalized by each image's valid extent: (B, S, levels, 2), as (x, y)."""
         points = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-            ys, xs = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-                torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
+            ys, xs = torch.meshgrid(  # pixel centres 0.5 .. h - 0.5 (arange, unlike linspace, exports with dynamic h)
+                torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
                 indexing="ij",
             )
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)  # (B, h*w)
@@ -135,7 +140,7 @@ class DeformableEncoder(nn.Module):
         ref = torch.cat(points, 1)  # (B, S, 2)
         return ref[:, :, None] * valid_ratios[:, None]  # (B, S, levels, 2): the same point seen on every level
 
-    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: LevelShapes, level_start_index: Tensor,
                 valid_ratios: Tensor, padding_mask: Tensor | None) -> Tensor:
         """src, pos (B, S, C); valid_ratios (B, levels, 2); padding_mask (B, S) -> memory (B, S, C)."""
         ref = self.reference_points(spatial_shapes, valid_ratios)
@@ -162,7 +167,7 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: LevelShapes,
                 level_start_index: Tensor, padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> Tensor:
         q = k = tgt + query_pos
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]))
@@ -182,7 +187,7 @@ class DeformableDecoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.bbox_embed: nn.ModuleList | None = None  # set by the detector when refining
 
-    def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
+    def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: LevelShapes,
                 level_start_index: Tensor, valid_ratios: Tensor, query_pos: Tensor,
                 padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tgt, query_pos (B, Q, C); reference_points (B, Q, 2 or 4) -> hidden (L, B, Q, C) and the
@@ -226,7 +231,7 @@ class DeformableAnchorDecoder(nn.Module):
         self.bbox_embed: nn.ModuleList | None = None  # one box head per layer, set by the detector
         self.d_model, self.look_forward_twice = d_model, look_forward_twice
 
-    def forward(self, tgt: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+    def forward(self, tgt: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: LevelShapes, level_start_index: Tensor,
                 valid_ratios: Tensor, padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tgt (B, Q, C); anchors (B, Q, 4) before the sigmoid -> hidden (L, B, Q, C), normed, and the box each
         layer's prediction refines (L, B, Q, 4), sigmoid space (undetached after layer 0 with look forward twice)."""

@@ -28,7 +28,8 @@ from detrkit.layers import (
 )
 from detrkit.losses.criterion import LossConfig
 from detrkit.models.outputs import DetectionOutput
-from detrkit.ops import inverse_sigmoid
+from detrkit.ops import inverse_sigmoid, level_shapes, level_shapes_tensor
+from detrkit.ops.ms_deform_attn import LevelShapes
 from detrkit.registry import Weights, register_model
 
 # Released COCO weights (``create_model(name, weights="coco")``); detrex models use the 80 COCO classes.
@@ -54,7 +55,7 @@ def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature:
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)  # (B, K, 4F)
 
 
-def encoder_proposals(memory: Tensor, mask: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+def encoder_proposals(memory: Tensor, mask: Tensor, spatial_shapes: LevelShapes) -> tuple[Tensor, Tensor]:
     """Two-stage (section 4.2): a box proposal at every encoder pixel, centred on it, of side 0.05 * 2^level.
 
     Returns the memory with padded / border pixels zeroed (B, S, C) and the proposals in
@@ -62,7 +63,7 @@ def encoder_proposals(memory: Tensor, mask: Tensor, spatial_shapes: Tensor) -> t
     """
     b = memory.shape[0]
     proposals, start = [], 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
         mask_l = mask[:, start : start + h * w].view(b, h, w)
         valid_h, valid_w = (~mask_l[:, :, 0]).sum(1), (~mask_l[:, 0, :]).sum(1)
         gy, gx = torch.meshgrid(torch.arange(h, dtype=memory.dtype, device=memory.device),
@@ -155,8 +156,9 @@ class DeformableDETR(nn.Module):
         if padding_mask is None:
             padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
         srcs, masks = self.neck(list(self.backbone(images, padding_mask).values()), padding_mask)
-        shapes = torch.tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=images.device)  # (levels, 2)
-        starts = torch.cat([shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])  # (levels,)
+        shapes = [tuple(s.shape[-2:]) for s in srcs]  # (h, w) per level
+        sizes = level_shapes_tensor(shapes, images.new_zeros((), dtype=torch.long))  # (levels, 2)
+        starts = torch.cat([sizes.new_zeros(1), (sizes[:, 0] * sizes[:, 1]).cumsum(0)[:-1]])  # (levels,)
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
         pos = torch.cat([(self.position_encoding(m).to(src.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl])
                          for lvl, m in enumerate(masks)], 1)  # (B, S, C)

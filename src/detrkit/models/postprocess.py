@@ -34,32 +34,43 @@ def postprocess(
     Returns:
         One dict per image: ``scores`` (N,), ``labels`` (N,) int64, ``boxes`` (N, 4) absolute xyxy, sorted by score.
     """
-    logits, boxes = outputs.pred_logits.float(), outputs.pred_boxes.float()
-    b, q, k = logits.shape
-    if activation == "softmax":
-        scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # (B, Q) each
-        query_idx = torch.arange(q, device=logits.device).expand(b, q)
-    elif activation == "sigmoid":
-        flat = logits.sigmoid().flatten(1)  # (B, Q*K)
-        scores, flat_idx = flat.topk(min(top_k, flat.shape[1]), dim=1)  # (B, k) each
-        query_idx, labels = flat_idx // k, flat_idx % k
-    else:
-        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-
-    sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=boxes.device).reshape(b, 2)
-    scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)  # (B, 4): w, h, w, h
-    xyxy = box_cxcywh_to_xyxy(boxes) * scale[:, None]  # (B, Q, 4)
+    scores, labels, xyxy = select_detections(outputs.pred_logits, outputs.pred_boxes, activation, top_k)
+    b = scores.shape[0]
+    sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=xyxy.device).reshape(b, 2)
+    xyxy = xyxy * torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)[:, None]  # w, h, w, h
     if label_map is not None:
         label_map = torch.as_tensor(label_map, dtype=torch.int64, device=labels.device)
 
     results = []
     for i in range(b):
-        s, lab, bx = scores[i], labels[i], xyxy[i, query_idx[i]]
-        order = s.argsort(descending=True)[:top_k]
-        s, lab, bx = s[order], lab[order], bx[order]
-        keep = s >= threshold
-        s, lab, bx = s[keep], lab[keep], bx[keep]
-        if label_map is not None:
-            lab = label_map[lab]
-        results.append({"scores": s, "labels": lab, "boxes": bx})
+        keep = scores[i] >= threshold
+        lab = labels[i][keep]
+        results.append({"scores": scores[i][keep], "labels": lab if label_map is None else label_map[lab],
+                        "boxes": xyxy[i][keep]})
     return results
+
+
+def select_detections(logits: Tensor, boxes: Tensor, activation: str, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``top_k`` best detections of each image, best first, as batched tensors (what ONNX export keeps too).
+
+    Args:
+        logits: (B, Q, K) class logits; boxes: (B, Q, 4) normalized cxcywh.
+        activation: ``"softmax"`` (DETR: the last class is no-object, one label per query) or ``"sigmoid"``
+            (focal-loss models: the best (query, class) pairs over the whole image).
+
+    Returns:
+        scores (B, k), labels (B, k) int64 class indices, boxes (B, k, 4) normalized xyxy; k = min(top_k, candidates).
+    """
+    logits, boxes = logits.float(), boxes.float()
+    b, q, k = logits.shape
+    if activation == "softmax":
+        scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # (B, Q) each
+        scores, query_idx = scores.topk(min(top_k, q), dim=1)  # (B, k) each
+        labels = labels.gather(1, query_idx)
+    elif activation == "sigmoid":
+        scores, flat_idx = logits.sigmoid().flatten(1).topk(min(top_k, q * k), dim=1)  # over (B, Q*K)
+        query_idx, labels = flat_idx // k, flat_idx % k
+    else:
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    xyxy = box_cxcywh_to_xyxy(boxes).gather(1, query_idx[..., None].expand(-1, -1, 4))  # (B, k, 4)
+    return scores, labels, xyxy

@@ -22,10 +22,23 @@ from torch import Tensor
 BACKENDS = ("auto", "reference")
 
 
-def _level_shapes(spatial_shapes: Tensor | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+LevelShapes = Tensor | Sequence[tuple[int, int]]  # (levels, 2) tensor or list of (h, w)
+
+
+def level_shapes(spatial_shapes: LevelShapes) -> list[tuple[int, int]]:
+    """(h, w) of each level as Python ints (symbolic ints under torch.export, which keeps them dynamic)."""
     if isinstance(spatial_shapes, Tensor):
         return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+    return [(h, w) for h, w in spatial_shapes]
+
+
+def level_shapes_tensor(shapes: Sequence[tuple[int, int]], like: Tensor) -> Tensor:
+    """(levels, 2) (h, w) as a tensor of ``like``'s dtype and device.
+
+    Counted with tensor ops rather than ``torch.tensor(shapes)``: under torch.export a tensor built from the
+    sizes would freeze them at the traced image size, and the ONNX graph would accept no other.
+    """
+    return torch.stack([torch.stack([like.new_ones(h).sum(), like.new_ones(w).sum()]) for h, w in shapes])
 
 
 def ms_deform_attn_reference(
@@ -41,7 +54,7 @@ def ms_deform_attn_reference(
     """
     b, s, heads, head_dim = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
-    shapes = _level_shapes(spatial_shapes)
+    shapes = level_shapes(spatial_shapes)
     in_dtype = value.dtype
     if in_dtype in (torch.float16, torch.bfloat16):  # grid_sample in half precision loses too much; accumulate in fp32
         value, sampling_locations, attention_weights = value.float(), sampling_locations.float(), attention_weights.float()

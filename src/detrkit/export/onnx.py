@@ -1,0 +1,90 @@
+"""ONNX export: a detector and its postprocessing as one graph, from normalized images to plain tensors.
+
+The graph takes ``images`` (B, 3, H, W), normalized as in training (ImageNet mean / std), without padding,
+and returns ``boxes`` (B, K, 4) xyxy in pixels of that input, ``scores`` (B, K) and ``labels`` (B, K) int64
+category ids (the checkpoint's, e.g. COCO's), best first. Batch size and image size are dynamic axes.
+Deformable attention exports as its pure-PyTorch form (``grid_sample`` -> ONNX GridSample, opset >= 16).
+After export, :func:`check_onnx` runs the file in onnxruntime and compares it with PyTorch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from detrkit.models.postprocess import select_detections
+
+
+class ExportableDetector(nn.Module):
+    """``model`` + top-k postprocessing, tensors in and out (what the ONNX graph computes)."""
+
+    def __init__(self, model: nn.Module, label_to_cat: list[int] | None = None, top_k: int = 100) -> None:
+        super().__init__()
+        self.model, self.top_k = model.eval(), top_k
+        n = model.num_classes
+        self.register_buffer("label_to_cat", torch.as_tensor(label_to_cat or list(range(n)), dtype=torch.int64))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model(images)
+        scores, labels, xyxy = select_detections(out.pred_logits, out.pred_boxes, self.model.activation, self.top_k)
+        # the image size as tensors computed from the input (a tensor built from its shape would freeze the size)
+        h, w = (xyxy.new_ones(n).sum() for n in images.shape[-2:])
+        return xyxy * torch.stack([w, h, w, h]), scores, self.label_to_cat[labels]
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, int] = (640, 640), batch_size: int = 1,
+                label_to_cat: list[int] | None = None, top_k: int = 100, opset: int = 18, dynamic: bool = True) -> Path:
+    """Write ``model`` + postprocessing to ``path`` with the dynamo exporter (torch.export -> ONNX).
+
+    ``image_size``: the (H, W) traced. With ``dynamic``, choose it so that every feature level is larger than one
+    pixel (H, W >= 2 x the largest stride, e.g. 128 for a stride-64 level): torch.export takes a size of 1 for a
+    constant, and the graph would then accept only images where that level is 1 pixel too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ExportableDetector(model, label_to_cat, top_k).eval()
+    # torch.export treats size-1 dimensions as constants: trace a dynamic batch with two images
+    sample = torch.randn(max(batch_size, 2) if dynamic else batch_size, 3, *image_size)
+    shapes = None
+    if dynamic:
+        batch, height, width = (torch.export.Dim.AUTO,) * 3
+        shapes = {"images": {0: batch, 2: height, 3: width}}
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, (sample,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                                    input_names=["images"], output_names=["boxes", "scores", "labels"],
+                                    verbose=False)
+    program.save(str(path))
+    return path
+
+
+def detection_difference(torch_out: tuple[Tensor, ...], onnx_out: tuple, image_size: tuple[int, int]) -> dict:
+    """Max abs differences between PyTorch's and onnxruntime's (boxes, scores, labels).
+
+    Scores are compared position by position (both are sorted); each PyTorch detection is then matched to the
+    onnxruntime detection of the same label with the closest box, so exactly tied scores ranked in another order
+    do not count as differences. Boxes are divided by the image size (differences relative to it).
+    """
+    boxes, scores, labels = (t.float() if t.is_floating_point() else t for t in torch_out)
+    o_boxes, o_scores, o_labels = (torch.from_numpy(a) for a in onnx_out)
+    h, w = image_size
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    box_diff = 0.0
+    for b, lab, ob, olab in zip(boxes / scale, labels, o_boxes.float() / scale, o_labels):
+        d = (b[:, None] - ob[None]).abs().amax(-1)  # (K, K): every pair of detections
+        d[lab[:, None] != olab[None]] = float("inf")
+        box_diff = max(box_diff, d.min(1).values.max().item())
+    return {"scores": (scores - o_scores.float()).abs().max().item(), "boxes": box_diff}
+
+
+def check_onnx(path: str | Path, model: nn.Module, images: Tensor, *, label_to_cat: list[int] | None = None,
+               top_k: int = 100) -> dict:
+    """Run ``path`` in onnxruntime on ``images`` and compare with the PyTorch model. Returns the max differences."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = ExportableDetector(model, label_to_cat, top_k).eval()(images)
+    got = session.run(None, {"images": images.numpy()})
+    return detection_difference(expected, got, tuple(images.shape[-2:]))

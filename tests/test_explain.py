@@ -1,0 +1,53 @@
+"""detrkit explain: each detection with what its query attended to."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import TINY
+from detrkit import Detector, create_model
+from detrkit.cli import main
+from detrkit.engine.checkpoint import save_weights
+from detrkit.explain import draw_explanation, explain
+
+
+def _checkpoint(tmp_path, name):
+    model = create_model(name, num_classes=3, **TINY)
+    meta = {"model": name, "num_classes": 3, "model_args": TINY, "class_names": ["cat", "dog", "fish"],
+            "label_to_cat": [1, 2, 3], "image_size": 64}
+    return save_weights(tmp_path / f"{name}.safetensors", model, meta)
+
+
+def test_detr_cross_attention_map(tmp_path):
+    image = Image.new("RGB", (80, 60), (90, 120, 30))
+    found = explain(Detector(_checkpoint(tmp_path, "detr_lite")), image, threshold=0.0, max_detections=3)
+    assert len(found) == 3 and [e.score for e in found] == sorted((e.score for e in found), reverse=True)
+    for exp in found:
+        # a softmax over the feature map's pixels, averaged over heads: a distribution; 64 px -> stride 16 -> 4 x 6
+        assert exp.heatmap.shape == (4, 6) and exp.heatmap.sum() == pytest.approx(1.0, abs=1e-5)
+        assert draw_explanation(image, exp).size == image.size
+
+
+def test_deformable_sampling_points_and_cli(tmp_path):
+    ckpt = _checkpoint(tmp_path, "dino_lite")
+    Image.new("RGB", (80, 60), (90, 120, 30)).save(tmp_path / "img.png")
+    det = Detector(ckpt)
+    found = explain(det, tmp_path / "img.png", threshold=0.0, max_detections=2)
+    attn = det.model.decoder.layers[-1].cross_attn
+    for exp in found:
+        assert exp.points.shape == (attn.n_heads * attn.n_levels * attn.n_points, 2)
+        # each head's weights are a softmax over its levels x points
+        assert exp.weights.sum() == pytest.approx(attn.n_heads, abs=1e-4)
+    assert attn.recorded is None and not attn.record  # nothing kept after explaining
+    assert main(["explain", str(tmp_path / "img.png"), "--checkpoint", str(ckpt), "--threshold", "0.0",
+                 "--max_detections", "2", "--output", str(tmp_path / "x")]) == 0
+    summary = json.loads((tmp_path / "x" / "explain.json").read_text())
+    assert len(summary) == 2 and all((tmp_path / "x" / s["file"]).is_file() for s in summary)
+
+
+def test_unsupported_attention_is_a_clear_error(tmp_path, capsys):
+    Image.new("RGB", (80, 60)).save(tmp_path / "img.png")
+    assert main(["explain", str(tmp_path / "img.png"), "--checkpoint", str(_checkpoint(tmp_path, "dab_detr_lite")),
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "not supported" in capsys.readouterr().err

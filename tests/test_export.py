@@ -1,0 +1,52 @@
+"""ONNX export of every family: the graph (model + postprocessing) run in onnxruntime matches PyTorch."""
+
+import pytest
+import torch
+
+from conftest import TINY
+from detrkit import create_model
+from detrkit.cli import main
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from detrkit.export import check_onnx, export_onnx  # noqa: E402
+
+CATS = [1, 5, 9]  # category ids the graph must output instead of class indices
+# (builder overrides, traced image size): every feature level must be larger than one pixel when traced, or
+# torch.export takes its size for a constant (the two-stage preset has a stride-64 level)
+FAMILIES = {"detr_lite": ({}, (64, 96)), "deformable_detr_lite": ({}, (64, 96)), "dab_detr_lite": ({}, (64, 96)),
+            "dino_lite": ({}, (64, 96)), "dn_dab_detr_lite": ({}, (64, 96)),
+            "deformable_detr_r50_two_stage": ({"backbone": "resnet18"}, (128, 160))}
+# The default suite exports the deformable family (grid_sample, dynamic level sizes); every family: pytest -m slow
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", [n if n == "deformable_detr_lite" else pytest.param(n, marks=SLOW) for n in sorted(FAMILIES)])
+def test_onnx_graph_matches_pytorch_at_other_batch_and_image_sizes(name, tmp_path):
+    overrides, (h, w) = FAMILIES[name]
+    model = create_model(name, num_classes=3, **TINY, **overrides).eval()
+    path = export_onnx(model, tmp_path / f"{name}.onnx", image_size=(h, w), label_to_cat=CATS, top_k=20)
+    for shape in [(1, 3, h, w), (2, 3, w, h)]:  # the traced size, then another batch and size
+        diff = check_onnx(path, model, torch.randn(shape), label_to_cat=CATS, top_k=20)
+        assert diff["scores"] <= 1e-4 and diff["boxes"] <= 1e-4, (shape, diff)
+
+    import onnxruntime as ort
+
+    boxes, scores, labels = ort.InferenceSession(str(path)).run(None, {"images": torch.randn(1, 3, h, w).numpy()})
+    k = min(20, TINY["num_queries"]) if model.activation == "softmax" else 20  # DETR: one detection per query
+    assert boxes.shape == (1, k, 4) and scores.shape == labels.shape == (1, k) and set(labels.ravel()) <= set(CATS)
+    assert (scores[0, :-1] >= scores[0, 1:]).all()  # best first
+
+
+def test_cli_export_checks_parity(tmp_path, capsys):
+    from detrkit.engine.checkpoint import save_weights
+
+    model = create_model("detr_lite", num_classes=3, **TINY)
+    meta = {"model": "detr_lite", "num_classes": 3, "model_args": TINY, "class_names": list("abc"),
+            "label_to_cat": CATS, "image_size": 64}
+    save_weights(tmp_path / "m.safetensors", model, meta)
+    assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--output", str(tmp_path / "m.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime vs PyTorch at 1x3x64x64" in text and "onnxruntime vs PyTorch at 2x3x32x64" in text
+    assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--format", "tflite"]) == 2
