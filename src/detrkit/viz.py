@@ -32,7 +32,11 @@ def draw_detections(
     out = image.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
-    for i, (box, label) in enumerate(zip(np.asarray(boxes, dtype=float).reshape(-1, 4), labels)):
+    boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    # lowest score first, so that where boxes overlap the best one's label stays readable on top
+    order = np.argsort(np.asarray(scores, dtype=float), kind="stable") if scores is not None else range(len(boxes))
+    for i in order:
+        box, label = boxes[i], labels[i]
         color = color_for(label)
         x0, y0, x1, y1 = box.tolist()
         draw.rectangle([x0, y0, x1, y1], outline=color, width=width)
