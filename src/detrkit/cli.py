@@ -20,6 +20,14 @@ DEMO = dict(model="deformable_detr_lite", num_train=1000, num_val=200, image_siz
 DEMO_QUICK = dict(num_train=8, num_val=4, image_size=128, epochs=1, batch_size=4)
 
 
+def _add_model_source(parser: ArgumentParser) -> None:
+    """The model of predict / explain / export: a detrkit --checkpoint, or --model with any --weights."""
+    parser.add_argument("--checkpoint", help="detrkit checkpoint folder, model.safetensors or training run folder")
+    parser.add_argument("--model", help="preset of --weights, e.g. dino_r50_4scale")
+    parser.add_argument("--weights", help="with --model: an official / detrex / HF checkpoint file, a URL, or 'coco' "
+                                          "for the preset's released COCO weights")
+
+
 def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="detrkit", description="DETR-family object detectors: train, evaluate, predict.")
     sub = parser.add_subcommands(dest="command")
@@ -53,17 +61,18 @@ def _parser() -> ArgumentParser:
     ev.add_argument("--output", help="where to write metrics.json (default: next to the checkpoint)")
     sub.add_subcommand("eval", ev, help="evaluate a checkpoint (COCO AP)")
 
-    pr = ArgumentParser(description="Detect objects in an image or a folder of images; writes annotated images and JSON. "
+    pr = ArgumentParser(description="Detect objects in images or a video; writes annotated images (or video) and JSON. "
                                     "Give a detrkit --checkpoint, or --model with --weights for any other checkpoint.")
-    pr.add_argument("source", help="an image file, a folder of images, or a glob pattern in quotes ('shots/*.png')")
-    pr.add_argument("--checkpoint", help="detrkit checkpoint folder, model.safetensors or training run folder")
-    pr.add_argument("--model", help="preset of --weights, e.g. dino_r50_4scale")
-    pr.add_argument("--weights", help="with --model: an official / detrex / HF checkpoint file, a URL, or 'coco' "
-                                      "for the preset's released COCO weights")
+    pr.add_argument("source", help="an image file, a folder of images, a glob pattern in quotes ('shots/*.png'), or a "
+                                   "video file (.mp4 .avi .mov .mkv .webm; needs pip install 'detrkit[video]')")
+    _add_model_source(pr)
     pr.add_argument("--output", default="predictions", help="folder for annotated images and detections.json")
     pr.add_argument("--threshold", type=float, default=0.5, help="minimum score to keep a detection")
     pr.add_argument("--max_detections", type=int, default=100)
     pr.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
+    pr.add_argument("--amp", default="auto", help="autocast on CUDA: auto (bf16, else fp16), bf16, fp16 or none; "
+                                                  "CPU runs fp32")
+    pr.add_argument("--compile", type=bool, default=False, help="torch.compile the model (pays off on many images)")
     pr.add_argument("--ann", help="COCO annotation json whose image ids results.json should use (matched by file name); "
                                   "default: digit-only file names are the ids (COCO's naming), others numbered from 1")
     pr.add_argument("--device", default="auto")
@@ -76,9 +85,7 @@ def _parser() -> ArgumentParser:
                                     "(Deformable DETR, DINO) the last decoder layer's sampling points, coloured and sized "
                                     "by attention weight. Also writes explain.json.")
     xp.add_argument("image", help="an image file")
-    xp.add_argument("--checkpoint", help="detrkit checkpoint folder, model.safetensors or training run folder")
-    xp.add_argument("--model", help="preset of --weights, e.g. detr_r50")
-    xp.add_argument("--weights", help="with --model: an official / detrex / HF checkpoint file, a URL, or 'coco'")
+    _add_model_source(xp)
     xp.add_argument("--output", default="explain", help="output folder")
     xp.add_argument("--threshold", type=float, default=0.5, help="minimum score of the detections explained")
     xp.add_argument("--max_detections", type=int, default=5)
@@ -90,9 +97,7 @@ def _parser() -> ArgumentParser:
                                     "(B, K), `labels` (B, K) category ids. Then runs the file in onnxruntime on random "
                                     "images and compares it with PyTorch, failing above 1e-3. Needs pip install "
                                     "'detrkit[onnx]'.")
-    ex.add_argument("--checkpoint", help="detrkit checkpoint folder, model.safetensors or training run folder")
-    ex.add_argument("--model", help="preset of --weights (for checkpoints that are not detrkit's)")
-    ex.add_argument("--weights", help="with --model: an official / detrex / HF checkpoint, a URL, or 'coco'")
+    _add_model_source(ex)
     ex.add_argument("--format", default="onnx", help="export format (onnx)")
     ex.add_argument("--output", help="output file (default: <model>.onnx)")
     ex.add_argument("--image_size", type=int, help="side of the square sample image traced (default: the checkpoint's)")
@@ -264,8 +269,59 @@ def cmd_eval(args: Namespace) -> dict:
     return metrics
 
 
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
 def cmd_predict(args: Namespace) -> None:
-    _predict_files(image_files(args.source), args)
+    if Path(args.source).suffix.lower() in VIDEO_SUFFIXES and Path(args.source).is_file():
+        _predict_video(Path(args.source), args)
+    else:
+        _predict_files(image_files(args.source), args)
+
+
+def _predict_video(source: Path, args: Namespace) -> None:
+    """An annotated copy of a video (same frame rate, H.264) and its detections per frame, read and written with PyAV."""
+    try:
+        import av
+    except ImportError:
+        raise CommandError("video input needs PyAV: pip install 'detrkit[video]'") from None
+    from tqdm import tqdm
+
+    from detrkit.viz import draw_detections
+
+    detector, out = _detector(args), Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    names = dict(zip(detector.label_to_cat, detector.class_names))
+    target = out / f"{source.stem}.mp4"
+    per_frame, coco_results, index = {}, [], 0
+    with av.open(str(source)) as reader, av.open(str(target), "w") as writer:
+        stream = reader.streams.video[0]
+        encoder = writer.add_stream("libx264", rate=stream.average_rate or 25)
+        encoder.width, encoder.height, encoder.pix_fmt = stream.codec_context.width, stream.codec_context.height, "yuv420p"
+        frames = (frame.to_image() for frame in reader.decode(stream))
+        with tqdm(total=stream.frames or None, desc="predict", unit="frame") as bar:
+            while chunk := [f for _, f in zip(range(max(1, args.batch_size)), frames)]:
+                for image, det in zip(chunk, detector.predict(chunk, max_detections=args.max_detections)):
+                    drawn = draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names)
+                    for packet in encoder.encode(av.VideoFrame.from_image(drawn)):
+                        writer.mux(packet)
+                    per_frame[index] = det.to_list()
+                    coco_results += _coco_results(index + 1, det)
+                    index += 1
+                bar.update(len(chunk))
+        for packet in encoder.encode():  # flush
+            writer.mux(packet)
+    (out / "detections.json").write_text(json.dumps(per_frame, indent=1))
+    (out / "results.json").write_text(json.dumps(coco_results))
+    print(f"{len(coco_results)} detections in {index} frame(s); annotated video {target}, detections.json (per frame) "
+          f"and results.json (COCO results, image_id = frame number from 1) in {out}")
+
+
+def _coco_results(image_id: int, det) -> list[dict]:
+    """One image's detections in COCO's results format (bbox x, y, w, h)."""
+    return [{"image_id": image_id, "category_id": int(c), "score": round(float(sc), 5),
+             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]}
+            for (x1, y1, x2, y2), sc, c in zip(det.boxes.tolist(), det.scores, det.labels)]
 
 
 def image_files(source: str) -> list[Path]:
@@ -320,9 +376,7 @@ def _predict_files(files: list[Path], args: Namespace) -> None:
             for i, (f, image, det) in enumerate(zip(chunk, images, found)):
                 draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(out / f"{f.stem}.jpg")
                 per_image[f.name] = det.to_list()
-                coco_results += [{"image_id": image_ids[start + i], "category_id": int(c), "score": round(float(sc), 5),
-                                  "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]}
-                                 for (x1, y1, x2, y2), sc, c in zip(det.boxes.tolist(), det.scores, det.labels)]
+                coco_results += _coco_results(image_ids[start + i], det)
             bar.update(len(chunk))
     (out / "detections.json").write_text(json.dumps(per_image, indent=1))
     (out / "results.json").write_text(json.dumps(coco_results))
@@ -333,10 +387,12 @@ def _predict_files(files: list[Path], args: Namespace) -> None:
 def _detector(args: Namespace):
     from detrkit.detector import Detector
 
+    options = dict(device=args.device, threshold=args.threshold, amp=getattr(args, "amp", "auto"),
+                   compile=getattr(args, "compile", False))
     if args.checkpoint:
-        return Detector(args.checkpoint, device=args.device, threshold=args.threshold)
+        return Detector(args.checkpoint, **options)
     if args.model and args.weights:
-        return Detector(args.weights, model=args.model, device=args.device, threshold=args.threshold)
+        return Detector(args.weights, model=args.model, **options)
     raise FileNotFoundError("give --checkpoint (a detrkit checkpoint) or --model with --weights")
 
 

@@ -36,6 +36,7 @@ class TrainConfig:
         lr_drop: epoch at which the learning rate is multiplied by ``lr_gamma``; None = 2/3 of ``epochs``.
         accumulate: gradient accumulation steps (effective batch = batch_size * accumulate).
         amp: ``auto`` (bf16 where supported, else fp16, on CUDA; off on CPU), ``bf16``, ``fp16`` or ``none``.
+        compile: train and evaluate through ``torch.compile`` (checkpoints keep the plain module's names).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
         eval_every: evaluate on the val split every N epochs (and always after the last).
         resume: a checkpoint folder (or ``last``/``true`` for the output folder's latest) to continue from.
@@ -66,6 +67,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     accumulate: int = 1
     amp: str = "auto"
+    compile: bool = False
     device: str = "auto"
     num_workers: int = 2
     eval_every: int = 1

@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 from detrkit.data.collate import pad_images
 from detrkit.convert.formats import load_pretrained
 from detrkit.engine.checkpoint import load_checkpoint
-from detrkit.engine.train import resolve_device, val_transforms
+from detrkit.engine.train import amp_dtype, resolve_device, val_transforms
 from detrkit.models.postprocess import postprocess
 from detrkit.registry import resolve_weights
 
@@ -80,13 +80,17 @@ class Detector:
         model: the preset of a checkpoint that is not detrkit's own, e.g. ``"dino_r50_4scale"``.
         device: ``auto``, ``cpu``, ``cuda``...
         threshold: default minimum score of returned detections.
+        amp: autocast on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16`` or ``none``; CPU runs fp32.
+        compile: run the model through ``torch.compile`` (the first call compiles; later ones are faster).
     """
 
     def __init__(self, checkpoint: str | Path, *, model: str | None = None, device: str = "auto",
-                 threshold: float = 0.5) -> None:
+                 threshold: float = 0.5, amp: str = "auto", compile: bool = False) -> None:
         self.model, self.meta = load_for_inference(checkpoint, model)
         self.device = resolve_device(device)
         self.model.eval().to(self.device)
+        self.amp_dtype = amp_dtype(amp, self.device)
+        self._forward = torch.compile(self.model) if compile else self.model
         self.threshold = threshold
         self.class_names = self.meta["class_names"]
         self.label_to_cat = self.meta["label_to_cat"]
@@ -107,8 +111,10 @@ class Detector:
         return results[0] if single else results
 
     @torch.no_grad()
-    def forward_pil(self, pils: list[Image.Image]):
+    def forward_pil(self, pils: list[Image.Image], *, compiled: bool = True):
         """The model's raw output for RGB PIL images (resized, normalized, padded into one batch)."""
         tensors = [self.transform(tv_tensors.Image(torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1))) for p in pils]
         batch, mask = pad_images([t.as_subclass(Tensor) for t in tensors])
-        return self.model(batch.to(self.device), mask.to(self.device))
+        forward = self._forward if compiled else self.model
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return forward(batch.to(self.device), mask.to(self.device))

@@ -61,7 +61,7 @@ def explain(detector, image, *, threshold: float | None = None, max_detections: 
     else:
         attn.record = True
     try:
-        outputs = detector.forward_pil([pil])
+        outputs = detector.forward_pil([pil], compiled=False)  # hooks see the eager modules
     finally:
         for h in hooks:
             h.remove()
