@@ -32,7 +32,7 @@ from detrkit.convert.official import (
     convert_official_dino,
 )
 from detrkit.data.coco_classes import coco_label_space
-from detrkit.engine.checkpoint import WEIGHTS_NAME, CheckpointError
+from detrkit.engine.checkpoint import WEIGHTS_NAME, CheckpointError, resolve_weights_file
 
 # The detrkit module each model class lives in: a preset fits a layout when its builder comes from there.
 _MODULES = {"DETR": "detrkit.models.detr", "DeformableDETR": "detrkit.models.deformable_detr",
@@ -151,15 +151,16 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
 
 
 def _resolve_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    if path.is_dir():  # detrkit checkpoint / run folder, HF model folder
-        for name in (WEIGHTS_NAME, f"checkpoints/best/{WEIGHTS_NAME}", f"checkpoints/last/{WEIGHTS_NAME}",
-                     "pytorch_model.bin"):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"no weights in {path}: expected {WEIGHTS_NAME}, pytorch_model.bin or a detrkit run folder")
-    raise CheckpointError(f"no such checkpoint: {path}")
+    """A detrkit checkpoint / run folder's weights (see ``resolve_weights_file``), else an HF folder's pytorch_model.bin."""
+    if path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / "pytorch_model.bin").is_file():
+        return path / "pytorch_model.bin"
+    try:
+        return resolve_weights_file(path)
+    except CheckpointError:
+        if not path.exists():
+            raise CheckpointError(f"no such checkpoint: {path}") from None
+        raise CheckpointError(f"no weights in {path}: expected a checkpoint file, a folder with {WEIGHTS_NAME} or "
+                              f"pytorch_model.bin, or a detrkit training run folder") from None
 
 
 def _unwrap(obj, file: Path) -> dict[str, Tensor]:
