@@ -50,3 +50,13 @@ def test_cli_export_checks_parity(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "onnxruntime vs PyTorch at 1x3x64x64" in text and "onnxruntime vs PyTorch at 2x3x32x64" in text
     assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--format", "tflite"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["detr_lite", "deformable_detr_lite"])
+def test_fp16_export_matches_pytorch_in_fp16(name, tmp_path):
+    model = create_model(name, num_classes=3, **TINY).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=(64, 96), label_to_cat=CATS, top_k=20, fp16=True)
+    for shape in [(1, 3, 64, 96), (2, 3, 96, 64)]:
+        diff = check_onnx(path, model, torch.randn(shape), label_to_cat=CATS, top_k=20)
+        assert diff["scores"] <= 1e-3 and diff["boxes"] <= 1e-3, (shape, diff)  # float16 keeps ~3 digits

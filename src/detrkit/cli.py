@@ -105,6 +105,8 @@ def _parser() -> ArgumentParser:
     ex.add_argument("--top_k", type=int, default=100, help="detections per image in the graph's outputs")
     ex.add_argument("--dynamic", type=bool, default=True, help="dynamic batch and image size axes")
     ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--fp16", type=bool, default=False, help="float16 weights and input (half the file); checked "
+                                                             "against the PyTorch model run in float16")
     sub.add_subcommand("export", ex, help="export to ONNX (with an onnxruntime parity check)")
 
     cv = ArgumentParser(description="Convert a checkpoint of the reference implementations (official DETR, "
@@ -175,7 +177,7 @@ def cmd_export(args: Namespace) -> None:
           f"{', dynamic batch and size' if args.dynamic else ''} to {out}")
     t0 = time.perf_counter()
     export_onnx(model, out, image_size=(size, size), batch_size=args.batch_size, label_to_cat=meta["label_to_cat"],
-                top_k=args.top_k, opset=args.opset, dynamic=args.dynamic)
+                top_k=args.top_k, opset=args.opset, dynamic=args.dynamic, fp16=args.fp16)
     print(f"exported in {time.perf_counter() - t0:.1f} s ({out.stat().st_size / 2**20:.1f} MiB)")
     torch.manual_seed(0)
     checks = [(args.batch_size, size, size)]

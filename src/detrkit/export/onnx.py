@@ -9,6 +9,7 @@ After export, :func:`check_onnx` runs the file in onnxruntime and compares it wi
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -35,18 +36,21 @@ class ExportableDetector(nn.Module):
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, int] = (640, 640), batch_size: int = 1,
-                label_to_cat: list[int] | None = None, top_k: int = 100, opset: int = 18, dynamic: bool = True) -> Path:
+                label_to_cat: list[int] | None = None, top_k: int = 100, opset: int = 18, dynamic: bool = True,
+                fp16: bool = False) -> Path:
     """Write ``model`` + postprocessing to ``path`` with the dynamo exporter (torch.export -> ONNX).
 
     ``image_size``: the (H, W) traced. With ``dynamic``, choose it so that every feature level is larger than one
     pixel (H, W >= 2 x the largest stride, e.g. 128 for a stride-64 level): torch.export takes a size of 1 for a
     constant, and the graph would then accept only images where that level is 1 pixel too.
+    ``fp16``: weights and ``images`` in float16 (half the file; scores come out in float32).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportableDetector(model, label_to_cat, top_k).eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    wrapper = ExportableDetector(copy.deepcopy(model).to(dtype), label_to_cat, top_k).eval()
     # torch.export treats size-1 dimensions as constants: trace a dynamic batch with two images
-    sample = torch.randn(max(batch_size, 2) if dynamic else batch_size, 3, *image_size)
+    sample = torch.randn(max(batch_size, 2) if dynamic else batch_size, 3, *image_size, dtype=dtype)
     shapes = None
     if dynamic:
         batch, height, width = (torch.export.Dim.AUTO,) * 3
@@ -80,11 +84,14 @@ def detection_difference(torch_out: tuple[Tensor, ...], onnx_out: tuple, image_s
 
 def check_onnx(path: str | Path, model: nn.Module, images: Tensor, *, label_to_cat: list[int] | None = None,
                top_k: int = 100) -> dict:
-    """Run ``path`` in onnxruntime on ``images`` and compare with the PyTorch model. Returns the max differences."""
+    """Run ``path`` in onnxruntime on ``images`` and compare with the PyTorch model (in the graph's input precision,
+    float16 for an fp16 export). Returns the max differences."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dtype = torch.float16 if session.get_inputs()[0].type == "tensor(float16)" else torch.float32
+    images = images.to(dtype)
     with torch.no_grad():
-        expected = ExportableDetector(model, label_to_cat, top_k).eval()(images)
+        expected = ExportableDetector(copy.deepcopy(model).to(dtype), label_to_cat, top_k).eval()(images)
     got = session.run(None, {"images": images.numpy()})
     return detection_difference(expected, got, tuple(images.shape[-2:]))
