@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch import Tensor, nn
+from torch import nn
 
 from detrkit.layers.deformable import MultiScaleDeformableAttention
 from detrkit.models.postprocess import select_detections
@@ -67,8 +67,8 @@ def explain(detector, image, *, threshold: float | None = None, max_detections: 
             h.remove()
         attn.record = False
     threshold = detector.threshold if threshold is None else threshold
-    scores, labels, boxes = select_detections(outputs.pred_logits, outputs.pred_boxes, model.activation, max_detections)
-    queries = _query_indices(outputs.pred_logits, model.activation, max_detections)
+    scores, labels, boxes, queries = select_detections(outputs.pred_logits, outputs.pred_boxes, model.activation,
+                                                       max_detections)
     h_img, w_img = pil.height, pil.width
     results = []
     for score, label, box, q in zip(scores[0], labels[0], boxes[0], queries[0]):
@@ -88,14 +88,6 @@ def explain(detector, image, *, threshold: float | None = None, max_detections: 
         results.append(exp)
     attn.recorded = None
     return results
-
-
-def _query_indices(logits: Tensor, activation: str, top_k: int) -> Tensor:
-    """The query behind each of :func:`select_detections`' detections, in its order."""
-    b, q, k = logits.shape
-    if activation == "softmax":
-        return logits.softmax(-1)[..., :-1].max(-1).values.topk(min(top_k, q), dim=1).indices
-    return logits.sigmoid().flatten(1).topk(min(top_k, q * k), dim=1).indices // k
 
 
 def draw_explanation(image: Image.Image, exp: Explanation) -> Image.Image:

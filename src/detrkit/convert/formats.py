@@ -209,10 +209,11 @@ class Conversion:
 
 def read_checkpoint(path: str | Path) -> Conversion:
     """Read a checkpoint of any supported layout and rename it to detrkit's names."""
-    state, meta = read_state_dict(path)
+    file = _resolve_file(Path(path))
+    state, meta = read_state_dict(file)
     fmt = detect_format(state)
     ignored = [(k, reason) for k in state for pattern, reason in fmt.ignore if re.match(pattern, k)]
-    return Conversion(str(_resolve_file(Path(path))), fmt, fmt.convert(state), ignored, meta, len(state))
+    return Conversion(str(file), fmt, fmt.convert(state), ignored, meta, len(state))
 
 
 def load_converted(model: nn.Module, conv: Conversion, *, reinit_classes: bool = False) -> list[str]:

@@ -29,7 +29,7 @@ class ExportableDetector(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.model(images)
-        scores, labels, xyxy = select_detections(out.pred_logits, out.pred_boxes, self.model.activation, self.top_k)
+        scores, labels, xyxy, _ = select_detections(out.pred_logits, out.pred_boxes, self.model.activation, self.top_k)
         # the image size as tensors computed from the input (a tensor built from its shape would freeze the size)
         h, w = (xyxy.new_ones(n).sum() for n in images.shape[-2:])
         return xyxy * torch.stack([w, h, w, h]), scores, self.label_to_cat[labels]
@@ -48,7 +48,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if fp16 else torch.float32
-    wrapper = ExportableDetector(copy.deepcopy(model).to(dtype), label_to_cat, top_k).eval()
+    wrapper = ExportableDetector(_in_dtype(model, dtype), label_to_cat, top_k).eval()
     # torch.export treats size-1 dimensions as constants: trace a dynamic batch with two images
     sample = torch.randn(max(batch_size, 2) if dynamic else batch_size, 3, *image_size, dtype=dtype)
     shapes = None
@@ -61,6 +61,11 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, in
                                     verbose=False)
     program.save(str(path))
     return path
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself in float32; a float16 copy otherwise (the caller's model stays as it is)."""
+    return model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
 
 def detection_difference(torch_out: tuple[Tensor, ...], onnx_out: tuple, image_size: tuple[int, int]) -> dict:
@@ -92,6 +97,6 @@ def check_onnx(path: str | Path, model: nn.Module, images: Tensor, *, label_to_c
     dtype = torch.float16 if session.get_inputs()[0].type == "tensor(float16)" else torch.float32
     images = images.to(dtype)
     with torch.no_grad():
-        expected = ExportableDetector(copy.deepcopy(model).to(dtype), label_to_cat, top_k).eval()(images)
+        expected = ExportableDetector(_in_dtype(model, dtype), label_to_cat, top_k).eval()(images)
     got = session.run(None, {"images": images.numpy()})
     return detection_difference(expected, got, tuple(images.shape[-2:]))

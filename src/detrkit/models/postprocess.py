@@ -34,7 +34,7 @@ def postprocess(
     Returns:
         One dict per image: ``scores`` (N,), ``labels`` (N,) int64, ``boxes`` (N, 4) absolute xyxy, sorted by score.
     """
-    scores, labels, xyxy = select_detections(outputs.pred_logits, outputs.pred_boxes, activation, top_k)
+    scores, labels, xyxy, _ = select_detections(outputs.pred_logits, outputs.pred_boxes, activation, top_k)
     b = scores.shape[0]
     sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=xyxy.device).reshape(b, 2)
     xyxy = xyxy * torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)[:, None]  # w, h, w, h
@@ -50,7 +50,8 @@ def postprocess(
     return results
 
 
-def select_detections(logits: Tensor, boxes: Tensor, activation: str, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+def select_detections(logits: Tensor, boxes: Tensor, activation: str,
+                      top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``top_k`` best detections of each image, best first, as batched tensors (what ONNX export keeps too).
 
     Args:
@@ -59,7 +60,8 @@ def select_detections(logits: Tensor, boxes: Tensor, activation: str, top_k: int
             (focal-loss models: the best (query, class) pairs over the whole image).
 
     Returns:
-        scores (B, k), labels (B, k) int64 class indices, boxes (B, k, 4) normalized xyxy; k = min(top_k, candidates).
+        scores (B, k), labels (B, k) int64 class indices, boxes (B, k, 4) normalized xyxy, and the query each came
+        from (B, k); k = min(top_k, candidates).
     """
     logits, boxes = logits.float(), boxes.float()
     b, q, k = logits.shape
@@ -73,4 +75,4 @@ def select_detections(logits: Tensor, boxes: Tensor, activation: str, top_k: int
     else:
         raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
     xyxy = box_cxcywh_to_xyxy(boxes).gather(1, query_idx[..., None].expand(-1, -1, 4))  # (B, k, 4)
-    return scores, labels, xyxy
+    return scores, labels, xyxy, query_idx
