@@ -88,7 +88,7 @@ def test_val_resize_and_category_mapping(tmp_path):
 def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
     arr = np.zeros((20, 20, 3), np.uint8)
     images, ann = _write_dataset(tmp_path, [arr], [{"id": 5, "image_id": 1, "category_id": 99, "bbox": [0, 0, 5, 5]}])
-    with pytest.raises(DatasetError, match=r"annotation id 5 .*category_id 99.*not in 'categories'"):
+    with pytest.raises(DatasetError, match=r"(?s)annotation id 5 .*category_id 99 is not in 'categories'.*--skip_invalid"):
         CocoDetection(images, ann)
     with pytest.raises(DatasetError, match="annotation file not found"):
         CocoDetection(images, tmp_path / "nope.json")
@@ -98,12 +98,14 @@ def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
         CocoDetection(images, bad)
     images, ann = _write_dataset(tmp_path / "m", [arr], [])
     (images / "0.png").unlink()
-    with pytest.raises(DatasetError, match=r"missing from .*'0.png'"):
+    with pytest.raises(DatasetError, match=r"missing image: 1\n.*'0.png'.*0.png does not exist"):
         CocoDetection(images, ann)
     images, ann = _write_dataset(tmp_path / "c", [arr], [])
     (images / "0.png").write_bytes(b"not an image")
-    with pytest.raises(DatasetError, match="cannot read image .*0.png"):
-        CocoDetection(images, ann)[0]
+    with pytest.raises(DatasetError, match="unreadable image: 1\n.*0.png"):
+        CocoDetection(images, ann)
+    with pytest.raises(DatasetError, match="cannot read image .*0.png"):  # found when it is read, if not checked
+        CocoDetection(images, ann, check_images="none")[0]
 
 
 def test_synthetic_dataset_is_a_fair_task_and_deterministic(synth_dir):

@@ -84,7 +84,7 @@ def test_cli_train_eval_predict(synth_dir, tmp_path, capsys):
 def test_cli_errors_are_readable(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--progress", "false"]) == 2
     err = capsys.readouterr().err
-    assert "annotation file not found" in err and "Traceback" not in err
+    assert "not a dataset folder detrkit knows" in err and "YOLO" in err and "Traceback" not in err
     assert main(["predict", str(tmp_path / "missing.jpg"), "--checkpoint", str(tmp_path)]) == 2
     assert "no such image" in capsys.readouterr().err
     assert main(["train", "--model", "detr_nope", "--data", str(tmp_path), "--progress", "false"]) == 2

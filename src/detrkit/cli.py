@@ -123,7 +123,7 @@ def _parser() -> ArgumentParser:
     sub.add_subcommand("convert", cv, help="convert official / detrex / HF checkpoints to detrkit")
 
     data = ArgumentParser(description="Dataset tools.")
-    sub.add_subcommand("data", data, help="dataset tools (synth)")
+    sub.add_subcommand("data", data, help="dataset tools (synth, check, convert)")
     data_sub = data.add_subcommands(dest="data_command")
     synth = ArgumentParser(description="Write the built-in synthetic shapes dataset in COCO format "
                                        "(DIR/train, DIR/val, DIR/annotations/instances_{train,val}.json).")
@@ -134,6 +134,26 @@ def _parser() -> ArgumentParser:
     synth.add_argument("--image_size", type=int, default=320, help="nominal image side (each image varies by +-20%%)")
     synth.add_argument("--max_objects", type=int, default=20)
     data_sub.add_subcommand("synth", synth, help="generate the synthetic dataset")
+    check = ArgumentParser(description="The dataset doctor: missing, unreadable or truncated images, boxes with zero or "
+                                       "negative size or outside the image, category ids not in 'categories', "
+                                       "duplicate ids, images without annotations, class counts. Prints a report and "
+                                       "exits with status 1 when there are errors (warnings alone: 0).")
+    check.add_argument("path", help="a dataset folder (COCO: annotations/instances_*.json; YOLO: data.yaml; Pascal VOC: "
+                                    "Annotations/ + JPEGImages/), or one COCO json with --images")
+    check.add_argument("--images", help="with a json PATH: the folder its file_names are relative to")
+    check.add_argument("--splits", type=list[str], default=["train", "val"], help="splits of a dataset folder")
+    check.add_argument("--images_check", default="full", help="full (decode every image), header (fast) or none")
+    check.add_argument("--examples", type=int, default=10, help="examples printed per kind of problem")
+    check.add_argument("--report", help="also write the report as JSON here")
+    data_sub.add_subcommand("check", check, help="check a dataset for errors before training")
+    conv = ArgumentParser(description="Convert a YOLO (data.yaml + images/ + labels/) or Pascal VOC (Annotations/ + "
+                                      "JPEGImages/ + ImageSets/Main/) dataset to a COCO folder: "
+                                      "OUT/annotations/instances_{train,val}.json and OUT/{train,val}/ images. "
+                                      "(Training reads those layouts directly too: --data DIR.)")
+    conv.add_argument("source", help="YOLO dataset folder or data.yaml, or a Pascal VOC folder")
+    conv.add_argument("-o", "--output", required=True, help="output folder")
+    conv.add_argument("--images", default="link", help="link (symlink the image folders), copy, or none")
+    data_sub.add_subcommand("convert", conv, help="convert YOLO / Pascal VOC datasets to COCO json")
     return parser
 
 
@@ -226,6 +246,57 @@ def cmd_convert(args: Namespace) -> None:
     print(f"wrote {out}: use it with `detrkit predict IMAGE --checkpoint {out}` or detrkit.Detector('{out}')")
 
 
+def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
+    """(images, annotations, source) of each split ``detrkit data check`` should look at."""
+    from detrkit.config import dataset_split
+    from detrkit.data import DatasetError
+
+    path = Path(args.path)
+    if path.suffix == ".json":
+        if not args.images:
+            raise CommandError(f"{path} is a json file: pass --images FOLDER, the folder its file_names are relative to")
+        return [(Path(args.images), path, None)]
+    targets = []
+    for split in args.splits:
+        try:
+            targets.append(dataset_split(TrainConfig(data=str(path)), split))
+        except DatasetError as e:
+            if split == args.splits[0]:
+                raise
+            print(f"({split}: {e})")
+    return targets
+
+
+def cmd_data_check(args: Namespace) -> int:
+    from detrkit.data.check import check_dataset
+    from detrkit.data.coco import load_coco_json, validate_coco
+
+    reports = []
+    for images, ann, source in _check_targets(args):
+        coco = validate_coco(ann, source) if isinstance(ann, dict) else load_coco_json(ann)
+        if not images.is_dir():
+            raise CommandError(f"image folder not found: {images} (images of {source or ann})")
+        report = check_dataset(coco, images, source=str(source or ann), images=args.images_check)
+        print(report.format(examples=args.examples))
+        reports.append(report)
+    if args.report:
+        Path(args.report).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
+    errors = sum(len(r.errors) for r in reports)
+    print(f"{'FAILED' if errors else 'OK'}: {errors} errors, {sum(len(r.warnings) for r in reports)} warnings"
+          + (" (train with --skip_invalid true to drop what has errors)" if errors else ""))
+    return 1 if errors else 0
+
+
+def cmd_data_convert(args: Namespace) -> None:
+    from detrkit.data.formats import convert_dataset
+
+    written = convert_dataset(args.source, args.output, images=args.images)
+    out = Path(args.output)
+    for split, n in written.items():
+        print(f"{split}: {n} images -> {out / 'annotations' / f'instances_{split}.json'}")
+    print(f"check it with: detrkit data check {out}")
+
+
 def cmd_synth(args: Namespace) -> None:
     from detrkit.data import make_synthetic_dataset
 
@@ -245,7 +316,7 @@ def cmd_train(args: Namespace) -> dict:
 def cmd_eval(args: Namespace) -> dict:
     from torch.utils.data import DataLoader
 
-    from detrkit.config import dataset_paths
+    from detrkit.config import dataset_split
     from detrkit.data import CocoDetection, collate
     from detrkit.engine.checkpoint import load_checkpoint, resolve_weights_file
     from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
@@ -253,10 +324,11 @@ def cmd_eval(args: Namespace) -> dict:
 
     model, meta = load_checkpoint(args.checkpoint)
     if args.images and args.ann:
-        images, ann = Path(args.images), Path(args.ann)
+        images, ann, source = Path(args.images), Path(args.ann), None
     else:
-        images, ann = dataset_paths(TrainConfig(data=args.data), "val")
-    dataset = CocoDetection(images, ann, val_transforms(int(meta.get("image_size", 800))))
+        images, ann, source = dataset_split(TrainConfig(data=args.data), "val")
+    dataset = CocoDetection(images, ann, val_transforms(int(meta.get("image_size", 800))), source=source)
+    ann = source or ann
     unknown = sorted(set(dataset.label_to_cat) - set(meta["label_to_cat"]))
     if unknown:
         print(f"warning: {ann} has category ids the checkpoint never predicts: {unknown[:10]}; the checkpoint was "
@@ -459,16 +531,25 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "predict": c
             "convert": cmd_convert, "export": cmd_export, "explain": cmd_explain}
 
 
+def _underscored(option: str) -> str:
+    name, eq, value = option[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
 def main(argv: list[str] | None = None) -> int:
     from detrkit.data import DatasetError
     from detrkit.engine.checkpoint import CheckpointError
     from detrkit.registry import UnknownModelError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --skip-invalid and --skip_invalid both work: options are spelled with underscores
+    argv = [_underscored(a) if a.startswith("--") else a for a in argv]
     args = _parser().parse_args(argv)
     command = args.command
     try:
         if command == "data":
-            cmd_synth(args.data.synth)
+            sub = args.data.data_command
+            return {"synth": cmd_synth, "check": cmd_data_check, "convert": cmd_data_convert}[sub](args.data[sub]) or 0
         else:
             COMMANDS[command](args[command])
     except (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError) as e:

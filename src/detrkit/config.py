@@ -43,6 +43,11 @@ class TrainConfig:
         max_train_images / max_val_images: use only the first N images (quick experiments, tests).
         recipe: take epochs / lr / lr_backbone / lr_drop from the preset's paper schedule (``detrkit models``
             shows it), overriding those four fields.
+        check_images: before training, the dataset doctor reads each image's ``header`` (exists, readable,
+            size; fast), decodes it (``full``: also finds truncated files) or skips the files (``none``).
+            Annotations are always checked; ``detrkit data check DIR`` prints the full report.
+        skip_invalid: drop the images and annotations the doctor finds errors in (counted in a warning)
+            instead of stopping with its report.
     """
 
     model: str = "detr_lite"
@@ -77,6 +82,8 @@ class TrainConfig:
     max_val_images: int | None = None
     progress: bool = True
     recipe: bool = False
+    check_images: str = "header"
+    skip_invalid: bool = False
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
@@ -96,21 +103,31 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, **recipe, recipe=False)
 
 
-def dataset_paths(cfg: TrainConfig, split: str) -> tuple[Path, Path]:
-    """(images folder, annotation json) of ``split`` ("train" / "val") from explicit paths or ``cfg.data``."""
+def dataset_split(cfg: TrainConfig, split: str) -> tuple[Path, Path | dict, str | None]:
+    """(images folder, annotations, source name) of ``split`` ("train" / "val") from explicit paths or ``cfg.data``.
+
+    ``cfg.data`` may be a COCO folder (annotations are then a json path), a YOLO dataset (folder with data.yaml,
+    or the yaml) or a Pascal VOC one (annotations are then a COCO dict read from them; see detrkit.data.formats).
+    """
+    from detrkit.data.coco import DatasetError
+    from detrkit.data.formats import detect_layout, read_split
+
     images, ann = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_ann")
     if images and ann:
-        return Path(images), Path(ann)
+        return Path(images), Path(ann), None
     if cfg.data is None:
-        from detrkit.data.coco import DatasetError
-
-        raise DatasetError(f"no {split} data: pass --data DIR (a COCO-format folder) or --{split}_images and --{split}_ann")
+        raise DatasetError(f"no {split} data: pass --data DIR (a COCO, YOLO or VOC dataset folder) or --{split}_images "
+                           f"and --{split}_ann")
     root = Path(cfg.data)
+    if not root.exists():
+        raise DatasetError(f"dataset not found: {root}")
+    if not ann and detect_layout(root) != "coco":
+        return read_split(root, split)
     ann = Path(ann) if ann else next(iter(sorted((root / "annotations").glob(f"instances_{split}*.json"))), root / "annotations" / f"instances_{split}.json")
     if not images:
         stem = ann.stem.removeprefix("instances_")  # instances_train2017.json -> train2017/
         images = root / stem if (root / stem).is_dir() else root / split
-    return Path(images), ann
+    return Path(images), ann, None
 
 
 def scales_for(image_size: int) -> dict:

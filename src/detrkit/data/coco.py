@@ -7,14 +7,17 @@ model sees contiguous indices 0..K-1, and :attr:`CocoDetection.label_to_cat` map
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
+from detrkit.data.check import check_dataset, drop_invalid
+from detrkit.data.image import open_rgb
 from detrkit.ops import box_xyxy_to_cxcywh
 
 
@@ -23,7 +26,11 @@ class DatasetError(ValueError):
 
 
 def load_coco_json(ann_file: str | Path) -> dict:
-    """Read and sanity-check a COCO detection json; raises :class:`DatasetError` naming the problem."""
+    """Read a COCO detection json and check its structure; raises :class:`DatasetError` naming the problem.
+
+    Problems inside the lists (a bad box, an unknown category, a missing image) are the dataset doctor's
+    (:func:`~detrkit.data.check.check_dataset`), which reports them all at once.
+    """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise DatasetError(f"annotation file not found: {ann_file}. Pass the path of a COCO-format json "
@@ -32,26 +39,21 @@ def load_coco_json(ann_file: str | Path) -> dict:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{ann_file} is not valid JSON ({e}); re-export the annotations in COCO format.") from None
+    return validate_coco(data, str(ann_file))
+
+
+def validate_coco(data, source: str) -> dict:
+    """The structure every reader relies on: 'images', 'annotations' and 'categories' lists, categories with ids."""
     if not isinstance(data, dict):
-        raise DatasetError(f"{ann_file}: expected a JSON object with 'images', 'annotations' and 'categories'.")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{ann_file}: missing the '{key}' list of a COCO detection file.")
+        raise DatasetError(f"{source}: expected a JSON object with 'images', 'annotations' and 'categories'.")
     data.setdefault("annotations", [])
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list) or not all(isinstance(x, dict) for x in data[key]):
+            raise DatasetError(f"{source}: missing the '{key}' list of objects of a COCO detection file.")
     if not data["categories"]:
-        raise DatasetError(f"{ann_file}: 'categories' is empty; list every class as {{'id': ..., 'name': ...}}.")
-    cat_ids = {c["id"] for c in data["categories"]}
-    image_ids = {img["id"] for img in data["images"]}
-    for ann in data["annotations"]:
-        where = f"{ann_file}: annotation id {ann.get('id')} (image_id {ann.get('image_id')})"
-        if ann.get("category_id") not in cat_ids:
-            raise DatasetError(f"{where} has category_id {ann.get('category_id')!r}, which is not in 'categories' "
-                               f"(ids {sorted(cat_ids)}); add the category or fix the annotation.")
-        if ann.get("image_id") not in image_ids:
-            raise DatasetError(f"{where} refers to an image id that is not in 'images'; remove the annotation or add the image.")
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise DatasetError(f"{where} has bbox {bbox!r}; COCO boxes are [x, y, width, height] in pixels.")
+        raise DatasetError(f"{source}: 'categories' is empty; list every class as {{'id': ..., 'name': ...}}.")
+    if any("id" not in c for c in data["categories"]):
+        raise DatasetError(f"{source}: every category needs an 'id' (and a 'name').")
     return data
 
 
@@ -60,24 +62,42 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Args:
         images_dir: folder the ``file_name`` of each image is relative to.
-        ann_file: COCO json with ``images``, ``annotations`` and ``categories``.
+        ann_file: COCO json with ``images``, ``annotations`` and ``categories``, or such a dict (what the YOLO
+            and VOC readers of :mod:`detrkit.data.formats` return; ``source`` names it in messages).
         transforms: v2 transform applied to ``(image, target)``, e.g. :func:`~detrkit.data.build_transforms`.
         drop_crowd: leave ``iscrowd`` boxes out of the targets (DETR trains without them; COCO
             evaluation reads them from the json itself).
+        check_images: how the dataset doctor looks at the image files first: ``header`` (exists, readable
+            header, size), ``full`` (decode each), ``none``. Annotations are always checked.
+        skip_invalid: drop the images and annotations with errors (with a warning counting them) instead of
+            raising a :class:`DatasetError` with the report.
 
     Each sample is ``(image (3, h, w) float, target)`` with target ``labels`` (n,) contiguous int64,
     ``boxes`` (n, 4) normalized cxcywh of the transformed image, ``image_id``, ``orig_size``, ``size``.
     Images without annotations are kept (they teach the model to predict nothing).
     """
 
-    def __init__(self, images_dir: str | Path, ann_file: str | Path, transforms: Callable | None = None,
-                 *, drop_crowd: bool = True) -> None:
+    def __init__(self, images_dir: str | Path, ann_file: str | Path | dict, transforms: Callable | None = None,
+                 *, drop_crowd: bool = True, check_images: str = "header", skip_invalid: bool = False,
+                 source: str | None = None, progress: bool = False) -> None:
         self.images_dir = Path(images_dir)
-        self.ann_file = Path(ann_file)
-        self.coco = load_coco_json(ann_file)
+        if isinstance(ann_file, dict):  # a dataset read from another format (YOLO, VOC)
+            self.ann_file, self.coco = Path(source or "annotations"), validate_coco(ann_file, source or "annotations")
+        else:
+            self.ann_file, self.coco = Path(ann_file), load_coco_json(ann_file)
         if not self.images_dir.is_dir():
             raise DatasetError(f"image folder not found: {self.images_dir} (images of {self.ann_file}); pass the folder "
                                "that the 'file_name' entries are relative to.")
+        self.report = check_dataset(self.coco, self.images_dir, source=str(self.ann_file), images=check_images,
+                                    progress=progress)
+        if not self.report.ok:
+            if not skip_invalid:
+                raise DatasetError(f"{self.report.format(examples=3, errors_only=True)}\nFix these (`detrkit data check` prints the full "
+                                   "report), or train with --skip_invalid true to drop the broken images and annotations.")
+            self.coco, dropped = drop_invalid(self.coco, self.report)
+            warnings.warn(f"{self.ann_file}: --skip_invalid dropped {dropped['images']} image(s) and "
+                          f"{dropped['annotations']} annotation(s) with errors "
+                          f"({len(self.report.errors)} problems; `detrkit data check` lists them)", stacklevel=2)
         self.transforms = transforms
         self.drop_crowd = drop_crowd
         self.images = sorted(self.coco["images"], key=lambda im: im["id"])
@@ -89,10 +109,6 @@ class CocoDetection(torch.utils.data.Dataset):
         self._anns: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
         for ann in self.coco["annotations"]:
             self._anns[ann["image_id"]].append(ann)
-        missing = [im["file_name"] for im in self.images if not (self.images_dir / im["file_name"]).is_file()]
-        if missing:
-            raise DatasetError(f"{len(missing)} image(s) listed in {self.ann_file} are missing from {self.images_dir}, "
-                               f"e.g. {missing[0]!r}; copy them there or remove them from the json.")
 
     @property
     def num_classes(self) -> int:
@@ -104,8 +120,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def load_image(self, index: int) -> Image.Image:
         path = self.images_dir / self.images[index]["file_name"]
         try:
-            with Image.open(path) as img:
-                return ImageOps.exif_transpose(img).convert("RGB")
+            return open_rgb(path)
         except (UnidentifiedImageError, OSError) as e:
             raise DatasetError(f"cannot read image {path} ({e}); replace the file or remove it from {self.ann_file}.") from None
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from tqdm import tqdm
 
-from detrkit.config import TrainConfig, apply_recipe, dataset_paths, scales_for
+from detrkit.config import TrainConfig, apply_recipe, dataset_split, scales_for
 from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
 from detrkit.engine.checkpoint import load_state, load_weights, save_checkpoint
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
@@ -55,8 +55,10 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     recipe = scales_for(size)
     val_tf = val_transforms(size)
     train_tf = build_transforms(True, crop=cfg.crop, **recipe) if cfg.augment else val_tf
-    train = CocoDetection(*dataset_paths(cfg, "train"), transforms=train_tf)
-    val = CocoDetection(*dataset_paths(cfg, "val"), transforms=val_tf)
+    opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress)
+    (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
+    train = CocoDetection(ti, ta, transforms=train_tf, source=ts, **opts)
+    val = CocoDetection(vi, va, transforms=val_tf, source=vs, **opts)
     if train.cat_ids != val.cat_ids:
         raise DatasetError(f"train and val list different categories ({train.ann_file} vs {val.ann_file}); "
                          "both splits need the same 'categories'.")

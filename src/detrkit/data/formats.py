@@ -1,0 +1,277 @@
+"""Dataset layouts other than COCO json, read into the COCO dict everything else uses.
+
+* YOLO (Ultralytics): ``data.yaml`` with ``names`` and ``train`` / ``val`` image folders (or list files);
+  each image ``.../images/x.jpg`` has ``.../labels/x.txt`` with one ``class cx cy w h`` line per object,
+  normalized to the image size (a segmentation line's polygon becomes its bounding box). Category ids are
+  YOLO's class indices.
+* Pascal VOC: ``Annotations/*.xml`` + ``JPEGImages/`` + ``ImageSets/Main/{train,val,test}.txt`` (a
+  ``VOCdevkit/VOC2007`` folder, or one containing such folders). VOC pixel boxes are 1-based and inclusive:
+  ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`` in COCO terms, as detectron2 and mmdet read them.
+  ``difficult`` objects become ``iscrowd`` 1: left out of training and ignored by COCO evaluation, as VOC's
+  own evaluation ignores them.
+
+Lines or files that cannot be parsed become annotations with ``bbox: None`` and a ``source`` naming the file
+and line, so that the dataset doctor reports them with everything else (and ``--skip_invalid`` drops them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import yaml
+from PIL import UnidentifiedImageError
+
+from detrkit.data.coco import DatasetError
+from detrkit.data.image import image_size
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+# -- layout detection --------------------------------------------------------------------------------------
+def detect_layout(root: str | Path) -> str:
+    """``coco``, ``yolo`` or ``voc`` for a dataset folder (or a YOLO ``data.yaml``)."""
+    root = Path(root)
+    if root.is_file() and root.suffix in (".yaml", ".yml"):
+        return "yolo"
+    if (root / "annotations").is_dir() and any((root / "annotations").glob("*.json")):
+        return "coco"
+    if _yolo_yaml(root) is not None:
+        return "yolo"
+    if _voc_root(root) is not None:
+        return "voc"
+    raise DatasetError(f"{root}: not a dataset folder detrkit knows. Expected COCO (annotations/instances_train.json + "
+                       "train/), YOLO (data.yaml + images/ + labels/) or Pascal VOC (Annotations/ + JPEGImages/ + "
+                       "ImageSets/Main/).")
+
+
+def read_split(root: str | Path, split: str) -> tuple[Path, dict, str]:
+    """(images folder, COCO dict, source name) of ``split`` ("train" / "val") of a YOLO or VOC dataset."""
+    layout = detect_layout(root)
+    if layout == "yolo":
+        return read_yolo(root, split)
+    if layout == "voc":
+        return read_voc(root, split)
+    raise DatasetError(f"{root} is a COCO dataset: read it with load_coco_json")
+
+
+# -- YOLO --------------------------------------------------------------------------------------------------
+def _yolo_yaml(root: Path) -> Path | None:
+    if root.is_file():
+        return root
+    for name in ("data.yaml", "data.yml", "dataset.yaml"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _yolo_images(spec, base: Path) -> list[Path]:
+    """Image files of a data.yaml split entry: a folder, a .txt list of files, or a list of either."""
+    files = []
+    for entry in spec if isinstance(spec, list) else [spec]:
+        path = Path(entry) if Path(entry).is_absolute() else base / entry
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file() and path.suffix == ".txt":
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    p = Path(line.strip())
+                    files.append(p if p.is_absolute() else (path.parent / p).resolve())
+        else:
+            raise DatasetError(f"YOLO split entry {entry!r} ({path}) is neither an image folder nor a .txt list of images")
+    return files
+
+
+def _yolo_label_file(image: Path) -> Path:
+    """Ultralytics' rule: the last ``images`` folder of the path becomes ``labels``, the suffix ``.txt``."""
+    parts = list(image.parts)
+    if "images" in parts:
+        i = len(parts) - 1 - parts[::-1].index("images")
+        parts[i] = "labels"
+    return Path(*parts).with_suffix(".txt")
+
+
+def read_yolo(root: str | Path, split: str) -> tuple[Path, dict, str]:
+    """A YOLO dataset's ``split`` as (images root, COCO dict, source). Boxes use each image's displayed size."""
+    yaml_file = _yolo_yaml(Path(root))
+    if yaml_file is None:
+        raise DatasetError(f"{root}: no data.yaml (a YOLO dataset lists 'names' and its 'train' / 'val' folders there)")
+    spec = yaml.safe_load(yaml_file.read_text()) or {}
+    names = spec.get("names")
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names)]
+    if not names:
+        raise DatasetError(f"{yaml_file}: no 'names'; list the class names (index = class id)")
+    base = Path(spec.get("path") or yaml_file.parent)
+    base = base if base.is_absolute() else (yaml_file.parent / base)
+    key = split if split in spec else {"val": "test"}.get(split, split)
+    if key not in spec:
+        raise DatasetError(f"{yaml_file}: no '{split}' entry; give the folder of the {split} images")
+    files = _yolo_images(spec[key], base)
+    if not files:
+        raise DatasetError(f"{yaml_file}: the '{key}' entry ({spec[key]}) holds no images")
+    root_dir = Path(os.path.commonpath([str(f.parent) for f in files]))
+    images, anns = [], []
+    for image_id, file in enumerate(files, start=1):
+        info = {"id": image_id, "file_name": file.relative_to(root_dir).as_posix()}
+        try:
+            info["width"], info["height"] = image_size(file)
+        except (UnidentifiedImageError, OSError):
+            images.append(info)  # the doctor reports the unreadable file
+            continue
+        images.append(info)
+        labels = _yolo_label_file(file)
+        if labels.is_file():
+            anns += _yolo_annotations(labels, image_id, info["width"], info["height"], len(anns))
+    coco = {"images": images, "annotations": anns,
+            "categories": [{"id": i, "name": str(n)} for i, n in enumerate(names)]}
+    return root_dir, coco, f"{yaml_file} [{key}]"
+
+
+def _yolo_annotations(labels: Path, image_id: int, w: int, h: int, first_id: int) -> list[dict]:
+    out = []
+    for line_no, line in enumerate(labels.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        ann = {"id": first_id + len(out) + 1, "image_id": image_id, "iscrowd": 0, "source": f"{labels} line {line_no}"}
+        fields = line.split()
+        try:
+            values = [float(v) for v in fields[1:]]
+            ann["category_id"] = int(fields[0])
+        except ValueError:
+            values, ann["category_id"] = [], None
+        if len(values) == 4:
+            cx, cy, bw, bh = values
+        elif len(values) >= 6 and len(values) % 2 == 0:  # segmentation polygon x1 y1 x2 y2 ...
+            xs, ys = values[0::2], values[1::2]
+            cx, cy, bw, bh = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)
+        else:
+            ann["bbox"] = None
+            ann["source"] += f" ({line.strip()!r}: expected 'class cx cy w h', normalized)"
+            out.append(ann)
+            continue
+        ann["bbox"] = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]
+        ann["area"] = bw * w * bh * h
+        out.append(ann)
+    return out
+
+
+# -- Pascal VOC --------------------------------------------------------------------------------------------
+def _voc_root(root: Path) -> Path | None:
+    if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
+        return root
+    candidates = sorted(root.glob("VOC*")) + sorted(root.glob("VOCdevkit/VOC*"))
+    return next((c for c in candidates if (c / "Annotations").is_dir() and (c / "JPEGImages").is_dir()), None)
+
+
+def _voc_text(node, tag: str):
+    child = node.find(tag)
+    return None if child is None or child.text is None else child.text.strip()
+
+
+def read_voc(root: str | Path, split: str) -> tuple[Path, dict, str]:
+    """A Pascal VOC dataset's ``split`` as (JPEGImages, COCO dict, source). The categories are the object
+    names of all the XML files (sorted), so every split of one dataset gets the same ids."""
+    voc = _voc_root(Path(root))
+    if voc is None:
+        raise DatasetError(f"{root}: no Annotations/ and JPEGImages/ folders of a Pascal VOC dataset")
+    sets = voc / "ImageSets" / "Main"
+    key = split if (sets / f"{split}.txt").is_file() else {"val": "test"}.get(split, split)
+    xml_files = sorted((voc / "Annotations").glob("*.xml"))
+    if (sets / f"{key}.txt").is_file():
+        stems = [s.split()[0] for s in (sets / f"{key}.txt").read_text().splitlines() if s.strip()]
+    elif split == "train" and not sets.is_dir():
+        stems = [f.stem for f in xml_files]  # no split lists: everything is training data
+    else:
+        raise DatasetError(f"{voc}: no ImageSets/Main/{split}.txt listing the {split} images")
+    parsed = {f.stem: _parse_voc_xml(f) for f in xml_files}
+    names = sorted({o["name"] for p in parsed.values() if p for o in p["objects"] if o.get("name")})
+    cat_ids = {n: i + 1 for i, n in enumerate(names)}
+    images, anns = [], []
+    for image_id, stem in enumerate(stems, start=1):
+        xml = voc / "Annotations" / f"{stem}.xml"
+        doc = parsed.get(stem)
+        file_name = (doc or {}).get("filename") or f"{stem}.jpg"
+        if not (voc / "JPEGImages" / file_name).is_file() and (voc / "JPEGImages" / f"{stem}.jpg").is_file():
+            file_name = f"{stem}.jpg"  # some XML files name another extension / path
+        info = {"id": image_id, "file_name": file_name}
+        if doc and doc["width"] and doc["height"]:
+            info["width"], info["height"] = doc["width"], doc["height"]
+        images.append(info)
+        if doc is None:
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": None, "bbox": None,
+                         "source": f"{xml} (missing or not valid XML)"})
+            continue
+        for k, obj in enumerate(doc["objects"], start=1):
+            ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": cat_ids.get(obj.get("name")),
+                   "iscrowd": int(obj["difficult"]), "source": f"{xml} object {k} ({obj.get('name')})"}
+            box = obj["box"]
+            ann["bbox"] = None if box is None else [box[0] - 1, box[1] - 1, box[2] - box[0] + 1, box[3] - box[1] + 1]
+            if ann["bbox"]:
+                ann["area"] = ann["bbox"][2] * ann["bbox"][3]
+            anns.append(ann)
+    coco = {"images": images, "annotations": anns, "categories": [{"id": i, "name": n} for n, i in cat_ids.items()]}
+    if not coco["categories"]:
+        raise DatasetError(f"{voc}/Annotations: no <object><name> in any XML file")
+    return voc / "JPEGImages", coco, f"{voc} [{key}]"
+
+
+def _parse_voc_xml(file: Path) -> dict | None:
+    try:
+        tree = ET.parse(file).getroot()
+    except (ET.ParseError, OSError):
+        return None
+    size = tree.find("size")
+
+    def num(node, tag):
+        try:
+            return float(_voc_text(node, tag))
+        except (TypeError, ValueError):
+            return None
+
+    objects = []
+    for obj in tree.findall("object"):
+        bnd = obj.find("bndbox")
+        box = None if bnd is None else [num(bnd, t) for t in ("xmin", "ymin", "xmax", "ymax")]
+        objects.append({"name": _voc_text(obj, "name"), "difficult": _voc_text(obj, "difficult") in ("1", "true"),
+                        "box": None if box is None or None in box else box})
+    return {"filename": _voc_text(tree, "filename"), "objects": objects,
+            "width": int(num(size, "width") or 0) if size is not None else 0,
+            "height": int(num(size, "height") or 0) if size is not None else 0}
+
+
+# -- conversion --------------------------------------------------------------------------------------------
+def convert_dataset(source: str | Path, out: str | Path, *, splits=("train", "val"), images: str = "link") -> dict:
+    """Write a YOLO / VOC dataset as a COCO folder: ``out/annotations/instances_{split}.json`` and ``out/{split}/``
+    (``images``: ``link`` a symlink to the source image folder, ``copy`` the files, ``none`` nothing).
+    Returns {split: number of images}. Annotations that could not be parsed are written out as they are,
+    for ``detrkit data check`` to report."""
+    out = Path(out)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split in splits:
+        try:
+            images_dir, coco, _ = read_split(source, split)
+        except DatasetError:
+            if split == "train":
+                raise
+            continue  # no val split: fine
+        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+        target = out / split
+        if images != "none" and not target.exists():
+            if images == "link":
+                try:
+                    target.symlink_to(images_dir.resolve(), target_is_directory=True)
+                except OSError:  # no symlinks (Windows without developer mode): copy
+                    images = "copy"
+            if images == "copy":
+                target.mkdir(parents=True)
+                for img in coco["images"]:
+                    dst = target / img["file_name"]
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(images_dir / img["file_name"], dst)
+        written[split] = len(coco["images"])
+    return written
