@@ -30,13 +30,13 @@ def class_agnostic_ap50(run: Path, data: Path, device: str) -> float:
     from torch.utils.data import DataLoader
 
     from detrkit.data import CocoDetection, collate
-    from detrkit.engine.checkpoint import load_checkpoint
+    from detrkit.engine.checkpoint import latest_checkpoint, load_checkpoint
     from detrkit.engine.evaluate import coco_box_ap, coco_results
     from detrkit.engine.train import resolve_device, val_transforms
     from detrkit.models import postprocess
 
     dev = resolve_device(device)
-    model, meta = load_checkpoint(run / "checkpoints" / "last")
+    model, meta = load_checkpoint(latest_checkpoint(run))
     model.to(dev).eval()
     val = CocoDetection(data / "val", data / "annotations" / "instances_val.json",
                         transforms=val_transforms(meta["image_size"]))

@@ -9,6 +9,7 @@ from conftest import TINY
 from detrkit import Detector
 from detrkit.cli import main
 from detrkit.config import TrainConfig
+from detrkit.engine.checkpoint import latest_checkpoint
 from detrkit.engine.train import train
 
 
@@ -41,8 +42,8 @@ def test_overfit_few_images_loss_falls_far(synth_dir, tmp_path):
 def test_resume_continues_where_it_stopped(synth_dir, tmp_path):
     out = tmp_path / "run"
     train(_cfg(synth_dir, out, epochs=1, max_train_images=4, max_val_images=2))
-    assert (out / "checkpoints" / "last" / "model.safetensors").is_file()
-    assert (out / "checkpoints" / "last" / "state.pt").is_file()
+    last = latest_checkpoint(out)
+    assert last.name == "step_00000002" and (last / "model.safetensors").is_file() and (last / "state.pt").is_file()
     train(_cfg(synth_dir, out, epochs=2, max_train_images=4, max_val_images=2, resume="last"))
     log = _log(out)
     assert [r["epoch"] for r in log] == [1, 2]

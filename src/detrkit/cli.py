@@ -539,6 +539,7 @@ def _underscored(option: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     from detrkit.data import DatasetError
     from detrkit.engine.checkpoint import CheckpointError
+    from detrkit.engine.train import TrainingError
     from detrkit.registry import UnknownModelError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -552,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"synth": cmd_synth, "check": cmd_data_check, "convert": cmd_data_convert}[sub](args.data[sub]) or 0
         else:
             COMMANDS[command](args[command])
-    except (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError) as e:
+    except (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError, TrainingError) as e:
         print(f"detrkit {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -33,13 +33,28 @@ class TrainConfig:
             (debugging, overfitting tests).
         crop: use DETR's random-crop augmentation branch.
         epochs, batch_size, lr, lr_backbone, weight_decay, clip_max_norm: the optimiser (AdamW, DETR's values).
+        lr_schedule: ``step`` (x ``lr_gamma`` every ``lr_drop`` epochs: the DETR family's recipe), ``multistep``
+            (x ``lr_gamma`` at each epoch of ``lr_milestones``) or ``cosine`` (down to ``min_lr_ratio`` * lr).
         lr_drop: epoch at which the learning rate is multiplied by ``lr_gamma``; None = 2/3 of ``epochs``.
-        accumulate: gradient accumulation steps (effective batch = batch_size * accumulate).
+        warmup_steps: linear learning-rate warm-up over the first optimizer steps (0 = none).
+        accumulate: gradient accumulation steps (effective batch = batch_size * accumulate * processes).
         amp: ``auto`` (bf16 where supported, else fp16, on CUDA; off on CPU), ``bf16``, ``fp16`` or ``none``.
+            fp16 trains with a dynamic loss scaler; bf16 needs none.
+        ema: keep an exponential moving average of the weights (``ema_decay``, ramped up over ``ema_warmup``
+            steps); it is what is evaluated and saved as ``model.safetensors`` (the raw weights resume).
         compile: train and evaluate through ``torch.compile`` (checkpoints keep the plain module's names).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
         eval_every: evaluate on the val split every N epochs (and always after the last).
-        resume: a checkpoint folder (or ``last``/``true`` for the output folder's latest) to continue from.
+        resume: a checkpoint folder (or ``last``/``true`` for the output folder's latest) to continue from,
+            exactly where it stopped: mid-epoch data order, RNG, optimizer, schedule, EMA and loss scaler.
+        checkpoint_every: also write a checkpoint every N optimizer steps inside an epoch (0 = at epoch ends
+            only); ``keep_checkpoints`` newest are kept (``checkpoints/step_<n>/``), plus ``checkpoints/best/``.
+        log_every: append the losses to ``steps.jsonl`` every N optimizer steps (0 = never).
+        max_bad_steps: a step with a non-finite loss or gradient is skipped with a warning; this many in a row
+            stop training (the last good checkpoint stays).
+        batch_size: images per process (per GPU) and step; the global batch is batch_size * processes.
+        sync_bn: with several GPUs, trainable BatchNorm layers compute statistics over the global batch.
+        find_unused_parameters: DDP's option, for models with parameters a step does not use.
         max_train_images / max_val_images: use only the first N images (quick experiments, tests).
         recipe: take epochs / lr / lr_backbone / lr_drop from the preset's paper schedule (``detrkit models``
             shows it), overriding those four fields.
@@ -84,6 +99,19 @@ class TrainConfig:
     recipe: bool = False
     check_images: str = "header"
     skip_invalid: bool = False
+    lr_schedule: str = "step"
+    lr_milestones: list[int] = field(default_factory=list)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.9997
+    ema_warmup: int = 2000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 20
+    max_bad_steps: int = 5
+    sync_bn: bool = True
+    find_unused_parameters: bool = False
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
 from detrkit.data.collate import pad_images
+from detrkit.data.image import open_rgb, to_rgb
 from detrkit.convert.formats import load_pretrained
 from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.train import amp_dtype, resolve_device, val_transforms
@@ -51,10 +52,9 @@ def to_pil(image) -> Image.Image:
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
-        with Image.open(path) as img:
-            return ImageOps.exif_transpose(img).convert("RGB")
+        return open_rgb(path)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, Tensor):
         arr = image.detach().cpu()
         arr = (arr * 255).round().clamp(0, 255).byte() if arr.is_floating_point() else arr

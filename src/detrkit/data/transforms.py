@@ -8,7 +8,6 @@ shorter side to 800. Every size is a parameter so that lite presets can train at
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
 import torch
@@ -32,12 +31,17 @@ class RandomSizeCrop:
 
     def __call__(self, image, target):
         h, w = F.get_size(image)
-        ch = random.randint(min(self.min_size, h), min(h, self.max_size))
-        cw = random.randint(min(self.min_size, w), min(w, self.max_size))
-        top, left = random.randint(0, h - ch), random.randint(0, w - cw)
+        ch = _randint(min(self.min_size, h), min(h, self.max_size))
+        cw = _randint(min(self.min_size, w), min(w, self.max_size))
+        top, left = _randint(0, h - ch), _randint(0, w - cw)
         image = F.crop(image, top, left, ch, cw)
         target = {**target, "boxes": F.crop(target["boxes"], top, left, ch, cw)}
         return image, target
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform in [low, high] from torch's generator, like the v2 transforms (one seed makes a sample exact)."""
+    return int(torch.randint(low, high + 1, ()).item())
 
 
 def build_transforms(

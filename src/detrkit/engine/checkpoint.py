@@ -4,16 +4,20 @@ A checkpoint is a folder::
 
     model.safetensors   weights; metadata["detrkit"] = json of {model, num_classes, model_args, class_names,
                         label_to_cat, image_size}: enough to rebuild the model and name its predictions
-    state.pt            optimizer / scheduler / scaler / epoch / step / RNG state (tensors and plain data
+    state.pt            optimizer / scaler / EMA / epoch / batch / step / RNG state (tensors and plain data
                         only, so it loads with torch.load(weights_only=True))
 
 The model file alone is enough for inference: ``Detector("model.safetensors")`` works.
-Folders are written to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+Folders are written to a temporary name, flushed to disk and renamed, so a crash (or SIGKILL) at any moment
+leaves either the previous checkpoint or the new one, never half of one. A training run keeps its last N
+checkpoints as ``checkpoints/step_<step>/`` (the newest resumes) and the best by AP as ``checkpoints/best/``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -58,11 +62,57 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, state: dict 
     save_file(_state_for_safetensors(model), str(tmp / WEIGHTS_NAME), metadata={"detrkit": json.dumps(meta)})
     if state is not None:
         torch.save(state, tmp / STATE_NAME)
+    for f in tmp.iterdir():  # on disk before the rename makes the folder count (a power cut, not only a kill)
+        _fsync(f)
+    _fsync(tmp)
     old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
+    _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete ``checkpoints/step_<n>`` folders of a run, oldest first (half-written ones end in .tmp)."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*") if (m := _STEP_DIR.match(p.name))
+             and (p / WEIGHTS_NAME).is_file() and (p / STATE_NAME).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest resumable checkpoint of a training run folder."""
+    found = step_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from (checkpoints/step_*/ with {WEIGHTS_NAME} "
+                              f"and {STATE_NAME}); start the run without --resume.")
+    return found[-1]
+
+
+def save_step_checkpoint(run_dir: str | Path, step: int, model: nn.Module, meta: dict, state: dict,
+                         keep: int) -> Path:
+    """Write ``checkpoints/step_<step>/`` atomically, then delete all but the newest ``keep`` of them."""
+    path = save_checkpoint(Path(run_dir) / "checkpoints" / f"step_{step:08d}", model, meta, state)
+    for old in step_checkpoints(run_dir)[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -70,12 +120,12 @@ def resolve_weights_file(path: str | Path) -> Path:
     """A safetensors file from: the file itself, a checkpoint folder, or a run folder (best, else last)."""
     path = Path(path)
     candidates = [path, path / WEIGHTS_NAME, path / "checkpoints" / "best" / WEIGHTS_NAME,
-                  path / "checkpoints" / "last" / WEIGHTS_NAME]
+                  *(p / WEIGHTS_NAME for p in reversed(step_checkpoints(path)))]
     for c in candidates:
         if c.is_file():
             return c
     raise CheckpointError(f"no detrkit checkpoint at {path}: expected a .safetensors file, a checkpoint folder with "
-                          f"{WEIGHTS_NAME}, or a training run folder (with checkpoints/best or checkpoints/last).")
+                          f"{WEIGHTS_NAME}, or a training run folder (with checkpoints/best or checkpoints/step_*).")
 
 
 def read_meta(path: str | Path) -> dict:

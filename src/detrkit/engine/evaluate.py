@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from detrkit.engine.distributed import broadcast_object, gather_objects, rank
 from detrkit.models.postprocess import postprocess
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -61,11 +62,13 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device | str = "cp
 
     ``label_to_cat``: the model's class index -> category id, when it is not the dataset's (a COCO model with
     91 outputs evaluated on COCO's 80 categories); default ``dataset.label_to_cat``.
+    Under torch.distributed each process runs its shard of ``loader``; the detections are gathered (an image
+    seen twice, from the sampler's padding, counts once) and rank 0's score is returned on every process.
     """
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    results, image_ids = [], []
+    per_image: dict[int, list[dict]] = {}
     for batch in tqdm(loader, desc="eval", disable=not progress, unit="batch", leave=False):
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -73,11 +76,15 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device | str = "cp
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
         dets = postprocess(outputs, sizes, activation=model.activation,
                            label_map=dataset.label_to_cat if label_to_cat is None else label_to_cat)
-        ids = [int(t["image_id"]) for t in batch.targets]
-        results += coco_results(dets, ids)
-        image_ids += ids
+        for t, det in zip(batch.targets, dets):
+            per_image[int(t["image_id"])] = coco_results([det], [int(t["image_id"])])
     model.train(was_training)
-    return coco_box_ap(dataset.coco, results, image_ids)
+    for part in gather_objects(per_image)[1:]:
+        per_image.update(part)
+    metrics = None
+    if rank() == 0:
+        metrics = coco_box_ap(dataset.coco, [r for rs in per_image.values() for r in rs], list(per_image))
+    return broadcast_object(metrics)
 
 
 def write_metrics(metrics: dict, path: str | Path) -> None:

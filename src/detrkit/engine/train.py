@@ -1,8 +1,11 @@
-"""The training loop: AdamW with a step schedule, AMP on GPU, gradient clipping and accumulation,
-a progress bar, a JSONL metrics log, periodic COCO evaluation, checkpoints and ``--resume``."""
+"""The training loop: AdamW with warm-up and a step / multistep / cosine schedule, AMP on GPU (a loss scaler for
+fp16, none for bf16), gradient clipping and accumulation, an EMA of the weights, DDP through torchrun, a progress
+bar, JSONL logs, periodic COCO evaluation, atomic checkpoints (last N + best) and exact ``--resume``, and a guard
+that skips non-finite steps and stops after too many in a row."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -14,21 +17,31 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from detrkit.config import TrainConfig, apply_recipe, dataset_split, scales_for
 from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
-from detrkit.engine.checkpoint import load_state, load_weights, save_checkpoint
+from detrkit.data.sampler import EpochSampler, SeededSamples
+from detrkit.engine import distributed as D
+from detrkit.engine.checkpoint import (latest_checkpoint, load_state, load_weights, save_checkpoint,
+                                       save_step_checkpoint)
+from detrkit.engine.ema import ModelEMA
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
+from detrkit.engine.schedule import LRSchedule
 from detrkit.losses import build_criterion
 from detrkit.convert.formats import load_pretrained
 from detrkit.registry import create_model, model_info, resolve_weights
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says what to do."""
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
@@ -50,12 +63,12 @@ def val_transforms(image_size: int, *, with_boxes: bool = True):
     return build_transforms(False, val_size=recipe["val_size"], max_size=recipe["max_size"], with_boxes=with_boxes)
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
+def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetection, CocoDetection]:
     size = cfg.image_size or max(model_info(cfg.model).input_size)
     recipe = scales_for(size)
     val_tf = val_transforms(size)
     train_tf = build_transforms(True, crop=cfg.crop, **recipe) if cfg.augment else val_tf
-    opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress)
+    opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
     (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
     train = CocoDetection(ti, ta, transforms=train_tf, source=ts, **opts)
     val = CocoDetection(vi, va, transforms=val_tf, source=vs, **opts)
@@ -86,145 +99,285 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """One training run described by a :class:`TrainConfig`; ``Trainer(cfg).fit()`` returns the final metrics."""
+    """One training run described by a :class:`TrainConfig`; ``Trainer(cfg).fit()`` returns the final metrics.
+
+    Under ``torchrun`` every process builds the same Trainer: each trains on its shard of every batch
+    (``batch_size`` images per process), DDP averages the gradients, and rank 0 alone writes logs and
+    checkpoints and shows progress.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
+        self.dist = D.init_distributed(cfg.device)
+        self.main = self.dist.is_main
         if cfg.recipe:
             cfg = apply_recipe(cfg)
-            tqdm.write(f"{cfg.model}: the paper's recipe {model_info(cfg.model).recipe}")
+            if self.main:
+                tqdm.write(f"{cfg.model}: the paper's recipe {model_info(cfg.model).recipe}")
         self.cfg = cfg
-        seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed + self.dist.rank)
+        self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(self.out / "config.yaml")
-
-        self.train_set, self.val_set = build_datasets(cfg)
-        train_sub = self.train_set if cfg.max_train_images is None else Subset(self.train_set, range(min(cfg.max_train_images, len(self.train_set))))
-        val_sub = self.val_set if cfg.max_val_images is None else Subset(self.val_set, range(min(cfg.max_val_images, len(self.val_set))))
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        loader_args = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers,
-                           persistent_workers=cfg.num_workers > 0, pin_memory=self.device.type == "cuda")
-        self.train_loader = DataLoader(train_sub, sampler=RandomSampler(train_sub, generator=self.generator),
-                                       drop_last=len(train_sub) >= cfg.batch_size, generator=self.generator, **loader_args)
-        self.val_loader = DataLoader(val_sub, shuffle=False, **loader_args)
-
-        model_args = dict(cfg.model_args)
-        if cfg.weights:  # fine-tuning: the layout may imply builder settings (detrex DINO), which the checkpoints keep
-            self.model, loaded = load_pretrained(cfg.model, resolve_weights(cfg.model, cfg.weights, **model_args),
-                                                 num_classes=self.train_set.num_classes, **model_args)
-            model_args = loaded["model_args"]
-        else:
-            self.model = create_model(cfg.model, num_classes=self.train_set.num_classes, **model_args)
-        self.model.to(self.device)
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model  # saved: self.model
-        # channels-last convolutions: ~20% faster backbone steps on CPU (oneDNN) and with AMP on GPU
-        self.model.to(memory_format=torch.channels_last)
-        self.criterion = build_criterion(self.model).to(self.device)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.to_yaml(self.out / "config.yaml")
+        self.train_set, self.val_set = build_datasets(cfg, progress=self.main)
+        self._build_loaders()
+        self._build_model()
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.lr, cfg.lr_backbone), weight_decay=cfg.weight_decay)
-        lr_drop = cfg.lr_drop if cfg.lr_drop is not None else max(1, round(cfg.epochs * 2 / 3))
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=lr_drop, gamma=cfg.lr_gamma)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.epoch, self.step, self.best_ap = 0, 0, -1.0
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        self.steps_per_epoch = -(-self.batches_per_epoch // cfg.accumulate)
+        self.schedule = LRSchedule(cfg.lr_schedule, self.steps_per_epoch, cfg.epochs * self.steps_per_epoch,
+                                   warmup_steps=cfg.warmup_steps, milestones=tuple(cfg.lr_milestones),
+                                   lr_drop=cfg.lr_drop if cfg.lr_drop is not None else max(1, round(cfg.epochs * 2 / 3)),
+                                   gamma=cfg.lr_gamma, min_lr_ratio=cfg.min_lr_ratio)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)  # bf16: none
+        # where the run is: epochs done, batches of the current epoch done, optimizer steps done
+        self.epoch, self.batch, self.step, self.best_ap, self.bad_steps, self.running = 0, 0, 0, -1.0, 0, {}
         self.meta = {
             "model": cfg.model, "num_classes": self.train_set.num_classes,
-            "model_args": {k: v for k, v in model_args.items() if k != "pretrained_backbone"},
+            "model_args": {k: v for k, v in self.model_args.items() if k != "pretrained_backbone"},
             "class_names": self.train_set.class_names, "label_to_cat": self.train_set.label_to_cat,
             "image_size": cfg.image_size or max(model_info(cfg.model).input_size),
         }
         if cfg.resume:
             self._resume(cfg.resume)
+        self._set_lr()
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- set-up ------------------------------------------------------------------------------------
+    def _build_loaders(self) -> None:
+        cfg, d = self.cfg, self.dist
+        train = self.train_set if cfg.max_train_images is None else Subset(self.train_set, range(min(cfg.max_train_images, len(self.train_set))))
+        val = self.val_set if cfg.max_val_images is None else Subset(self.val_set, range(min(cfg.max_val_images, len(self.val_set))))
+        self.train_sampler = EpochSampler(len(train), shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+        per_rank = len(self.train_sampler)
+        drop_last = per_rank >= cfg.batch_size
+        self.batches_per_epoch = per_rank // cfg.batch_size if drop_last else -(-per_rank // cfg.batch_size)
+        # the loaders get their own generator: making an iterator draws from it, never from the global RNG
+        # that dropout and denoising use (that one is checkpointed and must see the same draws after a resume)
+        args = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers, generator=torch.Generator(),
+                    persistent_workers=cfg.num_workers > 0, pin_memory=self.device.type == "cuda")
+        self.train_loader = DataLoader(SeededSamples(train, cfg.seed), sampler=self.train_sampler, drop_last=drop_last, **args)
+        val_sampler = EpochSampler(len(val), shuffle=False, rank=d.rank, world_size=d.world_size)
+        self.val_loader = DataLoader(SeededSamples(val, cfg.seed), sampler=val_sampler, **args)
+
+    def _build_model(self) -> None:
+        cfg, model_args = self.cfg, dict(self.cfg.model_args)
+        if cfg.weights:  # fine-tuning: the layout may imply builder settings (detrex DINO), which the checkpoints keep
+            model, loaded = load_pretrained(cfg.model, resolve_weights(cfg.model, cfg.weights, **model_args),
+                                            num_classes=self.train_set.num_classes, **model_args)
+            model_args = loaded["model_args"]
+        else:
+            model = create_model(cfg.model, num_classes=self.train_set.num_classes, **model_args)
+        self.model_args = model_args
+        model.to(self.device)
+        # channels-last convolutions: ~20% faster backbone steps on CPU (oneDNN) and with AMP on GPU
+        model.to(memory_format=torch.channels_last)
+        if self.dist.enabled and cfg.sync_bn and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+        self.model = model  # the plain module: what is saved and evaluated
+        self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
+        self.ddp = None
+        if self.dist.enabled:
+            self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                               find_unused_parameters=cfg.find_unused_parameters)
+        wrapped = self.ddp or model
+        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.eval_model = self.forward_model if cfg.compile and not self.dist.enabled else model
+        self.criterion = build_criterion(model).to(self.device)
+
+    def _set_lr(self) -> None:
+        factor = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    # -- checkpoints -------------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {
-            "epoch": self.epoch, "step": self.step, "best_ap": self.best_ap,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "generator": self.generator.get_state(), "config": json.dumps(asdict(self.cfg)),
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+        state = {
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "best_ap": self.best_ap,
+            "bad_steps": self.bad_steps, "running": dict(self.running),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": D.gather_objects(rng), "world_size": self.dist.world_size, "config": json.dumps(asdict(self.cfg)),
         }
+        if self.ema is not None:  # model.safetensors holds the average; the raw weights resume training
+            state["model"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            state["ema_updates"] = self.ema.updates
+        return state
+
+    def _save(self) -> None:
+        """A resumable checkpoint of where the run is now (collective: every process calls it)."""
+        state = self._state()
+        saved = self.ema.module if self.ema is not None else self.model
+        if not all(torch.isfinite(p).all() for p in saved.parameters()):
+            if self.main:
+                warnings.warn(f"step {self.step}: the weights hold NaN / inf; not saving them over the last good "
+                              "checkpoint", stacklevel=2)
+            return
+        if self.main:
+            save_step_checkpoint(self.out, self.step, saved, self.meta, state, keep=self.cfg.keep_checkpoints)
+        D.barrier()
 
     def _resume(self, where: str) -> None:
-        path = self.out / "checkpoints" / "last" if where in ("last", "true", "True") else Path(where)
-        load_weights(self.model, path)
+        path = latest_checkpoint(self.out) if where in ("last", "true", "True") else Path(where)
         state = load_state(path)
+        if self.ema is not None and "model" in state:
+            load_weights(self.ema.module, path)
+            self.model.load_state_dict(state["model"])
+            self.ema.updates = int(state["ema_updates"])
+        else:
+            load_weights(self.model, path)
+            if self.ema is not None:  # EMA switched on for the resumed part: start it from the weights
+                self.ema = ModelEMA(self.model, self.cfg.ema_decay, self.cfg.ema_warmup)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.generator.set_state(state["generator"])
-        self.epoch, self.step, self.best_ap = int(state["epoch"]), int(state["step"]), float(state["best_ap"])
-        tqdm.write(f"resumed from {path} at epoch {self.epoch}, step {self.step}")
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            torch.set_rng_state(rng[self.dist.rank]["torch"])
+            if rng[self.dist.rank]["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng[self.dist.rank]["cuda"])
+        elif self.main:
+            warnings.warn(f"{path} was saved by {len(rng)} processes and resumes on {self.dist.world_size}: the data "
+                          "order is the same, dropout / denoising noise will differ", stacklevel=2)
+        self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        self.best_ap, self.bad_steps, self.running = float(state["best_ap"]), int(state["bad_steps"]), dict(state["running"])
+        if self.main:
+            _truncate_log(self.out / "metrics.jsonl", "epoch", self.epoch)
+            _truncate_log(self.out / "steps.jsonl", "step", self.step)
+            tqdm.write(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.batch}, step {self.step}")
 
-    def _log(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def _log(self, name: str, record: dict) -> None:
+        if self.main:
+            with open(self.out / name, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    # -- loop --------------------------------------------------------------------------------
+    # -- loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         cfg, metrics = self.cfg, {}
-        started, images_seen, batches_run = time.perf_counter(), 0, 0
-        total_batches = cfg.epochs * len(self.train_loader)
-        while self.epoch < cfg.epochs:
-            self.model.train()
-            bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                       unit="batch", dynamic_ncols=True)
-            running = {}
-            for i, batch in enumerate(bar):
-                batch = batch.to(self.device, non_blocking=True)
-                batch.images = batch.images.contiguous(memory_format=torch.channels_last)
-                losses = self._train_step(batch, i)
-                images_seen, batches_run = images_seen + len(batch), batches_run + 1
-                for k, v in losses.items():
-                    running[k] = running.get(k, 0.0) + v
-                elapsed = time.perf_counter() - started
-                left = total_batches - (self.epoch * len(self.train_loader) + i + 1)
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
-                                img_s=f"{images_seen / elapsed:.1f}", eta=_fmt_time(elapsed / batches_run * left))
-            self.epoch += 1
-            self.scheduler.step()
-            record = {"epoch": self.epoch, "step": self.step, **{k: v / max(1, len(self.train_loader)) for k, v in running.items()},
-                      "lr": self.optimizer.param_groups[0]["lr"], "time": time.perf_counter() - started}
-            if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
-                metrics = evaluate(self.forward_model, self.val_loader, self.val_set, self.device, amp_dtype=self.amp_dtype, progress=cfg.progress)
-                record.update({f"val_{k}": v for k, v in metrics.items()})
-                tqdm.write(f"epoch {self.epoch}: loss {record.get('loss', float('nan')):.3f}  AP {100 * metrics['AP']:.2f}  AP50 {100 * metrics['AP50']:.2f}")
-                if metrics["AP"] > self.best_ap:
-                    self.best_ap = metrics["AP"]
-                    save_checkpoint(self.out / "checkpoints" / "best", self.model, {**self.meta, "metrics": metrics})
-            self._log(record)
-            save_checkpoint(self.out / "checkpoints" / "last", self.model, self.meta, self._state())
-        if not metrics:  # resumed after the last epoch: evaluate what we have
-            metrics = evaluate(self.forward_model, self.val_loader, self.val_set, self.device, amp_dtype=self.amp_dtype, progress=cfg.progress)
-        final = {**metrics, "epoch": self.epoch, "model": cfg.model, "train_time_s": round(time.perf_counter() - started, 1)}
-        write_metrics(final, self.out / "metrics.json")
-        print(format_metrics(metrics))
+        self.started, self.images_seen, self.batches_run = time.perf_counter(), 0, 0
+        try:
+            while self.epoch < cfg.epochs:
+                self._train_epoch()
+                self.epoch, self.batch = self.epoch + 1, 0
+                record = {"epoch": self.epoch, "step": self.step,
+                          **{k: v / max(1, self.batches_per_epoch) for k, v in self.running.items()},
+                          "lr": self.optimizer.param_groups[0]["lr"], "time": time.perf_counter() - self.started}
+                self.running = {}
+                if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+                    metrics = self._evaluate()
+                    record.update({f"val_{k}": v for k, v in metrics.items()})
+                    if self.main:
+                        tqdm.write(f"epoch {self.epoch}: loss {record.get('loss', float('nan')):.3f}  "
+                                   f"AP {100 * metrics['AP']:.2f}  AP50 {100 * metrics['AP50']:.2f}")
+                    if metrics["AP"] > self.best_ap:
+                        self.best_ap = metrics["AP"]
+                        if self.main:
+                            saved = self.ema.module if self.ema is not None else self.model
+                            save_checkpoint(self.out / "checkpoints" / "best", saved, {**self.meta, "metrics": metrics})
+                self._log("metrics.jsonl", record)
+                self._save()
+            if not metrics:  # resumed after the last epoch: evaluate what we have
+                metrics = self._evaluate()
+        finally:
+            D.cleanup()
+        final = {**metrics, "epoch": self.epoch, "model": cfg.model, "train_time_s": round(time.perf_counter() - self.started, 1)}
+        if self.main:
+            write_metrics(final, self.out / "metrics.json")
+            print(format_metrics(metrics))
         return final
 
-    def _train_step(self, batch, index: int) -> dict[str, float]:
+    def _evaluate(self) -> dict[str, float]:
+        model = self.ema.module if self.ema is not None else self.eval_model
+        return evaluate(model, self.val_loader, self.val_set, self.device, amp_dtype=self.amp_dtype,
+                        progress=self.cfg.progress and self.main)
+
+    def _train_epoch(self) -> None:
         cfg = self.cfg
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            outputs = self.forward_model(batch.images, batch.padding_mask, batch.targets)
-        losses = self.criterion(outputs, batch.targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            warnings.warn(f"non-finite loss at step {self.step} (epoch {self.epoch + 1}, batch {index}); step skipped",
-                          stacklevel=2)
-            self.optimizer.zero_grad(set_to_none=True)
-            return {"loss": float("nan")}
-        self.scaler.scale(loss / cfg.accumulate).backward()
-        if (index + 1) % cfg.accumulate == 0 or index + 1 == len(self.train_loader):
-            self.scaler.unscale_(self.optimizer)
-            if cfg.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_max_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+        self.model.train()
+        self.train_sampler.set_epoch(self.epoch, start=self.batch * cfg.batch_size)
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and self.main),
+                   unit="batch", dynamic_ncols=True, initial=self.batch, total=self.batches_per_epoch)
+        total_batches = cfg.epochs * self.batches_per_epoch
+        for batch in bar:
+            batch = batch.to(self.device, non_blocking=True)
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+            losses, stepped = self._train_step(batch, self.batch)
+            self.batch, self.images_seen, self.batches_run = self.batch + 1, self.images_seen + len(batch), self.batches_run + 1
+            for k, v in losses.items():
+                self.running[k] = self.running.get(k, 0.0) + v
+            elapsed = time.perf_counter() - self.started
+            left = total_batches - (self.epoch * self.batches_per_epoch + self.batch)
+            bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
+                            img_s=f"{self.images_seen * self.dist.world_size / elapsed:.1f}",
+                            eta=_fmt_time(elapsed / self.batches_run * left))
+            if stepped and cfg.log_every and self.step % cfg.log_every == 0:
+                self._log("steps.jsonl", {"step": self.step, "epoch": self.epoch + 1, "batch": self.batch, **losses,
+                                          "lr": self.optimizer.param_groups[0]["lr"]})
+            if stepped and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.batch < self.batches_per_epoch:
+                self._save()
+
+    def _train_step(self, batch, index: int) -> tuple[dict[str, float], bool]:
+        """Forward and backward one batch; an optimizer step after every ``accumulate`` batches.
+        Returns (the batch's losses, whether the optimizer stepped)."""
+        cfg = self.cfg
+        last_micro = (index + 1) % cfg.accumulate == 0 or index + 1 == self.batches_per_epoch
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not last_micro else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                outputs = self.forward_model(batch.images, batch.padding_mask, batch.targets)
+            losses = self.criterion(outputs, batch.targets)
+            loss = sum(losses.values())
+            if D.any_true(not bool(torch.isfinite(loss)), self.device):  # every process skips together
+                self._bad_step("loss", batch, index)
+                return {}, False
+            self.scaler.scale(loss / cfg.accumulate).backward()
         logged = {k: v for k, v in losses.items() if "_aux" not in k}
-        values = torch.stack([loss.detach(), *(v.detach() for v in logged.values())]).tolist()  # one host transfer
-        return dict(zip(["loss", *logged], values))
+        values = D.all_reduce_mean(torch.stack([loss.detach(), *(v.detach() for v in logged.values())]))
+        values = dict(zip(["loss", *logged], values.tolist()))  # one host transfer; the global batch's losses
+        if not last_micro:
+            return values, False
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_max_norm if cfg.clip_max_norm > 0 else math.inf)
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):  # (fp16's scaler skips such steps itself)
+            self._bad_step("gradient", batch, index)
+            return values, False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step, self.bad_steps = self.step + 1, 0
+        self._set_lr()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return values, True
+
+    def _bad_step(self, what: str, batch, index: int) -> None:
+        """Skip a step whose loss or gradient is not finite; stop after ``max_bad_steps`` in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        ids = [int(t["image_id"]) for t in batch.targets]
+        if self.main:
+            warnings.warn(f"non-finite {what} at step {self.step + 1} (epoch {self.epoch + 1}, batch {index}, image ids "
+                          f"{ids}); step skipped ({self.bad_steps} in a row)", stacklevel=3)
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            try:
+                last = f"the last good checkpoint, {latest_checkpoint(self.out)}, is intact: resume from it (--resume last)"
+            except Exception:
+                last = "no checkpoint was written yet"
+            raise TrainingError(f"{self.bad_steps} steps in a row had a non-finite {what} (the last at epoch "
+                                f"{self.epoch + 1}, batch {index}, image ids {ids}); training stopped. {last} with a "
+                                "lower --lr, a --warmup_steps ramp, --amp none or --clip_max_norm 0.1, and check the "
+                                "data with `detrkit data check`.")
+
+
+def _truncate_log(file: Path, key: str, upto: int) -> None:
+    """Keep the records of ``file`` up to ``upto`` (what a resumed run will write again comes after)."""
+    if not file.is_file():
+        return
+    keep = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line).get(key, 0) <= upto]
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(file)
 
 
 def _fmt_time(seconds: float) -> str:
