@@ -19,3 +19,28 @@ def _seed():
 
 # Settings that make any preset tiny enough for CPU tests.
 TINY = dict(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64, num_queries=10)
+
+
+# The fault-injection suite (tests/test_faults.py, `python -m pytest -m faults`) records what it tried here and
+# prints the list at the end of the run (also saved in .pytest_cache/v/detrkit/faults).
+FAULTS: list[dict] = []
+
+
+@pytest.fixture
+def record_fault(request):
+    def record(fault: str, outcome: str) -> None:
+        FAULTS.append({"test": request.node.name, "fault": fault, "outcome": outcome})
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not FAULTS:
+        return
+    terminalreporter.section("fault injection: what was tried")
+    width = max(len(f["fault"]) for f in FAULTS)
+    for f in FAULTS:
+        terminalreporter.write_line(f"{f['fault']:<{width}}  ->  {f['outcome']}")
+    terminalreporter.write_line(f"{len(FAULTS)} faults injected")
+    if config.cache is not None:
+        config.cache.set("detrkit/faults", FAULTS)

@@ -37,3 +37,22 @@ def test_cuda_autocast_step_matches_fp32_direction(dtype):
     assert torch.isfinite(total)
     total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_training_with_amp_scales_fp16_only_and_resumes_the_scaler(synth_dir, tmp_path, amp):
+    """fp16 trains with a dynamic loss scaler (its state checkpointed), bf16 without one."""
+    from detrkit.config import TrainConfig
+    from detrkit.engine.checkpoint import latest_checkpoint, load_state
+    from detrkit.engine.train import Trainer
+
+    cfg = TrainConfig(model="deformable_detr_lite", data=str(synth_dir), output_dir=str(tmp_path / "run"),
+                      model_args=dict(TINY), image_size=96, batch_size=2, epochs=1, num_workers=0, progress=False,
+                      amp=amp, device="cuda", ema=True)
+    trainer = Trainer(cfg)
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    trainer.fit()
+    state = load_state(latest_checkpoint(tmp_path / "run"))
+    assert ("scale" in state["scaler"]) == (amp == "fp16") and state["ema_updates"] == trainer.step

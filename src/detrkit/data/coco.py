@@ -99,7 +99,7 @@ class CocoDetection(torch.utils.data.Dataset):
                           f"{dropped['annotations']} annotation(s) with errors "
                           f"({len(self.report.errors)} problems; `detrkit data check` lists them)", stacklevel=2)
         self.transforms = transforms
-        self.drop_crowd = drop_crowd
+        self.drop_crowd, self.skip_invalid = drop_crowd, skip_invalid
         self.images = sorted(self.coco["images"], key=lambda im: im["id"])
         self.cat_ids = sorted(c["id"] for c in self.coco["categories"])
         self.cat_to_label = {cid: i for i, cid in enumerate(self.cat_ids)}
@@ -125,6 +125,17 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(f"cannot read image {path} ({e}); replace the file or remove it from {self.ann_file}.") from None
 
     def __getitem__(self, index: int):
+        for attempt in range(len(self)):
+            try:
+                return self._sample((index + attempt) % len(self))
+            except DatasetError as e:
+                if not self.skip_invalid:
+                    raise
+                # a file the header check could not see is broken (truncated): train on the next image instead
+                warnings.warn(f"{e} --skip_invalid: the next image is used in its place.", stacklevel=2)
+        raise DatasetError(f"no image of {self.ann_file} can be read")
+
+    def _sample(self, index: int):
         info = self.images[index]
         image = self.load_image(index)
         w, h = image.size

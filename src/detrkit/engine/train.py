@@ -25,8 +25,8 @@ from detrkit.config import TrainConfig, apply_recipe, dataset_split, scales_for
 from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
 from detrkit.data.sampler import EpochSampler, SeededSamples
 from detrkit.engine import distributed as D
-from detrkit.engine.checkpoint import (latest_checkpoint, load_state, load_weights, save_checkpoint,
-                                       save_step_checkpoint)
+from detrkit.engine.checkpoint import (CheckpointError, latest_checkpoint, load_state, load_weights, read_meta, save_checkpoint,
+                                       save_step_checkpoint, step_checkpoints)
 from detrkit.engine.ema import ModelEMA
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
 from detrkit.engine.schedule import LRSchedule
@@ -220,8 +220,15 @@ class Trainer:
         D.barrier()
 
     def _resume(self, where: str) -> None:
-        path = latest_checkpoint(self.out) if where in ("last", "true", "True") else Path(where)
-        state = load_state(path)
+        found = self._resumable(where)
+        if found is None:  # `--resume last` before the first checkpoint was written: start over
+            if self.main:
+                warnings.warn(f"--resume {where}: {self.out} has no checkpoint yet; training starts from the beginning",
+                              stacklevel=3)
+                _truncate_log(self.out / "metrics.jsonl", "epoch", 0)
+                _truncate_log(self.out / "steps.jsonl", "step", 0)
+            return
+        path, state = found
         if self.ema is not None and "model" in state:
             load_weights(self.ema.module, path)
             self.model.load_state_dict(state["model"])
@@ -246,6 +253,27 @@ class Trainer:
             _truncate_log(self.out / "metrics.jsonl", "epoch", self.epoch)
             _truncate_log(self.out / "steps.jsonl", "step", self.step)
             tqdm.write(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.batch}, step {self.step}")
+
+    def _resumable(self, where: str) -> tuple[Path, dict] | None:
+        """The checkpoint to resume and its state: ``where``, or the run's newest that reads back (a file
+        damaged after its write, e.g. by a full disk, is reported and the one before it used); None when the
+        run has no checkpoint yet (so that a job script can always pass ``--resume last``)."""
+        if where not in ("last", "true", "True"):
+            return Path(where), load_state(where)
+        candidates = step_checkpoints(self.out)
+        for path in reversed(candidates):
+            try:
+                state = load_state(path)
+                read_meta(path)
+                return path, state
+            except Exception as e:  # noqa: BLE001 - any damage: try the previous one
+                if self.main:
+                    warnings.warn(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); trying the one before it",
+                                  stacklevel=3)
+        if not candidates:
+            return None
+        raise CheckpointError(f"none of the {len(candidates)} checkpoints in {self.out / 'checkpoints'} can be read "
+                              "(see the warnings); start the run again without --resume.")
 
     def _log(self, name: str, record: dict) -> None:
         if self.main:
