@@ -146,3 +146,16 @@ def test_non_finite_gradient_is_skipped(synth_dir, tmp_path):
     with pytest.warns(UserWarning, match="non-finite gradient at step 1"):
         trainer.fit()
     assert trainer.step == 3 and torch.isfinite(param).all()
+
+
+def test_a_diverged_model_stops_training_and_is_never_saved(synth_dir, tmp_path):
+    """NaN weights (as after an exploding update): every prediction is NaN, the matcher refuses them, each step
+    is skipped, training stops, and the NaN weights are not written over the last good checkpoint."""
+    trainer = _tiny_trainer(synth_dir, tmp_path / "run", max_bad_steps=3)
+    with torch.no_grad():
+        trainer.model.class_embed.weight.fill_(float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss.*no checkpoint was written yet"):
+            trainer.fit()
+    assert step_checkpoints(tmp_path / "run") == []

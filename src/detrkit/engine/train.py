@@ -354,9 +354,13 @@ class Trainer:
         with no_sync:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 outputs = self.forward_model(batch.images, batch.padding_mask, batch.targets)
-            losses = self.criterion(outputs, batch.targets)
-            loss = sum(losses.values())
-            if D.any_true(not bool(torch.isfinite(loss)), self.device):  # every process skips together
+            try:
+                losses = self.criterion(outputs, batch.targets)
+                loss = sum(losses.values())
+                finite = bool(torch.isfinite(loss))
+            except FloatingPointError:  # the matcher refuses NaN / inf predictions (a diverged model)
+                finite = False
+            if D.any_true(not finite, self.device):  # every process skips together
                 self._bad_step("loss", batch, index)
                 return {}, False
             self.scaler.scale(loss / cfg.accumulate).backward()
