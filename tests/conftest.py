@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
-from detrkit.data import make_synthetic_dataset
+# Without a GPU, Triton kernels (the fused deformable attention) run in Triton's interpreter on the CPU. Set before
+# anything imports triton (detrkit's imports do, through torch): triton decides at import time whether its own
+# library functions are compiled or interpreted. It only affects Triton, not torch.compile's CPU code.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from detrkit.data import make_synthetic_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

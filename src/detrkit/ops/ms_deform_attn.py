@@ -8,18 +8,20 @@ where p are sampling locations (normalized [0, 1] coordinates of level l's map) 
 weights that sum to one over levels x points. V_h,l(p) is read with bilinear interpolation, zero
 outside the map, pixel centres at (i + 0.5) / size (``align_corners=False``), which is what the
 official CUDA op computes. This module holds the operation itself (the projections around it live
-in :mod:`detrkit.layers.deformable`) with one entry point and a backend switch.
+in :mod:`detrkit.layers.deformable`) with one entry point and a backend switch: the fused Triton kernels of
+:mod:`detrkit.ops.ms_deform_attn_triton` on CUDA, this reference everywhere else.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 
 LevelShapes = Tensor | Sequence[tuple[int, int]]  # (levels, 2) tensor or list of (h, w)
@@ -89,12 +91,25 @@ def ms_deform_attn(
             reference backend derives it from ``spatial_shapes``).
         sampling_locations: (B, Lq, heads, levels, points, 2) normalized (x, y) in [0, 1]; points outside read zeros.
         attention_weights: (B, Lq, heads, levels, points), normally softmaxed over levels x points.
-        backend: ``"auto"`` (the fastest available for the inputs' device) or ``"reference"`` (pure PyTorch).
+        backend: ``"auto"`` (the fused Triton kernel on CUDA when Triton is installed, the pure-PyTorch reference
+            everywhere else), ``"reference"`` or ``"triton"`` (also on CPU under ``TRITON_INTERPRET=1``, for tests).
 
     Returns:
         (B, Lq, heads * head_dim), in the dtype of ``value``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown ms_deform_attn backend {backend!r}; choose one of {BACKENDS}")
-    # "auto" resolves to the pure-PyTorch reference until a fused GPU kernel is added.
+    if backend == "triton" or (backend == "auto" and value.is_cuda and _triton_available()):
+        from detrkit.ops.ms_deform_attn_triton import ms_deform_attn_triton
+
+        return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
