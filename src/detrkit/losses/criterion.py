@@ -72,10 +72,14 @@ class SetCriterion(nn.Module):
     def forward(self, outputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """outputs: DetectionOutput; targets: per image {"labels": (n,) int64 in [0, K), "boxes": (n, 4) cxcywh}."""
         num_boxes = self._num_boxes(targets, outputs.pred_boxes.device)
-        losses = self._layer_losses(outputs.pred_logits, outputs.pred_boxes, targets, num_boxes, suffix="")
+        layers = [("", outputs.pred_logits, outputs.pred_boxes)]
         if self.config.aux_loss:
-            for i, aux in enumerate(outputs.aux_outputs):
-                losses.update(self._layer_losses(aux["pred_logits"], aux["pred_boxes"], targets, num_boxes, f"_aux{i}"))
+            layers += [(f"_aux{i}", aux["pred_logits"], aux["pred_boxes"]) for i, aux in enumerate(outputs.aux_outputs)]
+        # every decoder layer is matched in one pass (one device -> host transfer), then each gets its losses
+        matches = self.matcher.match_layers([lg for _, lg, _ in layers], [bx for _, _, bx in layers], targets)
+        losses = {}
+        for (suffix, logits, boxes), indices in zip(layers, matches):
+            losses.update(self._layer_losses(logits, boxes, targets, num_boxes, suffix, indices))
         if outputs.enc_outputs is not None:
             enc = outputs.enc_outputs
             enc_targets = targets
@@ -130,8 +134,10 @@ class SetCriterion(nn.Module):
             LOSS_GIOU + suffix: c.giou_weight * loss_giou,
         }
 
-    def _layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: float, suffix: str) -> dict[str, Tensor]:
-        indices = self.matcher(logits, boxes, targets)
+    def _layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: float, suffix: str,
+                      indices: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
+        if indices is None:
+            indices = self.matcher(logits, boxes, targets)
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
         matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])

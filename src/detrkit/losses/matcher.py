@@ -3,8 +3,9 @@
 The matching cost of prediction i and object j is
     cost_class * C_class(i, j) + cost_bbox * |b_i - b_j|_1 + cost_giou * (-GIoU(b_i, b_j)),
 and the Hungarian algorithm (scipy's linear_sum_assignment) picks the assignment of least total
-cost per image. All cost matrices of a batch are computed on the device in one pass and moved to
-the CPU in one transfer; only the assignment itself runs per image.
+cost per image. The cost matrices of a whole batch, for every decoder layer at once, are computed on
+the device in one pass and moved to the CPU in one transfer (one GPU sync per training step instead
+of one per layer); only the assignment itself runs per layer and image.
 """
 
 from __future__ import annotations
@@ -67,18 +68,31 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """Returns, per image, (prediction indices, target indices), each (min(Q, n_i),) int64 on the CPU."""
+        return self.match_layers([pred_logits], [pred_boxes], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, logits: list[Tensor], boxes: list[Tensor], targets: list[dict[str, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Match several decoder layers' predictions (each (B, Q, K) / (B, Q, 4)) to the same targets at once:
+        one cost pass over all layers on the device, one transfer to the CPU, then one assignment per layer and
+        image. Returns indices[layer][image] as :meth:`forward` does."""
+        b = len(targets)
         sizes = [len(t["boxes"]) for t in targets]
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
-            return [(empty, empty) for _ in targets]
-        cost = self.cost_matrix(pred_logits, pred_boxes, targets).cpu()  # one device -> host transfer
+            return [[(empty, empty) for _ in targets] for _ in logits]
+        cost = self.cost_matrix(torch.cat(logits), torch.cat(boxes), targets)  # (layers*B, Q, T)
+        cost = cost.cpu()  # the only device -> host transfer (and sync) of the matching
         if not torch.isfinite(cost).all():
             raise FloatingPointError("HungarianMatcher: the cost matrix has NaN or inf (did the model diverge?)")
+        blocks = cost.split(sizes, dim=-1)  # per image i: (layers*B, Q, n_i), of which rows layer*B + i are its own
         indices = []
-        for i, c in enumerate(cost.split(sizes, dim=-1)):  # c: (B, Q, n_i); image i's block is c[i]
-            if sizes[i] == 0:
-                indices.append((empty, empty))
-                continue
-            rows, cols = linear_sum_assignment(c[i].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        for layer in range(len(logits)):
+            per_image = []
+            for i, n in enumerate(sizes):
+                if n == 0:
+                    per_image.append((empty, empty))
+                    continue
+                rows, cols = linear_sum_assignment(blocks[i][layer * b + i].numpy())
+                per_image.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            indices.append(per_image)
         return indices
