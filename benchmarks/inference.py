@@ -26,7 +26,7 @@ import torch
 from detrkit import create_model
 
 
-def _hf_pair(name: str):
+def hf_pair(name: str):
     """(HF model, detrkit model) with the same random weights, or (None, detrkit model) without an HF peer."""
     from transformers import (
         DeformableDetrConfig,
@@ -56,7 +56,7 @@ def _hf_pair(name: str):
     return hf.eval(), model
 
 
-def _time(fn, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
+def time_call(fn, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
     """(median seconds per call, first-call seconds)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -75,6 +75,19 @@ def _time(fn, warmup: int, iters: int, device: torch.device) -> tuple[float, flo
     return statistics.median(times), first
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write_result(result: dict, name: str, device: torch.device, out: str | None) -> Path:
+    path = Path(out or Path(__file__).parent / "results" / f"{name}_{device.type}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="detr_r50,deformable_detr_r50_two_stage,dino_r50_4scale")
@@ -89,7 +102,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for name in args.models.split(","):
-        hf, model = _hf_pair(name)
+        hf, model = hf_pair(name)
         model.to(device)
         variants = [("detrkit eager", model)]
         if args.compile == "true":
@@ -109,7 +122,7 @@ def main() -> None:
                 else:
                     call = lambda net=net, images=images, mask=mask: net(images, mask)  # noqa: E731
                 with torch.inference_mode():
-                    sec, first = _time(call, args.warmup, args.iters, device)
+                    sec, first = time_call(call, args.warmup, args.iters, device)
                 mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
                 base = base or sec
                 rows.append({"model": name, "impl": label, "batch": batch, "images_per_s": batch / sec,
@@ -118,11 +131,9 @@ def main() -> None:
                 print(f"{name:<30} {label:<16} batch {batch}: {batch / sec:7.2f} img/s  {1000 * sec:8.1f} ms  "
                       f"first call {first:6.1f} s  x{base / sec:.2f} vs detrkit eager"
                       + (f"  peak {mem:.0f} MiB" if mem else ""))
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    where = device_name(device)
     result = {"device": where, "torch": torch.__version__, "image": [args.height, args.width], "rows": rows}
-    out = Path(args.out or Path(__file__).parent / "results" / f"inference_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_result(result, "inference", device, args.out)
     print(f"device: {where}; results in {out}")
 
 
