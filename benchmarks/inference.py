@@ -26,8 +26,9 @@ import torch
 from detrkit import create_model
 
 
-def hf_pair(name: str):
-    """(HF model, detrkit model) with the same random weights, or (None, detrkit model) without an HF peer."""
+def hf_pair(name: str, **hf_config):
+    """(HF model, detrkit model) with the same random weights, or (None, detrkit model) without an HF peer.
+    ``hf_config``: HF config overrides (e.g. dropout rates, which do not change the weights)."""
     from transformers import (
         DeformableDetrConfig,
         DeformableDetrForObjectDetection,
@@ -41,12 +42,13 @@ def hf_pair(name: str):
     torch.manual_seed(0)
     if name == "detr_r50":
         hf = DetrForObjectDetection(DetrConfig(backbone_config=ResNetConfig(out_features=["stage4"]),
-                                               use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91))
+                                               use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
+                                               **hf_config))
         convert = convert_hf_detr
     elif name == "deformable_detr_r50_two_stage":
         config = DeformableDetrConfig(backbone_config=ResNetConfig(out_features=["stage2", "stage3", "stage4"]),
                                       use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
-                                      with_box_refine=True, two_stage=True)
+                                      with_box_refine=True, two_stage=True, **hf_config)
         hf = DeformableDetrForObjectDetection(config)
         convert = convert_hf_deformable_detr
     else:

@@ -102,14 +102,14 @@ def main() -> None:
             touched += cfg["batch"] * cfg["queries"] * value.shape[2] * value.shape[3] * value.element_size()
             base = {}
             for name, fn in backends.items():
-                def fwd(fn=fn):
+                def fwd(fn=fn, inputs=(value, loc, weights), shapes=cfg["shapes"]):
                     with torch.no_grad():
-                        fn(value, cfg["shapes"], loc, weights)
+                        fn(inputs[0], shapes, inputs[1], inputs[2])
 
                 leaves = [t.detach().requires_grad_() for t in (value, loc, weights)]
 
-                def fwd_bwd(fn=fn, leaves=leaves):
-                    fn(leaves[0], cfg["shapes"], leaves[1], leaves[2]).float().sum().backward()
+                def fwd_bwd(fn=fn, leaves=leaves, shapes=cfg["shapes"]):
+                    fn(leaves[0], shapes, leaves[1], leaves[2]).float().sum().backward()
 
                 t_f, m_f = _time(fwd, device, args.iters)
                 t_fb, m_fb = _time(fwd_bwd, device, args.iters)
