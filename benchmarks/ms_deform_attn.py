@@ -16,12 +16,9 @@ Prints a table and writes benchmarks/results/ms_deform_attn_<device>.json.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
-from inference import device_name, write_result
+from inference import device_name, time_call, write_result
 
 from detrkit.ops.ms_deform_attn import ms_deform_attn_reference
 
@@ -46,23 +43,15 @@ def _inputs(cfg: dict, dtype, device, heads=8, head_dim=32, points=4):
     return value, loc, weights
 
 
-def _time(fn, device, iters: int) -> tuple[float, float]:
-    """(median seconds, peak extra memory MiB on CUDA) of ``fn``."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    sync()
+def _time(fn, device, iters: int) -> tuple[float, float | None]:
+    """(median seconds after 2 warm-up calls, peak extra memory MiB on CUDA) of ``fn``."""
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+    sec, _ = time_call(fn, 2, iters, device)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    return sec, peak
 
 
 def copy_bandwidth(device) -> float | None:

@@ -37,35 +37,50 @@ def _corner(value_ptr, row_base, xi, yi, w_l, h_l, start, H: tl.constexpr, D: tl
 
 
 @triton.jit
-def _ms_deform_attn_fwd(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, S,
-                        H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
-                        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _program(Lq, S, H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's queries (BLOCK_Q of one image) and head: query and channel indices with their masks, the
+    (b, ., h) row offset into value and the (b, q, h) rows of locations / weights / output."""
     pid, h = tl.program_id(0), tl.program_id(1)
     blocks = tl.cdiv(Lq, BLOCK_Q)
     b, qb = pid // blocks, pid % blocks
     q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Lq
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
     row_base = b.to(tl.int64) * S * H + h  # value row index = (b * S + s) * H + h
     qh = (b.to(tl.int64) * Lq + q) * H + h  # (b, q, h) index into locations / weights / output
+    return q, q < Lq, d, d < D, row_base, qh
+
+
+@triton.jit
+def _point(value_ptr, loc_ptr, attn_ptr, idx, row_base, lvl, shapes_ptr, starts_ptr, H: tl.constexpr,
+           D: tl.constexpr, d, qmask, dmask, ACC: tl.constexpr):
+    """One sampling point of every query: its attention weight, the fractional position (fx, fy) between its four
+    neighbouring pixels, and those pixels' value rows, validity masks and offsets (00, 01 = x+1, 10 = y+1, 11)."""
+    h_l = tl.load(shapes_ptr + 2 * lvl)
+    w_l = tl.load(shapes_ptr + 2 * lvl + 1)
+    start = tl.load(starts_ptr + lvl)
+    a = tl.load(attn_ptr + idx, mask=qmask, other=0.0).to(ACC)
+    x = tl.load(loc_ptr + 2 * idx, mask=qmask, other=0.0).to(ACC) * w_l - 0.5  # pixel centres at i + 0.5
+    y = tl.load(loc_ptr + 2 * idx + 1, mask=qmask, other=0.0).to(ACC) * h_l - 0.5
+    x0f, y0f = tl.floor(x), tl.floor(y)
+    x0, y0 = x0f.to(tl.int32), y0f.to(tl.int32)
+    v00, m00, o00 = _corner(value_ptr, row_base, x0, y0, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
+    v01, m01, o01 = _corner(value_ptr, row_base, x0 + 1, y0, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
+    v10, m10, o10 = _corner(value_ptr, row_base, x0, y0 + 1, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
+    v11, m11, o11 = _corner(value_ptr, row_base, x0 + 1, y0 + 1, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
+    return a, x - x0f, y - y0f, v00, v01, v10, v11, m00, m01, m10, m11, o00, o01, o10, o11
+
+
+@triton.jit
+def _ms_deform_attn_fwd(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, Lq, S,
+                        H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+                        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    q, qmask, d, dmask, row_base, qh = _program(Lq, S, H, D, BLOCK_Q, BLOCK_D)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
     for lvl in tl.static_range(L):
-        h_l = tl.load(shapes_ptr + 2 * lvl)
-        w_l = tl.load(shapes_ptr + 2 * lvl + 1)
-        start = tl.load(starts_ptr + lvl)
         for pt in tl.static_range(P):
             idx = (qh * L + lvl) * P + pt  # (b, q, h, l, p)
-            a = tl.load(attn_ptr + idx, mask=qmask, other=0.0).to(ACC)
-            x = tl.load(loc_ptr + 2 * idx, mask=qmask, other=0.0).to(ACC) * w_l - 0.5
-            y = tl.load(loc_ptr + 2 * idx + 1, mask=qmask, other=0.0).to(ACC) * h_l - 0.5
-            x0f, y0f = tl.floor(x), tl.floor(y)
-            fx, fy = x - x0f, y - y0f
-            x0, y0 = x0f.to(tl.int32), y0f.to(tl.int32)
-            v00, _, _ = _corner(value_ptr, row_base, x0, y0, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
-            v01, _, _ = _corner(value_ptr, row_base, x0 + 1, y0, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
-            v10, _, _ = _corner(value_ptr, row_base, x0, y0 + 1, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
-            v11, _, _ = _corner(value_ptr, row_base, x0 + 1, y0 + 1, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
+            a, fx, fy, v00, v01, v10, v11, _, _, _, _, _, _, _, _ = _point(
+                value_ptr, loc_ptr, attn_ptr, idx, row_base, lvl, shapes_ptr, starts_ptr, H, D, d, qmask, dmask, ACC)
             sample = (v00 * ((1 - fx) * (1 - fy))[:, None] + v01 * (fx * (1 - fy))[:, None]
                       + v10 * ((1 - fx) * fy)[:, None] + v11 * (fx * fy)[:, None])  # (BLOCK_Q, BLOCK_D)
             acc += a[:, None] * sample
@@ -83,33 +98,16 @@ def _ms_deform_attn_bwd(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, gr
                         grad_value_ptr, grad_loc_ptr, grad_attn_ptr, Lq, S,
                         H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    pid, h = tl.program_id(0), tl.program_id(1)
-    blocks = tl.cdiv(Lq, BLOCK_Q)
-    b, qb = pid // blocks, pid % blocks
-    q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    qmask = q < Lq
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    row_base = b.to(tl.int64) * S * H + h
-    qh = (b.to(tl.int64) * Lq + q) * H + h
+    q, qmask, d, dmask, row_base, qh = _program(Lq, S, H, D, BLOCK_Q, BLOCK_D)
     g = tl.load(grad_out_ptr + qh[:, None] * D + d[None, :], mask=qmask[:, None] & dmask[None, :],
                 other=0.0).to(ACC)  # (BLOCK_Q, BLOCK_D)
     for lvl in tl.static_range(L):
         h_l = tl.load(shapes_ptr + 2 * lvl)
         w_l = tl.load(shapes_ptr + 2 * lvl + 1)
-        start = tl.load(starts_ptr + lvl)
         for pt in tl.static_range(P):
             idx = (qh * L + lvl) * P + pt
-            a = tl.load(attn_ptr + idx, mask=qmask, other=0.0).to(ACC)
-            x = tl.load(loc_ptr + 2 * idx, mask=qmask, other=0.0).to(ACC) * w_l - 0.5
-            y = tl.load(loc_ptr + 2 * idx + 1, mask=qmask, other=0.0).to(ACC) * h_l - 0.5
-            x0f, y0f = tl.floor(x), tl.floor(y)
-            fx, fy = x - x0f, y - y0f
-            x0, y0 = x0f.to(tl.int32), y0f.to(tl.int32)
-            v00, m00, o00 = _corner(value_ptr, row_base, x0, y0, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
-            v01, m01, o01 = _corner(value_ptr, row_base, x0 + 1, y0, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
-            v10, m10, o10 = _corner(value_ptr, row_base, x0, y0 + 1, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
-            v11, m11, o11 = _corner(value_ptr, row_base, x0 + 1, y0 + 1, w_l, h_l, start, H, D, d, qmask, dmask, ACC)
+            a, fx, fy, v00, v01, v10, v11, m00, m01, m10, m11, o00, o01, o10, o11 = _point(
+                value_ptr, loc_ptr, attn_ptr, idx, row_base, lvl, shapes_ptr, starts_ptr, H, D, d, qmask, dmask, ACC)
             # <grad_out, corner value> per query: the sample's gradient w.r.t. each bilinear weight
             g00, g01 = tl.sum(g * v00, axis=1), tl.sum(g * v01, axis=1)
             g10, g11 = tl.sum(g * v10, axis=1), tl.sum(g * v11, axis=1)
