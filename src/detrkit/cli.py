@@ -11,6 +11,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from detrkit.config import TrainConfig
+from detrkit.data.commands import add_data_commands, run_data_command
 
 # The demo: the built-in synthetic dataset and the lite preset that learns best on a CPU in about
 # 12 minutes of training on 2 cores (the whole demo stays under 15). Deformable DETR converges far
@@ -122,38 +123,7 @@ def _parser() -> ArgumentParser:
                                                                   "e.g. '{num_queries: 100}'")
     sub.add_subcommand("convert", cv, help="convert official / detrex / HF checkpoints to detrkit")
 
-    data = ArgumentParser(description="Dataset tools.")
-    sub.add_subcommand("data", data, help="dataset tools (synth, check, convert)")
-    data_sub = data.add_subcommands(dest="data_command")
-    synth = ArgumentParser(description="Write the built-in synthetic shapes dataset in COCO format "
-                                       "(DIR/train, DIR/val, DIR/annotations/instances_{train,val}.json).")
-    synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--num_train", type=int, default=1000)
-    synth.add_argument("--num_val", type=int, default=200)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image_size", type=int, default=320, help="nominal image side (each image varies by +-20%%)")
-    synth.add_argument("--max_objects", type=int, default=20)
-    data_sub.add_subcommand("synth", synth, help="generate the synthetic dataset")
-    check = ArgumentParser(description="The dataset doctor: missing, unreadable or truncated images, boxes with zero or "
-                                       "negative size or outside the image, category ids not in 'categories', "
-                                       "duplicate ids, images without annotations, class counts. Prints a report and "
-                                       "exits with status 1 when there are errors (warnings alone: 0).")
-    check.add_argument("path", help="a dataset folder (COCO: annotations/instances_*.json; YOLO: data.yaml; Pascal VOC: "
-                                    "Annotations/ + JPEGImages/), or one COCO json with --images")
-    check.add_argument("--images", help="with a json PATH: the folder its file_names are relative to")
-    check.add_argument("--splits", type=list[str], default=["train", "val"], help="splits of a dataset folder")
-    check.add_argument("--images_check", default="full", help="full (decode every image), header (fast) or none")
-    check.add_argument("--examples", type=int, default=10, help="examples printed per kind of problem")
-    check.add_argument("--report", help="also write the report as JSON here")
-    data_sub.add_subcommand("check", check, help="check a dataset for errors before training")
-    conv = ArgumentParser(description="Convert a YOLO (data.yaml + images/ + labels/) or Pascal VOC (Annotations/ + "
-                                      "JPEGImages/ + ImageSets/Main/) dataset to a COCO folder: "
-                                      "OUT/annotations/instances_{train,val}.json and OUT/{train,val}/ images. "
-                                      "(Training reads those layouts directly too: --data DIR.)")
-    conv.add_argument("source", help="YOLO dataset folder or data.yaml, or a Pascal VOC folder")
-    conv.add_argument("-o", "--output", required=True, help="output folder")
-    conv.add_argument("--images", default="link", help="link (symlink the image folders), copy, or none")
-    data_sub.add_subcommand("convert", conv, help="convert YOLO / Pascal VOC datasets to COCO json")
+    add_data_commands(sub)
     return parser
 
 
@@ -244,65 +214,6 @@ def cmd_convert(args: Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(out, model, meta)
     print(f"wrote {out}: use it with `detrkit predict IMAGE --checkpoint {out}` or detrkit.Detector('{out}')")
-
-
-def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
-    """(images, annotations, source) of each split ``detrkit data check`` should look at."""
-    from detrkit.config import dataset_split
-    from detrkit.data import DatasetError
-
-    path = Path(args.path)
-    if path.suffix == ".json":
-        if not args.images:
-            raise CommandError(f"{path} is a json file: pass --images FOLDER, the folder its file_names are relative to")
-        return [(Path(args.images), path, None)]
-    targets = []
-    for split in args.splits:
-        try:
-            targets.append(dataset_split(TrainConfig(data=str(path)), split))
-        except DatasetError as e:
-            if split == args.splits[0]:
-                raise
-            print(f"({split}: {e})")
-    return targets
-
-
-def cmd_data_check(args: Namespace) -> int:
-    from detrkit.data.check import check_dataset
-    from detrkit.data.coco import load_coco_json, validate_coco
-
-    reports = []
-    for images, ann, source in _check_targets(args):
-        coco = validate_coco(ann, source) if isinstance(ann, dict) else load_coco_json(ann)
-        if not images.is_dir():
-            raise CommandError(f"image folder not found: {images} (images of {source or ann})")
-        report = check_dataset(coco, images, source=str(source or ann), images=args.images_check)
-        print(report.format(examples=args.examples))
-        reports.append(report)
-    if args.report:
-        Path(args.report).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
-    errors = sum(len(r.errors) for r in reports)
-    print(f"{'FAILED' if errors else 'OK'}: {errors} errors, {sum(len(r.warnings) for r in reports)} warnings"
-          + (" (train with --skip_invalid true to drop what has errors)" if errors else ""))
-    return 1 if errors else 0
-
-
-def cmd_data_convert(args: Namespace) -> None:
-    from detrkit.data.formats import convert_dataset
-
-    written = convert_dataset(args.source, args.output, images=args.images)
-    out = Path(args.output)
-    for split, n in written.items():
-        print(f"{split}: {n} images -> {out / 'annotations' / f'instances_{split}.json'}")
-    print(f"check it with: detrkit data check {out}")
-
-
-def cmd_synth(args: Namespace) -> None:
-    from detrkit.data import make_synthetic_dataset
-
-    out = make_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-                                 image_size=args.image_size, max_objects=args.max_objects)
-    print(f"wrote {args.num_train} train + {args.num_val} val images to {out}")
 
 
 def cmd_train(args: Namespace) -> dict:
@@ -549,8 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     try:
         if command == "data":
-            sub = args.data.data_command
-            return {"synth": cmd_synth, "check": cmd_data_check, "convert": cmd_data_convert}[sub](args.data[sub]) or 0
+            return run_data_command(args.data)
         else:
             COMMANDS[command](args[command])
     except (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError, TrainingError) as e:
