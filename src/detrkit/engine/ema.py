@@ -24,21 +24,23 @@ class ModelEMA:
     def decay_now(self) -> float:
         return self.decay * (1 - math.exp(-self.updates / self.warmup)) if self.warmup > 0 else self.decay
 
-    @staticmethod
-    def _pairs(a: nn.Module, b: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(a's tensor, b's tensor) of each state entry, each storage once (heads shared across layers)."""
-        pairs, seen, sb = [], set(), b.state_dict()
-        for k, v in a.state_dict().items():
-            if v.data_ptr() not in seen:
-                seen.add(v.data_ptr())
-                pairs.append((v, sb[k].detach()))
-        return pairs
+    def _pairs(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(average's tensor, model's tensor) of each state entry, each storage once (heads shared across layers).
+        Built once per model and reused: parameters and buffers are updated in place, so the pairs stay valid."""
+        if getattr(self, "_paired", None) is None or self._paired[0] is not model:
+            pairs, seen, source = [], set(), model.state_dict()
+            for k, v in self.module.state_dict().items():
+                if v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    pairs.append((v, source[k].detach()))
+            self._paired = (model, pairs)
+        return self._paired[1]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.decay_now()
-        pairs = self._pairs(self.module, model)
+        pairs = self._pairs(model)
         floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
         torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - d)  # ema = d * ema + (1 - d) * m
         for e, m in pairs:

@@ -210,7 +210,7 @@ class Trainer:
         """A resumable checkpoint of where the run is now (collective: every process calls it)."""
         state = self._state()
         saved = self.ema.module if self.ema is not None else self.model
-        if not all(torch.isfinite(p).all() for p in saved.parameters()):
+        if not torch.stack([torch.isfinite(p).all() for p in saved.parameters()]).all():  # one sync, not one per tensor
             if self.main:
                 warnings.warn(f"step {self.step}: the weights hold NaN / inf; not saving them over the last good "
                               "checkpoint", stacklevel=2)

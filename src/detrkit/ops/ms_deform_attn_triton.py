@@ -19,6 +19,8 @@ Triton runs these on CUDA devices; on a CPU the tests run them through Triton's 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -161,10 +163,18 @@ class _MSDeformAttnFunction(torch.autograd.Function):
 def ms_deform_attn_triton(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor,
                           *, block_q: int = 64) -> Tensor:
     """Fused multi-scale deformable attention; arguments and result as :func:`~detrkit.ops.ms_deform_attn`."""
-    if isinstance(spatial_shapes, Tensor):
-        shapes = spatial_shapes.to(device=value.device, dtype=torch.int32).contiguous()
-    else:
-        shapes = torch.tensor([[h, w] for h, w in spatial_shapes], dtype=torch.int32, device=value.device)
-    sizes = shapes[:, 0] * shapes[:, 1]
-    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]]).to(torch.int32)
-    return _MSDeformAttnFunction.apply(value, shapes, starts, sampling_locations, attention_weights, block_q)
+    shapes = tuple((int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor)
+                                                 else spatial_shapes))
+    shapes_t, starts = _level_tables(shapes, value.device)
+    return _MSDeformAttnFunction.apply(value, shapes_t, starts, sampling_locations, attention_weights, block_q)
+
+
+@functools.lru_cache(maxsize=64)
+def _level_tables(shapes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(levels, 2) int32 (h, w) and (levels,) int32 start offsets on ``device``, made once per image size
+    (every attention layer of a forward reuses them instead of copying them to the device again)."""
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    return (torch.tensor(shapes, dtype=torch.int32, device=device),
+            torch.tensor(starts, dtype=torch.int32, device=device))
