@@ -25,22 +25,36 @@ TINY_DINO = dict(TINY, n_points=POINTS, denoising={"num_queries": 100})
 DETREX_DINO = dict(share_heads=False, pe_temperature=10000.0, pe_offset=-0.5)
 
 
-def _random(keys: dict, seed: int = 0) -> dict:
+def _random(keys: dict, seed: int = 0, shared_heads: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     out = {k: torch.randn(shape, generator=g) for k, shape in keys.items()}
     # a valid BatchNorm, and weights scaled by fan-in so that a forward pass stays finite
-    return {k: v.abs() + 0.5 if "running_var" in k else v / v[0].numel() ** 0.5 if v.dim() > 1 else v
-            for k, v in out.items()}
+    out = {k: v.abs() + 0.5 if "running_var" in k else v / v[0].numel() ** 0.5 if v.dim() > 1 else v
+           for k, v in out.items()}
+    return _tie_heads(out, shared_heads)
 
 
-def _with_classes(state: dict, num: int) -> dict:
+def _tie_heads(state: dict, shared_heads: bool) -> dict:
+    """The values a real file holds for modules the reference code keeps under several names: the decoder's
+    reference to a head (``transformer.decoder.bbox_embed.{i}``) is the head ``bbox_embed.{i}``; ``shared_heads``:
+    one class head and one box head for every decoder layer (the official DINO, plain Deformable DETR)."""
+    out = dict(state)
+    for k in state:
+        if m := re.match(r"^(?:transformer\.decoder\.)?((?:class|bbox)_embed)\.(\d+)\.(.*)$", k):
+            source = f"{m.group(1)}.{0 if shared_heads else m.group(2)}.{m.group(3)}"
+            if source in state and source != k:
+                out[k] = state[source].clone()
+    return out
+
+
+def _with_classes(state: dict, num: int, shared_heads: bool = False) -> dict:
     """The same checkpoint with class heads of ``num`` outputs (label embeddings: ``num`` + 1 rows)."""
     out = {}
     for k, v in state.items():
         if CLASS_DEPENDENT.search(k) and v.shape[0] in (K, K + 1):
             v = torch.randn(num + v.shape[0] - K, *v.shape[1:])
         out[k] = v
-    return out
+    return _tie_heads(out, shared_heads)
 
 
 LAYOUTS = {
@@ -67,9 +81,9 @@ def test_unknown_layout_is_an_error_naming_the_keys():
 
 
 def _save_official_dino(path, num_classes=K):
-    state = _random(_dino_official_keys())
+    state = _random(_dino_official_keys(), shared_heads=True)
     if num_classes != K:
-        state = _with_classes(state, num_classes)
+        state = _with_classes(state, num_classes, shared_heads=True)
     # the official training script's checkpoint: the model plus its argparse settings
     torch.save({"model": state, "args": argparse.Namespace(lr=1e-4, dn_number=100), "epoch": 11}, path)
     return state
@@ -123,6 +137,21 @@ def test_mismatched_architecture_lists_the_keys(tmp_path):
     create_model("deformable_detr_r50_refine", weights=tmp_path / "refine.pth", **TINY, n_points=POINTS)
 
 
+
+def test_separate_heads_into_a_shared_head_preset_is_an_error(tmp_path):
+    """Plain Deformable DETR shares one class head across decoder layers; a file holding a different head per layer
+    (transformers 5.0 writes such files) must not load with the last one silently winning."""
+    state = _random(_official_keys(refine=False, two_stage=False), shared_heads=True)
+    torch.save({"model": state}, tmp_path / "same.pth")
+    create_model("deformable_detr_r50", weights=tmp_path / "same.pth", **TINY, n_points=POINTS)  # one head: loads
+    state = dict(state)
+    for i in range(1, DEC):  # the official layout stores the shared head under every index: make them differ
+        state[f"class_embed.{i}.weight"] = torch.randn_like(state["class_embed.0.weight"])
+        state[f"class_embed.{i}.bias"] = state["class_embed.0.bias"].clone()
+    torch.save({"model": state}, tmp_path / "separate.pth")
+    with pytest.raises(CheckpointError, match=r"different values for class_embed\.0\.weight and class_embed\.1\.weight"):
+        create_model("deformable_detr_r50", weights=tmp_path / "separate.pth", **TINY, n_points=POINTS)
+
 class _Payload:
     """Pickles to a call that would write a file, the classic checkpoint exploit."""
 
@@ -144,7 +173,7 @@ def test_loading_never_runs_pickled_code(tmp_path):
 def test_ddp_prefix_and_safetensors(tmp_path):
     from safetensors.torch import save_file
 
-    state = _random(_dino_official_keys())
+    state = _random(_dino_official_keys(), shared_heads=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ddp.pth")
     for file in ("w.safetensors", "ddp.pth"):

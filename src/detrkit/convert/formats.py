@@ -73,7 +73,7 @@ FORMATS = {f.name: f for f in [
     CheckpointFormat("official_dino", "IDEA-Research/DINO", "DINO", convert_official_dino, (_DEC_CLASS_COPY,)),
     CheckpointFormat("detrex_detr", "IDEA-Research/detrex", "DETR", convert_detrex),
     CheckpointFormat("detrex_deformable_detr", "IDEA-Research/detrex", "DeformableDETR", convert_detrex,
-                     (_DEC_CLASS_COPY,)),
+                     (_DEC_CLASS_COPY,), {"inverse_sigmoid_eps": 1e-3}),  # detrex's clamp, not Deformable-DETR's
     CheckpointFormat("detrex_dab_detr", "IDEA-Research/detrex", "DABDETR", convert_detrex),
     CheckpointFormat("detrex_dino", "IDEA-Research/detrex", "DINO", convert_detrex,
                      (_DEC_CLASS_COPY, (r"^transformer\.decoder\.bbox_embed\.", "the decoder's reference to bbox_embed")),
@@ -81,7 +81,8 @@ FORMATS = {f.name: f for f in [
     CheckpointFormat("hf_detr", "HF transformers DetrForObjectDetection", "DETR", convert_hf_detr),
     CheckpointFormat("hf_deformable_detr", "HF transformers DeformableDetrForObjectDetection", "DeformableDETR",
                      convert_hf_deformable_detr, (_DEC_CLASS_COPY,)),
-    CheckpointFormat("hf_dab_detr", "HF transformers DabDetrForObjectDetection", "DABDETR", convert_hf_dab_detr),
+    CheckpointFormat("hf_dab_detr", "HF transformers DabDetrForObjectDetection", "DABDETR", convert_hf_dab_detr,
+                     model_args={"inverse_sigmoid_eps": 1e-5}),  # HF's port clamps at 1e-5, the official code at 1e-3
 ]}
 
 
@@ -224,7 +225,8 @@ def load_converted(model: nn.Module, conv: Conversion, *, reinit_classes: bool =
     tied: dict[tuple, list[str]] = {}
     for k, v in own.items():
         tied.setdefault((v.data_ptr(), tuple(v.shape), v.stride()), []).append(k)
-    for names in (n for n in tied.values() if len(n) > 1):
+    shared = [names for names in tied.values() if len(names) > 1]
+    for names in shared:
         present = [n for n in names if n in state]
         for n in names if present else ():
             state.setdefault(n, state[present[0]])
@@ -246,6 +248,15 @@ def load_converted(model: nn.Module, conv: Conversion, *, reinit_classes: bool =
         lines.append("  Pick the preset the checkpoint was trained as (e.g. with or without refinement / two-stage, "
                      "the same backbone, num_queries and number of levels); `detrkit models` lists them.")
         raise CheckpointError("\n".join(lines))
+    for names in shared:  # one parameter under several names: loading differing values would keep the last
+        present = [n for n in names if n in state]
+        differ = [n for n in present[1:] if not torch.equal(state[n], state[present[0]])]
+        if differ:
+            raise CheckpointError(
+                f"{conv.file} ({conv.format.source}) holds different values for {present[0]} and {', '.join(differ[:3])}, "
+                f"which {type(model).__name__} shares as one parameter: the checkpoint is of a model with separate "
+                "heads per decoder layer. Pick the preset it was trained as (e.g. with refinement); `detrkit models` "
+                "lists them.")
     model.load_state_dict(state, strict=not reinit)
     return reinit
 

@@ -121,7 +121,7 @@ class DABDecoderLayer(nn.Module):
 class DABDecoder(nn.Module):
     """Decoder layers driven by anchor boxes, refined layer by layer with the shared ``bbox_embed``."""
 
-    def __init__(self, layer: DABDecoderLayer, num_layers: int, d_model: int) -> None:
+    def __init__(self, layer: DABDecoderLayer, num_layers: int, d_model: int, *, inverse_sigmoid_eps: float = 1e-3) -> None:
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         for later in self.layers[1:]:
@@ -131,7 +131,7 @@ class DABDecoder(nn.Module):
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
         self.bbox_embed: nn.Module | None = None  # set by the detector (shared with its box head)
-        self.d_model = d_model
+        self.d_model, self.eps = d_model, inverse_sigmoid_eps
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, anchors: Tensor, memory_mask: Tensor | None,
                 self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -152,6 +152,6 @@ class DABDecoder(nn.Module):
             refs.append(ref)
             tgt = layer(tgt, memory, pos, query_pos, query_sine, memory_mask, self_attn_mask)
             if self.bbox_embed is not None:  # anchor update, detached between layers (section 4.4)
-                ref = (self.bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid().detach()
+                ref = (self.bbox_embed(tgt) + inverse_sigmoid(ref, self.eps)).sigmoid().detach()
             hidden.append(self.norm(tgt))
         return torch.stack(hidden), torch.stack(refs)

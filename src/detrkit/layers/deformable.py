@@ -182,10 +182,11 @@ class DeformableDecoder(nn.Module):
     the reference box in inverse-sigmoid space and passes it on detached (iterative bounding box refinement,
     paper section 4.2 and appendix A.4)."""
 
-    def __init__(self, layer: DeformableDecoderLayer, num_layers: int) -> None:
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, *, inverse_sigmoid_eps: float = 1e-5) -> None:
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.bbox_embed: nn.ModuleList | None = None  # set by the detector when refining
+        self.eps = inverse_sigmoid_eps
 
     def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: LevelShapes,
                 level_start_index: Tensor, valid_ratios: Tensor, query_pos: Tensor,
@@ -200,9 +201,10 @@ class DeformableDecoder(nn.Module):
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[lid](tgt)
                 if reference_points.shape[-1] == 4:
-                    new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                    new_ref = (delta + inverse_sigmoid(reference_points, self.eps)).sigmoid()
                 else:
-                    new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1).sigmoid()
+                    new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points, self.eps), delta[..., 2:]],
+                                        -1).sigmoid()
                 reference_points = new_ref.detach()  # gradients do not flow through the chain of references
             hidden.append(tgt)
             references.append(reference_points)
@@ -223,13 +225,14 @@ class DeformableAnchorDecoder(nn.Module):
     for the predictions are the detached ones (Deformable DETR's "look forward once").
     """
 
-    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, d_model: int, *, look_forward_twice: bool = True) -> None:
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, d_model: int, *, look_forward_twice: bool = True,
+                 inverse_sigmoid_eps: float = 1e-3) -> None:
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed: nn.ModuleList | None = None  # one box head per layer, set by the detector
-        self.d_model, self.look_forward_twice = d_model, look_forward_twice
+        self.d_model, self.look_forward_twice, self.eps = d_model, look_forward_twice, inverse_sigmoid_eps
 
     def forward(self, tgt: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: LevelShapes, level_start_index: Tensor,
                 valid_ratios: Tensor, padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -241,7 +244,7 @@ class DeformableAnchorDecoder(nn.Module):
             ref_input = ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, Q, levels, 4)
             query_pos = self.ref_point_head(anchor_sine_embed(ref_input[:, :, 0], self.d_model // 2))  # (B, Q, C)
             tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, self_attn_mask)
-            new_ref = (self.bbox_embed[lid](tgt) + inverse_sigmoid(ref)).sigmoid()
+            new_ref = (self.bbox_embed[lid](tgt) + inverse_sigmoid(ref, self.eps)).sigmoid()
             ref = new_ref.detach()
             refs.append(new_ref if self.look_forward_twice else ref)
             hidden.append(self.norm(tgt))

@@ -42,17 +42,19 @@ class PositionEmbeddingSine(nn.Module):
         self.scale = 2 * math.pi if scale is None else scale
         self.offset = offset
 
-    def forward(self, mask: Tensor) -> Tensor:
-        """mask (B, H, W) bool, True on padding -> encoding (B, 2 * num_pos_feats, H, W) float32."""
+    def forward(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """mask (B, H, W) bool, True on padding -> encoding (B, 2 * num_pos_feats, H, W) in float32, or float64
+        when ``dtype`` (the model's) is float64; never in half precision, where the coordinates would round."""
+        dtype = torch.promote_types(dtype, torch.float32)
         not_mask = ~mask
-        y_embed = not_mask.cumsum(1, dtype=torch.float32)  # (B, H, W): 1..h_valid down each column
-        x_embed = not_mask.cumsum(2, dtype=torch.float32)  # (B, H, W): 1..w_valid along each row
+        y_embed = not_mask.cumsum(1, dtype=dtype)  # (B, H, W): 1..h_valid down each column
+        x_embed = not_mask.cumsum(2, dtype=dtype)  # (B, H, W): 1..w_valid along each row
         if self.normalize:
             eps = 1e-6  # keeps fully padded rows / columns finite
             y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
+        dim_t = torch.arange(self.num_pos_feats, dtype=dtype, device=mask.device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
 
         pos_x = x_embed[..., None] / dim_t  # (B, H, W, F)
@@ -78,8 +80,8 @@ class PositionEmbeddingLearned(nn.Module):
         nn.init.uniform_(self.row_embed.weight)
         nn.init.uniform_(self.col_embed.weight)
 
-    def forward(self, mask: Tensor) -> Tensor:
-        """mask (B, H, W) bool -> encoding (B, 2 * num_pos_feats, H, W)."""
+    def forward(self, mask: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """mask (B, H, W) bool -> encoding (B, 2 * num_pos_feats, H, W) in the tables' dtype (``dtype`` unused)."""
         b, h, w = mask.shape
         max_size = self.row_embed.num_embeddings
         if h > max_size or w > max_size:
@@ -102,9 +104,10 @@ def anchor_sine_embed(anchors: Tensor, num_pos_feats: int = 128, temperature: fl
 
     anchors (..., 2 or 4) -> (..., 2 or 4 * num_pos_feats).
     """
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=anchors.device)
+    dtype = torch.promote_types(anchors.dtype, torch.float32)  # float32 under autocast, float64 in a float64 model
+    dim_t = torch.arange(num_pos_feats, dtype=dtype, device=anchors.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = anchors[..., None].float() * (2 * math.pi) / dim_t  # (..., n, F)
+    pos = anchors[..., None].to(dtype) * (2 * math.pi) / dim_t  # (..., n, F)
     pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (..., n, F)
     order = [1, 0, *range(2, anchors.shape[-1])]  # x, y, w, h -> y, x, w, h
     return pos[..., order, :].flatten(-2).to(anchors.dtype)  # (..., n*F)

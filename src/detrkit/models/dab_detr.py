@@ -56,6 +56,7 @@ class DABDETR(nn.Module):
                  num_classes: int, num_queries: int = 300, d_model: int = 256,
                  denoising: DenoisingConfig | None = None) -> None:
         super().__init__()
+        self.eps = decoder.eps  # inverse-sigmoid clamp of the anchors, the decoder's (official: 1e-3)
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
         self.backbone, self.position_encoding = backbone, position_encoding
         (self.feature_name, in_channels), = list(backbone.channels.items())[-1:]
@@ -100,13 +101,13 @@ class DABDETR(nn.Module):
             return tgt, anchors, None, None
         labels, boxes, attn_mask, meta = dn
         tgt = torch.cat([self._embed_labels(labels, 1.0), tgt], 1)
-        anchors = torch.cat([inverse_sigmoid(boxes).to(anchors.dtype), anchors], 1)
+        anchors = torch.cat([inverse_sigmoid(boxes, self.eps).to(anchors.dtype), anchors], 1)
         return tgt, anchors, attn_mask, meta
 
     def _heads(self, hidden: Tensor, refs: Tensor, dn_meta: dict | None) -> DetectionOutput:
         """hidden (L, B, N, C), anchors each layer received (L, B, N, 4) -> logits and boxes per layer."""
         logits = self.class_embed(hidden)  # (L, B, N, K)
-        boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs)).sigmoid()  # (L, B, N, 4)
+        boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs, self.eps)).sigmoid()  # (L, B, N, 4)
         logits, boxes = split_dn_outputs(logits, boxes, dn_meta)
         aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, dn_meta=dn_meta)
@@ -131,6 +132,7 @@ def build_dab_detr(
     num_queries: int = 300,
     pe_temperature: float = 20.0,
     denoising: DenoisingConfig | dict | None = None,
+    inverse_sigmoid_eps: float = 1e-3,
 ) -> DABDETR:
     """Wire a DAB-DETR (DN-DETR with ``denoising``) from plain settings; the presets pass the papers' values."""
     body = ResNetBackbone(backbone, return_layers=(feature_stage,), dilation=dilation, pretrained=pretrained_backbone,
@@ -138,7 +140,7 @@ def build_dab_detr(
     pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
     encoder = DABEncoder(TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation), num_encoder_layers, d_model)
     decoder = DABDecoder(DABDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, is_first=True),
-                         num_decoder_layers, d_model)
+                         num_decoder_layers, d_model, inverse_sigmoid_eps=inverse_sigmoid_eps)
     for p in [*encoder.parameters(), *decoder.parameters()]:
         if p.dim() > 1:  # the official transformer's init: Xavier on every matrix
             nn.init.xavier_uniform_(p)

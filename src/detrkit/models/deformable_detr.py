@@ -38,17 +38,17 @@ _DETREX_URL = "https://github.com/IDEA-Research/detrex-storage/releases/download
 _HF_DEFORMABLE = "https://huggingface.co/SenseTime/deformable-detr/resolve/main/pytorch_model.bin"
 
 
-def valid_ratios(mask: Tensor) -> Tensor:
-    """mask (B, h, w) True on padding -> (B, 2): the unpadded fraction of width and height."""
+def valid_ratios(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """mask (B, h, w) True on padding -> (B, 2): the unpadded fraction of width and height, in ``dtype``."""
     _, h, w = mask.shape
     valid_h = (~mask[:, :, 0]).sum(1)
     valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+    return torch.stack([valid_w.to(dtype) / w, valid_h.to(dtype) / h], -1)
 
 
 def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0) -> Tensor:
     """Sine embedding of unnormalized (inverse-sigmoid) boxes (B, K, 4) -> (B, K, 4 * num_pos_feats)."""
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
+    dim_t = torch.arange(num_pos_feats, dtype=torch.promote_types(proposals.dtype, torch.float32), device=proposals.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
     pos = proposals.sigmoid() * 2 * math.pi
     pos = pos[:, :, :, None] / dim_t  # (B, K, 4, F)
@@ -107,6 +107,7 @@ class DeformableDETR(nn.Module):
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
         self.refine, self.two_stage = refine, two_stage
+        self.eps = decoder.eps  # inverse-sigmoid clamp of the references, the decoder's (official: 1e-5)
         self.backbone = backbone
         self.position_encoding = position_encoding
         channels = list(backbone.channels.values())
@@ -160,10 +161,10 @@ class DeformableDETR(nn.Module):
         sizes = level_shapes_tensor(shapes, images.new_zeros((), dtype=torch.long))  # (levels, 2)
         starts = torch.cat([sizes.new_zeros(1), (sizes[:, 0] * sizes[:, 1]).cumsum(0)[:-1]])  # (levels,)
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
-        pos = torch.cat([(self.position_encoding(m).to(src.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl])
+        pos = torch.cat([(self.position_encoding(m, src.dtype).to(src.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl])
                          for lvl, m in enumerate(masks)], 1)  # (B, S, C)
         mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        ratios = torch.stack([valid_ratios(m) for m in masks], 1).to(src.dtype)  # (B, levels, 2)
+        ratios = torch.stack([valid_ratios(m, src.dtype) for m in masks], 1)  # (B, levels, 2)
         return self.encoder(src, pos, shapes, starts, ratios, mask), mask, shapes, starts, ratios
 
     def _select_topk_proposals(self, memory: Tensor, mask: Tensor, shapes: Tensor):
@@ -182,7 +183,7 @@ class DeformableDETR(nn.Module):
         """hidden (L, B, Q, C), each layer's input reference [(B, Q, 2 or 4)] * L -> logits and boxes per layer."""
         logits, boxes = [], []
         for lvl in range(hidden.shape[0]):
-            ref = inverse_sigmoid(references[lvl])
+            ref = inverse_sigmoid(references[lvl], self.eps)
             delta = self.bbox_embed[lvl](hidden[lvl])  # (B, Q, 4)
             d = ref.shape[-1]
             boxes.append(torch.cat([delta[..., :d] + ref, delta[..., d:]], -1).sigmoid())
@@ -221,6 +222,7 @@ def build_deformable_detr(
     num_queries: int = 300,
     refine: bool = False,
     two_stage: bool = False,
+    inverse_sigmoid_eps: float = 1e-5,
 ) -> DeformableDETR:
     """Wire a Deformable DETR from plain settings; the presets call this with the paper's values."""
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
@@ -228,7 +230,8 @@ def build_deformable_detr(
     pos = PositionEmbeddingSine(d_model // 2, normalize=True, offset=-0.5)
     enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
     dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
-    encoder, decoder = DeformableEncoder(enc_layer, num_encoder_layers), DeformableDecoder(dec_layer, num_decoder_layers)
+    encoder, decoder = DeformableEncoder(enc_layer, num_encoder_layers), DeformableDecoder(
+        dec_layer, num_decoder_layers, inverse_sigmoid_eps=inverse_sigmoid_eps)
     init_deformable_transformer(encoder, decoder)
     return DeformableDETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                           num_feature_levels=num_feature_levels, refine=refine, two_stage=two_stage)

@@ -87,7 +87,7 @@ class DETR(nn.Module):
             padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
         feat, mask = self.backbone(images, padding_mask)[self.feature_name]
         src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, h*w, C)
-        pos = self.position_encoding(mask).to(src.dtype).flatten(2).transpose(1, 2)  # (B, h*w, C)
+        pos = self.position_encoding(mask, src.dtype).to(src.dtype).flatten(2).transpose(1, 2)  # (B, h*w, C)
         mask = mask.flatten(1)  # (B, h*w)
         return self.encoder(src, pos=pos, key_padding_mask=mask), mask, pos
 

@@ -84,6 +84,7 @@ class DINO(nn.Module):
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
         self.two_stage, self.denoising = two_stage, denoising
+        self.eps = decoder.eps  # inverse-sigmoid clamp of the boxes, the decoder's (official: 1e-3)
         self.backbone, self.position_encoding = backbone, position_encoding
         channels = list(backbone.channels.values())
         self.neck = MultiScaleProjection(channels, d_model, num_extra=num_feature_levels - len(channels))
@@ -153,13 +154,13 @@ class DINO(nn.Module):
             return tgt, anchors, None, None
         labels, boxes, attn_mask, meta = dn
         tgt = torch.cat([self.label_enc(labels).to(tgt.dtype), tgt], 1)
-        anchors = torch.cat([inverse_sigmoid(boxes).to(anchors.dtype), anchors], 1)
+        anchors = torch.cat([inverse_sigmoid(boxes, self.eps).to(anchors.dtype), anchors], 1)
         return tgt, anchors, attn_mask, meta
 
     def _heads(self, hidden: Tensor, refs: Tensor, enc_outputs: dict | None, dn_meta: dict | None) -> DetectionOutput:
         """hidden (L, B, N, C), boxes each layer refines (L, B, N, 4) -> logits and boxes per layer."""
         logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hidden)])  # (L, B, N, K)
-        boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i])).sigmoid()
+        boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
                              for i, h in enumerate(hidden)])  # (L, B, N, 4)
         logits, boxes = split_dn_outputs(logits, boxes, dn_meta)
         aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
@@ -190,6 +191,7 @@ def build_dino(
     look_forward_twice: bool = True,
     denoising: DenoisingConfig | dict | None = None,
     share_heads: bool = True,
+    inverse_sigmoid_eps: float = 1e-3,
 ) -> DINO:
     """Wire a DINO (or, with the flags off, DN-Deformable-DETR) from plain settings.
 
@@ -202,7 +204,8 @@ def build_dino(
     enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
     dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, n_points)
     encoder = DeformableEncoder(enc_layer, num_encoder_layers)
-    decoder = DeformableAnchorDecoder(dec_layer, num_decoder_layers, d_model, look_forward_twice=look_forward_twice)
+    decoder = DeformableAnchorDecoder(dec_layer, num_decoder_layers, d_model, look_forward_twice=look_forward_twice,
+                                      inverse_sigmoid_eps=inverse_sigmoid_eps)
     init_deformable_transformer(encoder, decoder)
     return DINO(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                 num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=as_denoising_config(denoising),

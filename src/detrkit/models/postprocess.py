@@ -36,7 +36,7 @@ def postprocess(
     """
     scores, labels, xyxy, _ = select_detections(outputs.pred_logits, outputs.pred_boxes, activation, top_k)
     b = scores.shape[0]
-    sizes = torch.as_tensor(image_sizes, dtype=torch.float32, device=xyxy.device).reshape(b, 2)
+    sizes = torch.as_tensor(image_sizes, dtype=xyxy.dtype, device=xyxy.device).reshape(b, 2)
     xyxy = xyxy * torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)[:, None]  # w, h, w, h
     if label_map is not None:
         label_map = torch.as_tensor(label_map, dtype=torch.int64, device=labels.device)
@@ -63,7 +63,8 @@ def select_detections(logits: Tensor, boxes: Tensor, activation: str,
         scores (B, k), labels (B, k) int64 class indices, boxes (B, k, 4) normalized xyxy, and the query each came
         from (B, k); k = min(top_k, candidates).
     """
-    logits, boxes = logits.float(), boxes.float()
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # half-precision outputs scored in float32
+    logits, boxes = logits.to(dtype), boxes.to(dtype)
     b, q, k = logits.shape
     if activation == "softmax":
         scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # (B, Q) each

@@ -31,6 +31,11 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """logit(x) with x clamped away from 0 and 1, as the deformable / DAB / DINO decoders use it."""
+    """logit(x) with x clamped to [eps, 1 - eps], as the deformable / DAB / DINO decoders use it.
+
+    The clamp decides the boxes of queries whose reference is close to an image edge, so each family uses its
+    reference implementation's: 1e-5 in fundamentalvision/Deformable-DETR and HF transformers (util/misc.py /
+    modeling_*.py), 1e-3 in IDEA-Research's DAB-DETR, DN-DETR, DINO and detrex (their util/misc.py).
+    """
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
