@@ -30,10 +30,11 @@ def class_agnostic_ap50(run: Path, data: Path, device: str) -> float:
     from torch.utils.data import DataLoader
 
     from detrkit.data import CocoDetection, collate
+    from detrkit.data.transforms import val_transforms
     from detrkit.engine.checkpoint import latest_checkpoint, load_checkpoint
     from detrkit.engine.evaluate import coco_box_ap, coco_results
-    from detrkit.engine.train import resolve_device, val_transforms
     from detrkit.models import postprocess
+    from detrkit.runtime import resolve_device
 
     dev = resolve_device(device)
     model, meta = load_checkpoint(latest_checkpoint(run))
@@ -96,8 +97,10 @@ def main(
           f"batch {batch_size}, lr {lr}), device {device}")
     print(f"{'epoch':>5} " + " ".join(f"{m + ' AP50 / AP':>30}" for m in models))
     for e in range(epochs):
-        cells = [f"{100 * results[m][e]['AP50']:14.1f} / {100 * results[m][e]['AP']:5.1f} ({results[m][e]['time_s']:5.0f}s)"
-                 for m in models]
+        cells = [
+            f"{100 * results[m][e]['AP50']:14.1f} / {100 * results[m][e]['AP']:5.1f} ({results[m][e]['time_s']:5.0f}s)"
+            for m in models
+        ]
         print(f"{e + 1:>5} " + " ".join(f"{c:>30}" for c in cells))
     print("class-agnostic AP50 (localisation only): "
           + ", ".join(f"{m} {100 * agnostic[m]:.1f}" for m in models))

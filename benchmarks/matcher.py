@@ -18,7 +18,6 @@ import statistics
 import time
 
 import torch
-
 from inference import device_name, write_result
 from train_step import _targets
 

@@ -16,8 +16,8 @@ Prints a table and writes benchmarks/results/ms_deform_attn_<device>.json.
 from __future__ import annotations
 
 import argparse
-import torch
 
+import torch
 from inference import device_name, time_call, write_result
 
 from detrkit.ops.ms_deform_attn import ms_deform_attn_reference

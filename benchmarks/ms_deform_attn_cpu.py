@@ -5,7 +5,7 @@ samples before weighting them), at Deformable DETR's encoder configuration of a 
 
 Each case runs in a fresh process so that its peak resident memory (ru_maxrss) is its own.
 
-    python benchmarks/ms_deform_attn_cpu.py            # prints a table, writes benchmarks/results/ms_deform_attn_cpu.json
+    python benchmarks/ms_deform_attn_cpu.py   # prints a table, writes benchmarks/results/ms_deform_attn_vs_hf_cpu.json
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _run(impl: str, batch: int, repeats: int, queue) -> None:
                "peak_extra_mib": (peak - base) / 1024})
 
 
-def main(batch: int = 1, repeats: int = 5, out: str = "benchmarks/results/ms_deform_attn_cpu.json") -> list[dict]:
+def main(batch: int = 1, repeats: int = 5, out: str = "benchmarks/results/ms_deform_attn_vs_hf_cpu.json") -> list[dict]:
     """Measure both implementations; print a table and write JSON."""
     ctx = mp.get_context("spawn")
     rows = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from inference import device_name, hf_pair, time_call, write_result
 
 from detrkit.losses import build_criterion
@@ -97,8 +96,14 @@ def main() -> None:
         model.to(memory_format=torch.channels_last)  # as detrkit's Trainer runs it (faster convolutions)
         targets = _targets(args.batch, model.num_classes, device)
         criterion = build_criterion(model).to(device)
-        variants = [("detrkit eager", _detrkit_step(model, model, criterion, torch.optim.AdamW(model.parameters(), 1e-5),
-                                                    images, mask, targets, amp))]
+        variants = [
+            (
+                "detrkit eager",
+                _detrkit_step(
+                    model, model, criterion, torch.optim.AdamW(model.parameters(), 1e-5), images, mask, targets, amp
+                ),
+            )
+        ]
         if args.compile == "true":
             variants.append(("detrkit compile", _detrkit_step(model, torch.compile(model), criterion,
                                                               torch.optim.AdamW(model.parameters(), 1e-5),
@@ -120,8 +125,10 @@ def main() -> None:
                          "images_per_s": args.batch / sec,
                          "ms_per_step": 1000 * sec, "first_step_s": first, "peak_mem_mib": mem,
                          "speedup_vs_detrkit_eager": base / sec})
-            print(f"{name:<30} {label:<16} {args.batch / sec:7.2f} img/s  {1000 * sec:8.1f} ms/step  "
-                  f"first {first:6.1f} s  x{base / sec:.2f} vs detrkit eager" + (f"  peak {mem:.0f} MiB" if mem else ""))
+            print(
+                f"{name:<30} {label:<16} {args.batch / sec:7.2f} img/s  {1000 * sec:8.1f} ms/step  "
+                f"first {first:6.1f} s  x{base / sec:.2f} vs detrkit eager" + (f"  peak {mem:.0f} MiB" if mem else "")
+            )
         del hf, model
     where = device_name(device)
     result = {"device": where, "torch": torch.__version__, "image": [args.height, args.width], "amp": str(amp),

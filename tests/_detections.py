@@ -11,7 +11,7 @@ def assert_same_detections(mine: dict, theirs: dict, box_tol: float, score_tol: 
     """
     assert len(mine["scores"]) == len(theirs["scores"]) > 0
     free = torch.ones(len(theirs["scores"]), dtype=torch.bool)
-    for label, score, box in zip(mine["labels"], mine["scores"], mine["boxes"]):
+    for label, score, box in zip(mine["labels"], mine["scores"], mine["boxes"], strict=False):
         same = (free & (theirs["labels"] == label) & ((theirs["scores"] - score).abs() <= score_tol)
                 & ((theirs["boxes"] - box).abs().amax(-1) <= box_tol))
         assert same.any(), (label, score, box)

@@ -31,4 +31,6 @@ if __name__ == "__main__":
     if fault.get("nan_rank") == rank:
         nan_on(trainer, fault["nan_call"])
     trainer.fit()
-    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, f"{cfg.output_dir}/rank{rank}.pt")
+    torch.save(
+        {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, f"{cfg.output_dir}/rank{rank}.pt"
+    )

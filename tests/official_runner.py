@@ -215,7 +215,10 @@ def main() -> None:
              "aux_logits": torch.stack([a["pred_logits"] for a in out["aux_outputs"]]),
              "aux_boxes": torch.stack([a["pred_boxes"] for a in out["aux_outputs"]]), **records}
     if "interm_outputs" in out:  # DINO: the selected encoder proposals
-        saved["enc_logits"], saved["enc_boxes"] = out["interm_outputs"]["pred_logits"], out["interm_outputs"]["pred_boxes"]
+        saved["enc_logits"], saved["enc_boxes"] = (
+            out["interm_outputs"]["pred_logits"],
+            out["interm_outputs"]["pred_boxes"],
+        )
     torch.save(saved, opts.out / "io.pt")
     state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     if dtype == torch.float64:

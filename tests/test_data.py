@@ -35,7 +35,9 @@ def _white_extent(img):
 def test_train_transforms_keep_boxes_on_their_objects(tmp_path, seed):
     arr = np.zeros((120, 160, 3), np.uint8)
     arr[30:70, 50:110] = 255  # the object: x 50..110, y 30..70
-    images, ann = _write_dataset(tmp_path, [arr], [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [50, 30, 60, 40], "iscrowd": 0}])
+    images, ann = _write_dataset(
+        tmp_path, [arr], [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [50, 30, 60, 40], "iscrowd": 0}]
+    )
     tf = build_transforms(True, scales=[96, 128, 160], max_size=240, crop_scales=[100, 120], crop_size=(60, 100))
     ds = CocoDetection(images, ann, tf)
     torch.manual_seed(seed)
@@ -88,7 +90,9 @@ def test_val_resize_and_category_mapping(tmp_path):
 def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
     arr = np.zeros((20, 20, 3), np.uint8)
     images, ann = _write_dataset(tmp_path, [arr], [{"id": 5, "image_id": 1, "category_id": 99, "bbox": [0, 0, 5, 5]}])
-    with pytest.raises(DatasetError, match=r"(?s)annotation id 5 .*category_id 99 is not in 'categories'.*--skip_invalid"):
+    with pytest.raises(
+        DatasetError, match=r"(?s)annotation id 5 .*category_id 99 is not in 'categories'.*--skip_invalid"
+    ):
         CocoDetection(images, ann)
     with pytest.raises(DatasetError, match="annotation file not found"):
         CocoDetection(images, tmp_path / "nope.json")

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from _datasets import read_coco, write_voc, write_yolo
 from PIL import Image
 
-from _datasets import read_coco, write_voc, write_yolo
 from detrkit.cli import main
 from detrkit.config import TrainConfig, dataset_split
 from detrkit.data import CocoDetection, DatasetError

@@ -104,7 +104,9 @@ def test_two_stage_queries_are_the_top_k_encoder_proposals():
     torch.testing.assert_close(reference[0], enc["pred_boxes"][0, top])
     out = model(images)
     assert out.enc_outputs["pred_logits"].shape[1] == memory.shape[1]  # a proposal per encoder pixel
-    losses = build_criterion(model)(model.train()(images), [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}])
+    losses = build_criterion(model)(
+        model.train()(images), [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
+    )
     assert {"loss_class_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
 
 

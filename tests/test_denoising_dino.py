@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from detrkit import create_model
 from detrkit.layers.denoising import DenoisingConfig, build_dn_queries, dn_slots
 from detrkit.losses import build_criterion
@@ -95,7 +95,9 @@ def test_contrastive_noise_ranges():
     n = 200
     targets = [{"labels": torch.randint(0, 5, (n,)), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]).repeat(n, 1)}]
     lam = 0.4
-    labels, boxes, _, meta = build_dn_queries(targets, 5, 10, DenoisingConfig(num_queries=n, box_noise_scale=lam, label_noise=0.25))
+    labels, boxes, _, meta = build_dn_queries(
+        targets, 5, 10, DenoisingConfig(num_queries=n, box_noise_scale=lam, label_noise=0.25)
+    )
     gt = box_cxcywh_to_xyxy(targets[0]["boxes"][:1])
     moved = (box_cxcywh_to_xyxy(boxes[0]) - gt).abs() / (0.2 / 2 * lam)  # (N, 4) in units of lambda * w / 2
     pos, neg = moved[:n], moved[n:]
@@ -117,7 +119,7 @@ def test_negatives_are_trained_towards_no_object():
     def losses(neg_predicts_class: bool, neg_boxes: torch.Tensor):
         logits = torch.full((1, 8, 3), -12.0)
         boxes = torch.zeros(1, 8, 4)
-        for s, j, p in zip(slot.tolist(), t_idx.tolist(), positive.tolist()):
+        for s, j, p in zip(slot.tolist(), t_idx.tolist(), positive.tolist(), strict=False):
             if p or neg_predicts_class:
                 logits[0, s, targets[0]["labels"][j]] = 12.0
             boxes[0, s] = targets[0]["boxes"][j] if p else neg_boxes
@@ -191,7 +193,9 @@ def test_inference_ignores_denoising(name):
     model.train()
     out = model(images, mask, targets)
     assert out.dn_meta is not None and out.pred_logits.shape[1] == TINY["num_queries"]
-    assert {"loss_class_dn", "loss_bbox_dn", "loss_giou_dn", "loss_class_dn_aux0"} <= set(build_criterion(model)(out, targets))
+    assert {"loss_class_dn", "loss_bbox_dn", "loss_giou_dn", "loss_class_dn_aux0"} <= set(
+        build_criterion(model)(out, targets)
+    )
     model.eval()
     a, b = model(images, mask), model(images, mask, targets)
     assert a.dn_meta is None and b.dn_meta is None

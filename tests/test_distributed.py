@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _datasets import square_copy
 from conftest import TINY
 
@@ -53,7 +52,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(square_data, tmp_pat
 
     one, two = _steps(single), _steps(double)
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))  # 12 images / 4 per step x 2
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=False):
         for key in ("loss", "loss_class", "loss_bbox", "loss_giou"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     rank0, rank1 = torch.load(double / "rank0.pt"), torch.load(double / "rank1.pt")

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import TINY
 from PIL import Image
 
-from conftest import TINY
 from detrkit import Detector, create_model
 from detrkit.cli import main
 from detrkit.engine.checkpoint import save_weights

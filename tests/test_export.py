@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from detrkit import create_model
 from detrkit.cli import main
 
@@ -22,7 +22,9 @@ FAMILIES = {"detr_lite": ({}, (64, 96)), "deformable_detr_lite": ({}, (64, 96)),
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name", [n if n == "deformable_detr_lite" else pytest.param(n, marks=SLOW) for n in sorted(FAMILIES)])
+@pytest.mark.parametrize(
+    "name", [n if n == "deformable_detr_lite" else pytest.param(n, marks=SLOW) for n in sorted(FAMILIES)]
+)
 def test_onnx_graph_matches_pytorch_at_other_batch_and_image_sizes(name, tmp_path):
     overrides, (h, w) = FAMILIES[name]
     model = create_model(name, num_classes=3, **TINY, **overrides).eval()

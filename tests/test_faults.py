@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from _datasets import square_copy
 from _runs import env, run, run_and_kill, steps, train_argv, without_time
 from conftest import TINY
+from PIL import Image
+
 from detrkit.engine.checkpoint import load_state, step_checkpoints
 
 pytestmark = pytest.mark.faults
@@ -94,7 +94,7 @@ def test_every_image_mode_trains(synth_dir, tmp_path, record_fault):
     shutil.copytree(synth_dir, root)
     coco = json.loads((root / "annotations" / "instances_train.json").read_text())
     modes = ["L", "RGBA", "P", "I;16", "exif"]
-    for img, mode in zip(coco["images"], modes * 3):
+    for img, mode in zip(coco["images"], modes * 3, strict=False):
         path = root / "train" / img["file_name"]
         rgb = Image.open(path).convert("RGB")
         if mode == "I;16":

@@ -5,9 +5,15 @@ from detrkit.losses import HungarianMatcher
 
 def _targets(sizes, k=5):
     g = torch.Generator().manual_seed(1)
-    return [{"labels": torch.randint(0, k, (n,), generator=g),
-             "boxes": torch.cat([torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.05], 1)}
-            for n in sizes]
+    return [
+        {
+            "labels": torch.randint(0, k, (n,), generator=g),
+            "boxes": torch.cat(
+                [torch.rand(n, 2, generator=g) * 0.6 + 0.2, torch.rand(n, 2, generator=g) * 0.2 + 0.05], 1
+            ),
+        }
+        for n in sizes
+    ]
 
 
 def test_batched_matching_equals_per_image():
@@ -57,12 +63,12 @@ def test_all_layers_are_matched_in_one_pass_and_one_transfer():
     targets = [{"labels": torch.randint(k, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.2}
                for n in (3, 0, 7)]
     matcher = HungarianMatcher(2.0, 5.0, 2.0, focal=True)
-    alone = [matcher(lg, bx, targets) for lg, bx in zip(logits, boxes)]
+    alone = [matcher(lg, bx, targets) for lg, bx in zip(logits, boxes, strict=False)]
     real_cpu, calls = torch.Tensor.cpu, []
     with mock.patch.object(torch.Tensor, "cpu", lambda self, *a, **kw: calls.append(1) or real_cpu(self, *a, **kw)):
         together = matcher.match_layers(logits, boxes, targets)
     assert len(calls) == 1
-    for per_layer_alone, per_layer_together in zip(alone, together):
-        for (r1, c1), (r2, c2) in zip(per_layer_alone, per_layer_together):
+    for per_layer_alone, per_layer_together in zip(alone, together, strict=False):
+        for (r1, c1), (r2, c2) in zip(per_layer_alone, per_layer_together, strict=False):
             assert torch.equal(r1, r2) and torch.equal(c1, c2)
     assert len({tuple(together[i][0][0].tolist()) for i in range(layers)}) > 1  # layers really differ

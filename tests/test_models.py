@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from detrkit import create_model, list_models, load_checkpoint
 from detrkit.engine.checkpoint import CheckpointError, save_checkpoint
 from detrkit.losses import build_criterion

@@ -32,8 +32,12 @@ def _naive(value, shapes, loc, attn):
                         y = loc[bi, q, hi, lvl, p, 1].item() * h - 0.5
                         x0, y0 = math.floor(x), math.floor(y)
                         fx, fy = x - x0, y - y0
-                        v = ((1 - fx) * (1 - fy) * pixel(bi, lvl, y0, x0, hi) + fx * (1 - fy) * pixel(bi, lvl, y0, x0 + 1, hi)
-                             + (1 - fx) * fy * pixel(bi, lvl, y0 + 1, x0, hi) + fx * fy * pixel(bi, lvl, y0 + 1, x0 + 1, hi))
+                        v = (
+                            (1 - fx) * (1 - fy) * pixel(bi, lvl, y0, x0, hi)
+                            + fx * (1 - fy) * pixel(bi, lvl, y0, x0 + 1, hi)
+                            + (1 - fx) * fy * pixel(bi, lvl, y0 + 1, x0, hi)
+                            + fx * fy * pixel(bi, lvl, y0 + 1, x0 + 1, hi)
+                        )
                         out[bi, q, hi] += attn[bi, q, hi, lvl, p] * v
     return out.flatten(2)
 

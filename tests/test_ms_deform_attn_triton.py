@@ -4,6 +4,8 @@ On a machine without a GPU the kernels run in Triton's interpreter (conftest set
 same kernel code, executed on the CPU. With a GPU they run compiled, on the GPU.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -53,7 +55,7 @@ def test_float64_forward_and_backward_equal_the_reference(case):
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(out, (value, loc, weights), grad)
     want = torch.autograd.grad(ref, (value, loc, weights), grad)
-    for name, g, w in zip(("value", "locations", "weights"), got, want):
+    for name, g, w in zip(("value", "locations", "weights"), got, want, strict=False):
         if locations == "borders" and name == "locations":
             # exactly on integer pixel positions the bilinear weights have a kink: grid_sample and the kernel
             # pick different one-sided derivatives there; compare away from those points
@@ -79,7 +81,7 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
     torch.testing.assert_close(out.double(), exact, rtol=0, atol=bound * exact.abs().max().item())
     grads = torch.autograd.grad(out, (value, loc, weights), torch.ones_like(out))
     exact_grads = torch.autograd.grad(exact, exact_inputs, torch.ones_like(exact))
-    for name, g, w in zip(("value", "locations", "weights"), grads, exact_grads):
+    for name, g, w in zip(("value", "locations", "weights"), grads, exact_grads, strict=False):
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), w, rtol=0, atol=2 * bound * w.abs().max().item(), msg=name)
 
@@ -101,6 +103,7 @@ def test_auto_backend_is_the_kernel_on_cuda_and_models_agree():
     from unittest import mock
 
     from conftest import TINY
+
     from detrkit import create_model
 
     model = create_model("dino_lite", num_classes=3, **TINY).cuda().eval()
@@ -111,3 +114,74 @@ def test_auto_backend_is_the_kernel_on_cuda_and_models_agree():
     with mock.patch("detrkit.ops.ms_deform_attn._triton_available", return_value=False):
         ref = model(images)
     torch.testing.assert_close(out.pred_boxes, ref.pred_boxes, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def fresh_failures(monkeypatch):
+    """An empty record of failed configurations, and "auto" picking the kernel on this device (as on CUDA)."""
+    msda = importlib.import_module("detrkit.ops.ms_deform_attn")  # the module (the package exports the function)
+    saved = dict(msda.TRITON_FAILED)
+    msda.TRITON_FAILED.clear()
+    monkeypatch.setattr(msda, "_auto_uses_triton", lambda value: True)
+    monkeypatch.delenv(msda.ENV_BACKEND, raising=False)
+    yield msda
+    msda.TRITON_FAILED.clear()
+    msda.TRITON_FAILED.update(saved)
+
+
+def _broken(*args, **kwargs):
+    raise RuntimeError("simulated Triton compile failure")
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_the_reference_with_one_warning(fresh_failures, monkeypatch):
+    import detrkit.ops.ms_deform_attn_triton as mst
+
+    shapes = [(6, 7), (3, 4)]
+    value, loc, weights = _inputs(shapes, 1, 2, 16, 5, 2, "realistic", torch.float64)
+    want = ms_deform_attn_reference(value, shapes, loc, weights)
+    torch.testing.assert_close(ms_deform_attn(value, shapes, None, loc, weights), want, rtol=1e-12, atol=1e-12)
+    assert not fresh_failures.TRITON_FAILED  # the kernel works here; now break its launch
+    monkeypatch.setattr(mst._MSDeformAttnFunction, "apply", _broken)
+    with pytest.warns(RuntimeWarning, match="failed for .*using the PyTorch reference"):
+        got = ms_deform_attn(value, shapes, None, loc, weights)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(fresh_failures.TRITON_FAILED) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per configuration: the second call is silent
+        ms_deform_attn(value, shapes, None, loc, weights)
+    with pytest.raises(RuntimeError, match="simulated"):  # asked for by name, a failure is not hidden
+        ms_deform_attn(value, shapes, None, loc, weights, backend="triton")
+
+
+def test_a_backward_kernel_that_fails_falls_back_to_the_reference_gradients(fresh_failures, monkeypatch):
+    import detrkit.ops.ms_deform_attn_triton as mst
+
+    shapes = [(6, 7), (3, 4)]
+    value, loc, weights = _inputs(shapes, 1, 2, 16, 5, 2, "realistic", torch.float64)
+    grad = torch.randn(1, 5, 32, dtype=torch.float64)
+    want = torch.autograd.grad(ms_deform_attn_reference(value, shapes, loc, weights), (value, loc, weights), grad)
+    monkeypatch.setattr(mst, "_triton_backward", _broken)
+    out = ms_deform_attn(value, shapes, None, loc, weights)  # the forward kernel works
+    with pytest.warns(RuntimeWarning, match="using the PyTorch reference"):
+        got = torch.autograd.grad(out, (value, loc, weights), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_the_environment_variable_overrides_auto(fresh_failures, monkeypatch):
+    import detrkit.ops.ms_deform_attn_triton as mst
+
+    shapes = [(6, 7)]
+    value, loc, weights = _inputs(shapes, 1, 2, 16, 5, 2, "uniform", torch.float64)
+    monkeypatch.setattr(mst._MSDeformAttnFunction, "apply", _broken)
+    monkeypatch.setenv(fresh_failures.ENV_BACKEND, "reference")
+    ms_deform_attn(value, shapes, None, loc, weights)  # the reference: the broken kernel is never tried
+    assert not fresh_failures.TRITON_FAILED
+    monkeypatch.setenv(fresh_failures.ENV_BACKEND, "triton")
+    with pytest.raises(RuntimeError, match="simulated"):
+        ms_deform_attn(value, shapes, None, loc, weights)
+    monkeypatch.setenv(fresh_failures.ENV_BACKEND, "cuda")
+    with pytest.raises(ValueError, match="DETRKIT_MSDA_BACKEND='cuda' is not a backend"):
+        ms_deform_attn(value, shapes, None, loc, weights)

@@ -40,7 +40,9 @@ def _msda(prefix):
 
 
 def _mha(prefix):
-    return {f"{prefix}.in_proj_weight": (3 * D, D), f"{prefix}.in_proj_bias": (3 * D,)} | _linear(f"{prefix}.out_proj", D, D)
+    return {f"{prefix}.in_proj_weight": (3 * D, D), f"{prefix}.in_proj_bias": (3 * D,)} | _linear(
+        f"{prefix}.out_proj", D, D
+    )
 
 
 def _resnet18(prefix, rename=lambda k: k):
@@ -186,12 +188,14 @@ def test_detrex_dino_keys():
     model.load_state_dict(converted, strict=True)
     # parts of equal shape whose order matters
     dec = "transformer.decoder.layers.1"
-    for theirs, mine in [(f"{dec}.norms.0.weight", "decoder.layers.1.norm2.weight"),
-                         (f"{dec}.norms.1.weight", "decoder.layers.1.norm1.weight"),
-                         (f"{dec}.norms.2.weight", "decoder.layers.1.norm3.weight"),
-                         ("neck.extra_convs.0.norm.weight", "neck.input_proj.3.1.weight"),
-                         (f"class_embed.{DEC}.weight", "enc_out_class_embed.weight"),
-                         ("class_embed.1.weight", "class_embed.1.weight"),
-                         ("backbone.res3.0.shortcut.norm.running_var", "backbone.body.layer2.0.downsample.1.running_var")]:
+    for theirs, mine in [
+        (f"{dec}.norms.0.weight", "decoder.layers.1.norm2.weight"),
+        (f"{dec}.norms.1.weight", "decoder.layers.1.norm1.weight"),
+        (f"{dec}.norms.2.weight", "decoder.layers.1.norm3.weight"),
+        ("neck.extra_convs.0.norm.weight", "neck.input_proj.3.1.weight"),
+        (f"class_embed.{DEC}.weight", "enc_out_class_embed.weight"),
+        ("class_embed.1.weight", "class_embed.1.weight"),
+        ("backbone.res3.0.shortcut.norm.running_var", "backbone.body.layer2.0.downsample.1.running_var"),
+    ]:
         assert torch.equal(model.state_dict()[mine], detrex[theirs]), mine
     assert torch.equal(model.label_enc.weight[:K], detrex["label_enc.weight"])

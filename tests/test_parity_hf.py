@@ -54,7 +54,9 @@ def _inputs(h=96, w=128):
 def _backbone_config(kind: str, size: str, out_features: list[str]) -> dict:
     """HF config arguments for a ResNet-18 (tiny) or -50 (full), HF's own or timm's."""
     if kind == "timm":  # each model picks the stages itself (its timm defaults); no download asked for
-        return dict(use_timm_backbone=True, use_pretrained_backbone=False, backbone="resnet18" if size == "tiny" else "resnet50")
+        return dict(
+            use_timm_backbone=True, use_pretrained_backbone=False, backbone="resnet18" if size == "tiny" else "resnet50"
+        )
     from transformers import ResNetConfig
 
     if size == "tiny":  # torchvision's resnet18 in HF's ResNet naming
@@ -98,7 +100,9 @@ def _assert_parity(name: str, mine32, ref32, mine64, ref64) -> None:
     """float64: equal to round-off; float32: detrkit no less accurate than HF (each against the float64 truth)."""
     assert max_abs_diff(mine64, ref64) <= BOUND64, name
     err_mine, err_ref = max_abs_diff(mine32, mine64), max_abs_diff(ref32, ref64)
-    assert err_mine <= F32_FACTOR * err_ref + F32_FLOOR, f"{name}: detrkit float32 error {err_mine:.2e}, HF {err_ref:.2e}"
+    assert err_mine <= F32_FACTOR * err_ref + F32_FLOOR, (
+        f"{name}: detrkit float32 error {err_mine:.2e}, HF {err_ref:.2e}"
+    )
 
 
 def _assert_same_detections(out, ref, sizes, activation: str):
@@ -163,7 +167,7 @@ def test_deformable_detr_matches_hf(size, variant, backbone, tmp_path):
         hf_aux = [[hf_model.class_embed[i](r.intermediate_hidden_states[:, i]) for i in range(len(mine32.aux_outputs))]
                   for hf_model, r in ((pair.hf, ref32), (pair.hf64, ref64))]
     assert len(hf_aux[0]) == sizes["decoder_layers"] - 1
-    for i, (a32, a64) in enumerate(zip(mine32.aux_outputs, mine64.aux_outputs)):
+    for i, (a32, a64) in enumerate(zip(mine32.aux_outputs, mine64.aux_outputs, strict=False)):
         _assert_parity(f"decoder layer {i} logits", a32["pred_logits"], hf_aux[0][i], a64["pred_logits"], hf_aux[1][i])
     _assert_same_detections(mine64, ref64, [tuple(images.shape[-2:])] * 2, "sigmoid")
 

@@ -102,5 +102,6 @@ def test_matches_official_code(case, tmp_path):
         assert max_abs_diff(aux["pred_boxes"], ref["aux_boxes"][i]) <= BOUND, f"decoder layer {i}"
     assert max_abs_diff(out.pred_logits, ref["logits"]) <= BOUND
     assert max_abs_diff(out.pred_boxes, ref["boxes"]) <= BOUND
-    print(f"\n{case}: max |detrkit - official| memory {max_abs_diff(records['memory'], ref['memory']):.1e}, "  # -s shows it
-          f"logits {max_abs_diff(out.pred_logits, ref['logits']):.1e}, boxes {max_abs_diff(out.pred_boxes, ref['boxes']):.1e}")
+    memory, logits = max_abs_diff(records["memory"], ref["memory"]), max_abs_diff(out.pred_logits, ref["logits"])
+    boxes = max_abs_diff(out.pred_boxes, ref["boxes"])
+    print(f"\n{case}: max |detrkit - official| memory {memory:.1e}, logits {logits:.1e}, boxes {boxes:.1e}")  # -s

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from _runs import run, run_and_kill, steps, train_argv, without_time
+
 from detrkit.engine.checkpoint import load_state, step_checkpoints
 
 
@@ -37,5 +37,5 @@ def test_sigkill_mid_epoch_then_resume_is_exact(synth_dir, tmp_path, reference):
     last, ref_last = step_checkpoints(out)[-1], step_checkpoints(reference)[-1]
     a, b = load_state(last), load_state(ref_last)
     assert a["step"] == b["step"] == 8
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=False):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])

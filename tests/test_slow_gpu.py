@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from detrkit import create_model
 from detrkit.cli import main
 from detrkit.losses import build_criterion
@@ -29,7 +29,12 @@ def test_cuda_autocast_step_matches_fp32_direction(dtype):
     model = create_model("detr_lite", num_classes=3, **TINY).cuda()
     criterion = build_criterion(model)
     images = torch.randn(2, 3, 96, 96, device="cuda")
-    targets = [{"labels": torch.tensor([0, 1], device="cuda"), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.3]], device="cuda")}] * 2
+    targets = [
+        {
+            "labels": torch.tensor([0, 1], device="cuda"),
+            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.3]], device="cuda"),
+        }
+    ] * 2
     with torch.autocast("cuda", dtype=dtype):
         out = model(images)
     losses = criterion(out, targets)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from detrkit import Detector
 from detrkit.cli import main
 from detrkit.config import TrainConfig
@@ -112,7 +112,9 @@ def test_detector_accepts_paths_pil_arrays_and_tensors(synth_dir, tmp_path):
     assert (one.boxes[:, 2] >= one.boxes[:, 0]).all()
 
 
-@pytest.mark.parametrize("args", [["models"], ["data", "synth", "--num_train", "2", "--num_val", "1", "--image_size", "64"]])
+@pytest.mark.parametrize(
+    "args", [["models"], ["data", "synth", "--num_train", "2", "--num_val", "1", "--image_size", "64"]]
+)
 def test_cli_models_and_synth(tmp_path, capsys, args):
     if args[0] == "data":
         args = args + ["--out", str(tmp_path / "d")]
@@ -144,9 +146,9 @@ def test_paper_recipe():
 
 def test_fine_tune_from_official_weights(synth_dir, tmp_path):
     """--weights: an official-layout 91-class DETR checkpoint; the synthetic classes re-initialise the head only."""
-    from detrkit import create_model
-
     from test_detrex_names import official_detr_state
+
+    from detrkit import create_model
 
     source = create_model("detr_lite", num_classes=91, **TINY)
     torch.save({"model": official_detr_state(source)}, tmp_path / "official.pth")

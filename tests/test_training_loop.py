@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import TINY
 from torch import nn
 
-from conftest import TINY
 from detrkit.config import TrainConfig
 from detrkit.data.sampler import EpochSampler, SeededSamples
 from detrkit.engine.checkpoint import latest_checkpoint, load_state, save_step_checkpoint, step_checkpoints
@@ -156,6 +156,8 @@ def test_a_diverged_model_stops_training_and_is_never_saved(synth_dir, tmp_path)
         trainer.model.class_embed.weight.fill_(float("nan"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss.*no checkpoint was written yet"):
+        with pytest.raises(
+            TrainingError, match="3 steps in a row had a non-finite loss.*no checkpoint was written yet"
+        ):
             trainer.fit()
     assert step_checkpoints(tmp_path / "run") == []

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY
+
 from detrkit import Detector, create_model
 from detrkit.cli import main
 from detrkit.engine.checkpoint import save_weights

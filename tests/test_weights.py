@@ -9,7 +9,19 @@ import pytest
 import torch
 from test_detrex_names import _official_detr_keys, _to_detrex, official_detr_state
 from test_official_names import _official_keys
-from test_official_names_dino import D, DEC, ENC, FFN, HEADS, K, POINTS, Q, _dab_official_keys, _detrex_dino_keys, _dino_official_keys
+from test_official_names_dino import (
+    DEC,
+    ENC,
+    FFN,
+    HEADS,
+    POINTS,
+    D,
+    K,
+    Q,
+    _dab_official_keys,
+    _detrex_dino_keys,
+    _dino_official_keys,
+)
 
 from detrkit import create_model
 from detrkit.cli import main
@@ -125,7 +137,9 @@ def test_other_num_classes_reinitialises_only_the_class_heads(tmp_path):
 
 def test_wrong_family_names_the_presets_that_fit(tmp_path):
     _save_official_dino(tmp_path / "ckpt.pth")
-    with pytest.raises(CheckpointError, match=r"IDEA-Research/DINO DINO checkpoint.*Presets that fit: .*dino_r50_4scale"):
+    with pytest.raises(
+        CheckpointError, match=r"IDEA-Research/DINO DINO checkpoint.*Presets that fit: .*dino_r50_4scale"
+    ):
         create_model("detr_r50", weights=tmp_path / "ckpt.pth")
 
 
@@ -149,7 +163,9 @@ def test_separate_heads_into_a_shared_head_preset_is_an_error(tmp_path):
         state[f"class_embed.{i}.weight"] = torch.randn_like(state["class_embed.0.weight"])
         state[f"class_embed.{i}.bias"] = state["class_embed.0.bias"].clone()
     torch.save({"model": state}, tmp_path / "separate.pth")
-    with pytest.raises(CheckpointError, match=r"different values for class_embed\.0\.weight and class_embed\.1\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"different values for class_embed\.0\.weight and class_embed\.1\.weight"
+    ):
         create_model("deformable_detr_r50", weights=tmp_path / "separate.pth", **TINY, n_points=POINTS)
 
 class _Payload:
@@ -214,7 +230,9 @@ def test_weights_coco_downloads_converts_and_caches(tmp_path, monkeypatch):
     src.unlink()  # later loads read the converted file, not the release
     for d in (tmp_path / "cache" / "downloads").iterdir():
         d.unlink()
-    again, meta = load_pretrained("dino_r50_4scale", create_model.__globals__["resolve_weights"]("dino_r50_4scale", "coco"))
+    again, meta = load_pretrained(
+        "dino_r50_4scale", create_model.__globals__["resolve_weights"]("dino_r50_4scale", "coco")
+    )
     assert torch.equal(again.state_dict()["tgt_embed.weight"], state["transformer.tgt_embed.weight"])
     assert meta["class_names"][18] == "dog"
 

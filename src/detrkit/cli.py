@@ -39,7 +39,9 @@ def _parser() -> ArgumentParser:
     demo.add_argument("--model", default=DEMO["model"], help="preset to train")
     demo.add_argument("--epochs", type=int, default=DEMO["epochs"])
     demo.add_argument("--batch_size", type=int, default=DEMO["batch_size"])
-    demo.add_argument("--image_size", type=int, default=DEMO["image_size"], help="synthetic image size and training scale")
+    demo.add_argument(
+        "--image_size", type=int, default=DEMO["image_size"], help="synthetic image size and training scale"
+    )
     demo.add_argument("--num_train", type=int, default=DEMO["num_train"])
     demo.add_argument("--num_val", type=int, default=DEMO["num_val"])
     demo.add_argument("--device", default="auto")
@@ -74,17 +76,22 @@ def _parser() -> ArgumentParser:
     pr.add_argument("--amp", default="auto", help="autocast on CUDA: auto (bf16, else fp16), bf16, fp16 or none; "
                                                   "CPU runs fp32")
     pr.add_argument("--compile", type=bool, default=False, help="torch.compile the model (pays off on many images)")
-    pr.add_argument("--ann", help="COCO annotation json whose image ids results.json should use (matched by file name); "
-                                  "default: digit-only file names are the ids (COCO's naming), others numbered from 1")
+    pr.add_argument(
+        "--ann",
+        help="COCO annotation json whose image ids results.json should use (matched by file name); "
+        "default: digit-only file names are the ids (COCO's naming), others numbered from 1",
+    )
     pr.add_argument("--device", default="auto")
     sub.add_subcommand("predict", pr, help="predict on images")
 
     sub.add_subcommand("models", ArgumentParser(description="List the registered model presets."), help="list presets")
 
-    xp = ArgumentParser(description="Draw what each detection looked at, one image per detection: DETR's last decoder "
-                                    "layer cross-attention over the feature map (a heat map), or for deformable models "
-                                    "(Deformable DETR, DINO) the last decoder layer's sampling points, coloured and sized "
-                                    "by attention weight. Also writes explain.json.")
+    xp = ArgumentParser(
+        description="Draw what each detection looked at, one image per detection: DETR's last decoder "
+        "layer cross-attention over the feature map (a heat map), or for deformable models "
+        "(Deformable DETR, DINO) the last decoder layer's sampling points, coloured and sized "
+        "by attention weight. Also writes explain.json."
+    )
     xp.add_argument("image", help="an image file")
     _add_model_source(xp)
     xp.add_argument("--output", default="explain", help="output folder")
@@ -93,11 +100,13 @@ def _parser() -> ArgumentParser:
     xp.add_argument("--device", default="auto")
     sub.add_subcommand("explain", xp, help="draw what each detection attended to")
 
-    ex = ArgumentParser(description="Export a detector with its postprocessing to ONNX: input `images` (B, 3, H, W) "
-                                    "normalized with ImageNet mean/std; outputs `boxes` (B, K, 4) xyxy pixels, `scores` "
-                                    "(B, K), `labels` (B, K) category ids. Then runs the file in onnxruntime on random "
-                                    "images and compares it with PyTorch, failing above 1e-3. Needs pip install "
-                                    "'detrkit[onnx]'.")
+    ex = ArgumentParser(
+        description="Export a detector with its postprocessing to ONNX: input `images` (B, 3, H, W) "
+        "normalized with ImageNet mean/std; outputs `boxes` (B, K, 4) xyxy pixels, `scores` "
+        "(B, K), `labels` (B, K) category ids. Then runs the file in onnxruntime on random "
+        "images and compares it with PyTorch, failing above 1e-3. Needs pip install "
+        "'detrkit[onnx]'."
+    )
     _add_model_source(ex)
     ex.add_argument("--format", default="onnx", help="export format (onnx)")
     ex.add_argument("--output", help="output file (default: <model>.onnx)")
@@ -204,8 +213,15 @@ def cmd_convert(args: Namespace) -> None:
     for reason in sorted({r for _, r in conv.ignored}):
         keys = [k for k, r in conv.ignored if r == reason]
         print(f"  {len(keys)} x {reason}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}")
-    print(f"missing: {len(reinit)}" + (f" (class heads re-initialised for {meta['num_classes']} classes: "
-                                        f"{', '.join(reinit[:4])}{' ...' if len(reinit) > 4 else ''})" if reinit else ""))
+    print(
+        f"missing: {len(reinit)}"
+        + (
+            f" (class heads re-initialised for {meta['num_classes']} classes: "
+            f"{', '.join(reinit[:4])}{' ...' if len(reinit) > 4 else ''})"
+            if reinit
+            else ""
+        )
+    )
     names = meta["class_names"]
     print(f"classes: {meta['num_classes']} ({', '.join(n for n in names[:6] if n != 'N/A')}, ...)")
     out = Path(args.output)
@@ -229,9 +245,10 @@ def cmd_eval(args: Namespace) -> dict:
 
     from detrkit.config import dataset_split
     from detrkit.data import CocoDetection, collate
+    from detrkit.data.transforms import val_transforms
     from detrkit.engine.checkpoint import load_checkpoint, resolve_weights_file
     from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
-    from detrkit.engine.train import resolve_device, val_transforms
+    from detrkit.runtime import resolve_device
 
     model, meta = load_checkpoint(args.checkpoint)
     if args.images and args.ann:
@@ -265,7 +282,7 @@ def cmd_predict(args: Namespace) -> None:
 
 
 def _predict_video(source: Path, args: Namespace) -> None:
-    """An annotated copy of a video (same frame rate, H.264) and its detections per frame, read and written with PyAV."""
+    """An annotated copy of a video (same frame rate, H.264) and its detections per frame (PyAV)."""
     try:
         import av
     except ImportError:
@@ -276,17 +293,21 @@ def _predict_video(source: Path, args: Namespace) -> None:
 
     detector, out = _detector(args), Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    names = dict(zip(detector.label_to_cat, detector.class_names))
+    names = dict(zip(detector.label_to_cat, detector.class_names, strict=False))
     target = out / f"{source.stem}.mp4"
     per_frame, coco_results, index = {}, [], 0
     with av.open(str(source)) as reader, av.open(str(target), "w") as writer:
         stream = reader.streams.video[0]
         encoder = writer.add_stream("libx264", rate=stream.average_rate or 25)
-        encoder.width, encoder.height, encoder.pix_fmt = stream.codec_context.width, stream.codec_context.height, "yuv420p"
+        encoder.width, encoder.height, encoder.pix_fmt = (
+            stream.codec_context.width,
+            stream.codec_context.height,
+            "yuv420p",
+        )
         frames = (frame.to_image() for frame in reader.decode(stream))
         with tqdm(total=stream.frames or None, desc="predict", unit="frame") as bar:
-            while chunk := [f for _, f in zip(range(max(1, args.batch_size)), frames)]:
-                for image, det in zip(chunk, detector.predict(chunk, max_detections=args.max_detections)):
+            while chunk := [f for _, f in zip(range(max(1, args.batch_size)), frames, strict=False)]:
+                for image, det in zip(chunk, detector.predict(chunk, max_detections=args.max_detections), strict=False):
                     drawn = draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names)
                     for packet in encoder.encode(av.VideoFrame.from_image(drawn)):
                         writer.mux(packet)
@@ -306,7 +327,7 @@ def _coco_results(image_id: int, det) -> list[dict]:
     """One image's detections in COCO's results format (bbox x, y, w, h)."""
     return [{"image_id": image_id, "category_id": int(c), "score": round(float(sc), 5),
              "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]}
-            for (x1, y1, x2, y2), sc, c in zip(det.boxes.tolist(), det.scores, det.labels)]
+            for (x1, y1, x2, y2), sc, c in zip(det.boxes.tolist(), det.scores, det.labels, strict=False)]
 
 
 def image_files(source: str) -> list[Path]:
@@ -341,7 +362,7 @@ def _image_ids(files: list[Path], ann: str | None) -> list[int]:
 
 
 def _predict_files(files: list[Path], args: Namespace) -> None:
-    """Annotated images, detections.json (per image) and results.json (COCO results) for ``files`` in ``args.output``."""
+    """Annotated images, detections.json (per image) and results.json (COCO results) for ``files``."""
     from tqdm import tqdm
 
     from detrkit.detector import to_pil
@@ -350,7 +371,7 @@ def _predict_files(files: list[Path], args: Namespace) -> None:
     detector = _detector(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    names = dict(zip(detector.label_to_cat, detector.class_names))
+    names = dict(zip(detector.label_to_cat, detector.class_names, strict=False))
     per_image, coco_results = {}, []
     batch, image_ids = max(1, args.batch_size), _image_ids(files, getattr(args, "ann", None))
     with tqdm(total=len(files), desc="predict", unit="img", disable=len(files) < 2) as bar:
@@ -358,8 +379,10 @@ def _predict_files(files: list[Path], args: Namespace) -> None:
             chunk = files[start : start + batch]
             images = [to_pil(f) for f in chunk]
             found = detector.predict(images, max_detections=args.max_detections)
-            for i, (f, image, det) in enumerate(zip(chunk, images, found)):
-                draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(out / f"{f.stem}.jpg")
+            for i, (f, image, det) in enumerate(zip(chunk, images, found, strict=False)):
+                draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(
+                    out / f"{f.stem}.jpg"
+                )
                 per_image[f.name] = det.to_list()
                 coco_results += _coco_results(image_ids[start + i], det)
             bar.update(len(chunk))
@@ -416,7 +439,9 @@ def cmd_demo(args: Namespace) -> dict:
     t0 = time.perf_counter()
     if not marker.exists():
         print(f"[1/3] generating the synthetic dataset in {data}")
-        make_synthetic_dataset(data, num_train=opts["num_train"], num_val=opts["num_val"], image_size=opts["image_size"])
+        make_synthetic_dataset(
+            data, num_train=opts["num_train"], num_val=opts["num_val"], image_size=opts["image_size"]
+        )
         marker.touch()
     else:
         print(f"[1/3] reusing the synthetic dataset in {data}")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from detrkit.data.transforms import scales_for  # noqa: F401  (the recipe lives with the transforms)
+
 
 @dataclass
 class TrainConfig:
@@ -151,24 +153,15 @@ def dataset_split(cfg: TrainConfig, split: str) -> tuple[Path, Path | dict, str 
         raise DatasetError(f"dataset not found: {root}")
     if not ann and detect_layout(root) != "coco":
         return read_split(root, split)
-    ann = Path(ann) if ann else next(iter(sorted((root / "annotations").glob(f"instances_{split}*.json"))), root / "annotations" / f"instances_{split}.json")
+    ann = (
+        Path(ann)
+        if ann
+        else next(
+            iter(sorted((root / "annotations").glob(f"instances_{split}*.json"))),
+            root / "annotations" / f"instances_{split}.json",
+        )
+    )
     if not images:
         stem = ann.stem.removeprefix("instances_")  # instances_train2017.json -> train2017/
         images = root / stem if (root / stem).is_dir() else root / split
     return Path(images), ann, None
-
-
-def scales_for(image_size: int) -> dict:
-    """DETR's multi-scale recipe (defined at 800 px) scaled to ``image_size``."""
-    r = image_size / 800
-    lo = max(32, int(round(480 * r / 32)) * 32)
-    scales = list(range(lo, image_size + 1, 32)) or [image_size]
-    if scales[-1] != image_size:
-        scales.append(image_size)
-    return {
-        "scales": scales,
-        "max_size": int(round(1333 * r)),
-        "val_size": image_size,
-        "crop_scales": [int(round(s * r)) for s in (400, 500, 600)],
-        "crop_size": (int(round(384 * r)), int(round(600 * r))),
-    }

@@ -11,13 +11,14 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
+from detrkit.convert.formats import load_pretrained
 from detrkit.data.collate import pad_images
 from detrkit.data.image import open_rgb, to_rgb
-from detrkit.convert.formats import load_pretrained
+from detrkit.data.transforms import val_transforms
 from detrkit.engine.checkpoint import load_checkpoint
-from detrkit.engine.train import amp_dtype, resolve_device, val_transforms
 from detrkit.models.postprocess import postprocess
 from detrkit.registry import resolve_weights
+from detrkit.runtime import amp_dtype, resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -42,8 +43,12 @@ class Detections:
         return len(self.scores)
 
     def to_list(self) -> list[dict]:
-        return [{"box": [round(v, 2) for v in b], "score": round(s, 4), "label": int(lab), "name": n}
-                for b, s, lab, n in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.names)]
+        return [
+            {"box": [round(v, 2) for v in b], "score": round(s, 4), "label": int(lab), "name": n}
+            for b, s, lab, n in zip(
+                self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.names, strict=False
+            )
+        ]
 
 
 def to_pil(image) -> Image.Image:
@@ -80,7 +85,8 @@ class Detector:
         model: the preset of a checkpoint that is not detrkit's own, e.g. ``"dino_r50_4scale"``.
         device: ``auto``, ``cpu``, ``cuda``...
         threshold: default minimum score of returned detections.
-        amp: autocast on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16`` or ``none``; CPU runs fp32.
+        amp: autocast on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16`` or ``none``;
+            CPU runs fp32.
         compile: run the model through ``torch.compile`` (the first call compiles; later ones are faster).
     """
 
@@ -94,7 +100,7 @@ class Detector:
         self.threshold = threshold
         self.class_names = self.meta["class_names"]
         self.label_to_cat = self.meta["label_to_cat"]
-        self.cat_to_name = dict(zip(self.label_to_cat, self.class_names))
+        self.cat_to_name = dict(zip(self.label_to_cat, self.class_names, strict=False))
         self.transform = val_transforms(int(self.meta.get("image_size", 800)), with_boxes=False)
 
     @torch.no_grad()
@@ -113,7 +119,9 @@ class Detector:
     @torch.no_grad()
     def forward_pil(self, pils: list[Image.Image], *, compiled: bool = True):
         """The model's raw output for RGB PIL images (resized, normalized, padded into one batch)."""
-        tensors = [self.transform(tv_tensors.Image(torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1))) for p in pils]
+        tensors = [
+            self.transform(tv_tensors.Image(torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1))) for p in pils
+        ]
         batch, mask = pad_images([t.as_subclass(Tensor) for t in tensors])
         forward = self._forward if compiled else self.model
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):

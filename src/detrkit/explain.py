@@ -38,14 +38,16 @@ def _last_cross_attention(model: nn.Module) -> nn.Module:
     layer = model.decoder.layers[-1]
     attn = getattr(layer, "cross_attn", None) or getattr(layer, "multihead_attn", None)
     if not isinstance(attn, (MultiScaleDeformableAttention, nn.MultiheadAttention)):
-        raise NotImplementedError(f"explain draws DETR's cross-attention and deformable models' sampling points; "
-                                  f"{type(model).__name__}'s decoder attention ({type(attn).__name__}) is not supported")
+        raise NotImplementedError(
+            f"explain draws DETR's cross-attention and deformable models' sampling points; "
+            f"{type(model).__name__}'s decoder attention ({type(attn).__name__}) is not supported"
+        )
     return attn
 
 
 @torch.no_grad()
 def explain(detector, image, *, threshold: float | None = None, max_detections: int = 10) -> list[Explanation]:
-    """Detections of ``image`` (path, PIL, array or tensor) by a :class:`~detrkit.Detector`, each with what it looked at."""
+    """Detections of ``image`` (path, PIL, array or tensor) by a :class:`~detrkit.Detector`, and what each looked at."""
     from detrkit.detector import to_pil
 
     model, pil = detector.model, to_pil(image)
@@ -71,7 +73,7 @@ def explain(detector, image, *, threshold: float | None = None, max_detections: 
                                                        max_detections)
     h_img, w_img = pil.height, pil.width
     results = []
-    for score, label, box, q in zip(scores[0], labels[0], boxes[0], queries[0]):
+    for score, label, box, q in zip(scores[0], labels[0], boxes[0], queries[0], strict=False):
         if score < threshold:
             break
         cat = detector.label_to_cat[int(label)]
@@ -105,7 +107,7 @@ def draw_explanation(image: Image.Image, exp: Explanation) -> Image.Image:
         draw = ImageDraw.Draw(out)
         order = np.argsort(exp.weights)  # heaviest drawn last, on top
         top = max(float(exp.weights.max()), 1e-12)
-        for (x, y), wgt in zip(exp.points[order], exp.weights[order]):
+        for (x, y), wgt in zip(exp.points[order], exp.weights[order], strict=False):
             v = float(wgt) / top
             r = 1.5 + 4.5 * v
             draw.ellipse([x - r, y - r, x + r, y + r], fill=(int(255 * v), int(64 * (1 - v)), int(255 * (1 - v))))

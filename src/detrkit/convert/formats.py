@@ -63,27 +63,63 @@ class CheckpointFormat:
 
 
 _DEC_CLASS_COPY = (r"^(transformer|model)\.decoder\.class_embed\.", "the decoder's reference to class_embed")
-FORMATS = {f.name: f for f in [
-    CheckpointFormat("detrkit", "detrkit", None, dict),
-    CheckpointFormat("official_detr", "facebookresearch/detr", "DETR", convert_official_detr,
-                     ((r"^(detr\.)?(bbox_attention|mask_head)\.", "panoptic segmentation head"),)),
-    CheckpointFormat("official_deformable_detr", "fundamentalvision/Deformable-DETR", "DeformableDETR",
-                     convert_official_deformable_detr, (_DEC_CLASS_COPY,)),
-    CheckpointFormat("official_dab_detr", "IDEA-Research/DAB-DETR or DN-DETR", "DABDETR", convert_official_dab_detr),
-    CheckpointFormat("official_dino", "IDEA-Research/DINO", "DINO", convert_official_dino, (_DEC_CLASS_COPY,)),
-    CheckpointFormat("detrex_detr", "IDEA-Research/detrex", "DETR", convert_detrex),
-    CheckpointFormat("detrex_deformable_detr", "IDEA-Research/detrex", "DeformableDETR", convert_detrex,
-                     (_DEC_CLASS_COPY,), {"inverse_sigmoid_eps": 1e-3}),  # detrex's clamp, not Deformable-DETR's
-    CheckpointFormat("detrex_dab_detr", "IDEA-Research/detrex", "DABDETR", convert_detrex),
-    CheckpointFormat("detrex_dino", "IDEA-Research/detrex", "DINO", convert_detrex,
-                     (_DEC_CLASS_COPY, (r"^transformer\.decoder\.bbox_embed\.", "the decoder's reference to bbox_embed")),
-                     {"share_heads": False, "pe_temperature": 10000.0, "pe_offset": -0.5}),
-    CheckpointFormat("hf_detr", "HF transformers DetrForObjectDetection", "DETR", convert_hf_detr),
-    CheckpointFormat("hf_deformable_detr", "HF transformers DeformableDetrForObjectDetection", "DeformableDETR",
-                     convert_hf_deformable_detr, (_DEC_CLASS_COPY,)),
-    CheckpointFormat("hf_dab_detr", "HF transformers DabDetrForObjectDetection", "DABDETR", convert_hf_dab_detr,
-                     model_args={"inverse_sigmoid_eps": 1e-5}),  # HF's port clamps at 1e-5, the official code at 1e-3
-]}
+FORMATS = {
+    f.name: f
+    for f in [
+        CheckpointFormat("detrkit", "detrkit", None, dict),
+        CheckpointFormat(
+            "official_detr",
+            "facebookresearch/detr",
+            "DETR",
+            convert_official_detr,
+            ((r"^(detr\.)?(bbox_attention|mask_head)\.", "panoptic segmentation head"),),
+        ),
+        CheckpointFormat(
+            "official_deformable_detr",
+            "fundamentalvision/Deformable-DETR",
+            "DeformableDETR",
+            convert_official_deformable_detr,
+            (_DEC_CLASS_COPY,),
+        ),
+        CheckpointFormat(
+            "official_dab_detr", "IDEA-Research/DAB-DETR or DN-DETR", "DABDETR", convert_official_dab_detr
+        ),
+        CheckpointFormat("official_dino", "IDEA-Research/DINO", "DINO", convert_official_dino, (_DEC_CLASS_COPY,)),
+        CheckpointFormat("detrex_detr", "IDEA-Research/detrex", "DETR", convert_detrex),
+        CheckpointFormat(
+            "detrex_deformable_detr",
+            "IDEA-Research/detrex",
+            "DeformableDETR",
+            convert_detrex,
+            (_DEC_CLASS_COPY,),
+            {"inverse_sigmoid_eps": 1e-3},
+        ),  # detrex's clamp, not Deformable-DETR's
+        CheckpointFormat("detrex_dab_detr", "IDEA-Research/detrex", "DABDETR", convert_detrex),
+        CheckpointFormat(
+            "detrex_dino",
+            "IDEA-Research/detrex",
+            "DINO",
+            convert_detrex,
+            (_DEC_CLASS_COPY, (r"^transformer\.decoder\.bbox_embed\.", "the decoder's reference to bbox_embed")),
+            {"share_heads": False, "pe_temperature": 10000.0, "pe_offset": -0.5},
+        ),
+        CheckpointFormat("hf_detr", "HF transformers DetrForObjectDetection", "DETR", convert_hf_detr),
+        CheckpointFormat(
+            "hf_deformable_detr",
+            "HF transformers DeformableDetrForObjectDetection",
+            "DeformableDETR",
+            convert_hf_deformable_detr,
+            (_DEC_CLASS_COPY,),
+        ),
+        CheckpointFormat(
+            "hf_dab_detr",
+            "HF transformers DabDetrForObjectDetection",
+            "DABDETR",
+            convert_hf_dab_detr,
+            model_args={"inverse_sigmoid_eps": 1e-5},
+        ),  # HF's port clamps at 1e-5, the official code at 1e-3
+    ]
+}
 
 
 def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
@@ -152,7 +188,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
 
 
 def _resolve_file(path: Path) -> Path:
-    """A detrkit checkpoint / run folder's weights (see ``resolve_weights_file``), else an HF folder's pytorch_model.bin."""
+    """A detrkit checkpoint / run folder's weights (``resolve_weights_file``), else an HF folder's pytorch_model.bin."""
     if path.is_dir() and not (path / WEIGHTS_NAME).is_file() and (path / "pytorch_model.bin").is_file():
         return path / "pytorch_model.bin"
     try:
@@ -253,10 +289,12 @@ def load_converted(model: nn.Module, conv: Conversion, *, reinit_classes: bool =
         differ = [n for n in present[1:] if not torch.equal(state[n], state[present[0]])]
         if differ:
             raise CheckpointError(
-                f"{conv.file} ({conv.format.source}) holds different values for {present[0]} and {', '.join(differ[:3])}, "
+                f"{conv.file} ({conv.format.source}) holds different values for {present[0]} and "
+                f"{', '.join(differ[:3])}, "
                 f"which {type(model).__name__} shares as one parameter: the checkpoint is of a model with separate "
                 "heads per decoder layer. Pick the preset it was trained as (e.g. with refinement); `detrkit models` "
-                "lists them.")
+                "lists them."
+            )
     model.load_state_dict(state, strict=not reinit)
     return reinit
 

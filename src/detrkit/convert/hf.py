@@ -32,7 +32,10 @@ _COMMON_RULES = [
     # timm ResNets: ``conv_encoder.model.*`` (transformers 4), ``conv_encoder.model._backbone.*`` (DabDetr in
     # transformers 5, its TimmBackbone wrapper), ``model.*`` (in-memory names of transformers 5); HF's own ResNet
     # (``embedder`` / ``encoder.stages``) is renamed to torchvision's names, which timm's already are.
-    (r"^backbone\.(conv_encoder\.)?model\.(_backbone\.)?(.*)$", lambda m: "backbone.body." + convert_hf_resnet_key(m.group(3))),
+    (
+        r"^backbone\.(conv_encoder\.)?model\.(_backbone\.)?(.*)$",
+        lambda m: "backbone.body." + convert_hf_resnet_key(m.group(3)),
+    ),
     (r"\.mlp\.fc1\.", ".linear1."),
     (r"\.mlp\.fc2\.", ".linear2."),
     (r"\.fc1\.", ".linear1."),

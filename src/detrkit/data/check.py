@@ -128,8 +128,11 @@ def _check_images(coco: dict, images_dir: Path, report: CheckReport, mode: str, 
             continue
         seen_ids.add(img["id"])
         if img["file_name"] in seen_names:
-            report.add(WARNING, "duplicate file_name", f"{_where_image(img)} and image id {seen_names[img['file_name']]!r} "
-                       "are the same file")
+            report.add(
+                WARNING,
+                "duplicate file_name",
+                f"{_where_image(img)} and image id {seen_names[img['file_name']]!r} are the same file",
+            )
         seen_names.setdefault(img["file_name"], img["id"])
         if img.get("width") and img.get("height"):
             sizes[img["id"]] = (img["width"], img["height"])

@@ -86,14 +86,19 @@ class CocoDetection(torch.utils.data.Dataset):
         else:
             self.ann_file, self.coco = Path(ann_file), load_coco_json(ann_file)
         if not self.images_dir.is_dir():
-            raise DatasetError(f"image folder not found: {self.images_dir} (images of {self.ann_file}); pass the folder "
-                               "that the 'file_name' entries are relative to.")
+            raise DatasetError(
+                f"image folder not found: {self.images_dir} (images of {self.ann_file}); pass the folder "
+                "that the 'file_name' entries are relative to."
+            )
         self.report = check_dataset(self.coco, self.images_dir, source=str(self.ann_file), images=check_images,
                                     progress=progress)
         if not self.report.ok:
             if not skip_invalid:
-                raise DatasetError(f"{self.report.format(examples=3, errors_only=True)}\nFix these (`detrkit data check` prints the full "
-                                   "report), or train with --skip_invalid true to drop the broken images and annotations.")
+                raise DatasetError(
+                    f"{self.report.format(examples=3, errors_only=True)}\n"
+                    "Fix these (`detrkit data check` prints the full "
+                    "report), or train with --skip_invalid true to drop the broken images and annotations."
+                )
             self.coco, dropped = drop_invalid(self.coco, self.report)
             warnings.warn(f"{self.ann_file}: --skip_invalid dropped {dropped['images']} image(s) and "
                           f"{dropped['annotations']} annotation(s) with errors "
@@ -122,7 +127,9 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             return open_rgb(path)
         except (UnidentifiedImageError, OSError) as e:
-            raise DatasetError(f"cannot read image {path} ({e}); replace the file or remove it from {self.ann_file}.") from None
+            raise DatasetError(
+                f"cannot read image {path} ({e}); replace the file or remove it from {self.ann_file}."
+            ) from None
 
     def __getitem__(self, index: int):
         for attempt in range(len(self)):
@@ -153,7 +160,9 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.transforms is not None:
             img, target = self.transforms(img, target)
         th, tw = img.shape[-2:]
-        boxes = box_xyxy_to_cxcywh(target["boxes"].as_subclass(torch.Tensor)) / torch.tensor([tw, th, tw, th], dtype=torch.float32)
+        boxes = box_xyxy_to_cxcywh(target["boxes"].as_subclass(torch.Tensor)) / torch.tensor(
+            [tw, th, tw, th], dtype=torch.float32
+        )
         return img.as_subclass(torch.Tensor), {
             "labels": target["labels"],
             "boxes": boxes.reshape(-1, 4),

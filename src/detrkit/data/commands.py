@@ -28,12 +28,17 @@ def add_data_commands(sub) -> None:
     synth.add_argument("--image_size", type=int, default=320, help="nominal image side (each image varies by +-20%%)")
     synth.add_argument("--max_objects", type=int, default=20)
     data_sub.add_subcommand("synth", synth, help="generate the synthetic dataset")
-    check = ArgumentParser(description="The dataset doctor: missing, unreadable or truncated images, boxes with zero or "
-                                       "negative size or outside the image, category ids not in 'categories', "
-                                       "duplicate ids, images without annotations, class counts. Prints a report and "
-                                       "exits with status 1 when there are errors (warnings alone: 0).")
-    check.add_argument("path", help="a dataset folder (COCO: annotations/instances_*.json; YOLO: data.yaml; Pascal VOC: "
-                                    "Annotations/ + JPEGImages/), or one COCO json with --images")
+    check = ArgumentParser(
+        description="The dataset doctor: missing, unreadable or truncated images, boxes with zero or "
+        "negative size or outside the image, category ids not in 'categories', "
+        "duplicate ids, images without annotations, class counts. Prints a report and "
+        "exits with status 1 when there are errors (warnings alone: 0)."
+    )
+    check.add_argument(
+        "path",
+        help="a dataset folder (COCO: annotations/instances_*.json; YOLO: data.yaml; Pascal VOC: "
+        "Annotations/ + JPEGImages/), or one COCO json with --images",
+    )
     check.add_argument("--images", help="with a json PATH: the folder its file_names are relative to")
     check.add_argument("--splits", type=list[str], default=["train", "val"], help="splits of a dataset folder")
     check.add_argument("--images_check", default="full", help="full (decode every image), header (fast) or none")
@@ -61,7 +66,9 @@ def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
     path = Path(args.path)
     if path.suffix == ".json":
         if not args.images:
-            raise DatasetError(f"{path} is a json file: pass --images FOLDER, the folder its file_names are relative to")
+            raise DatasetError(
+                f"{path} is a json file: pass --images FOLDER, the folder its file_names are relative to"
+            )
         return [(Path(args.images), path, None)]
     targets = []
     for split in args.splits:

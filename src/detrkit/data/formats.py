@@ -81,7 +81,9 @@ def _yolo_images(spec, base: Path) -> list[Path]:
                     p = Path(line.strip())
                     files.append(p if p.is_absolute() else (path.parent / p).resolve())
         else:
-            raise DatasetError(f"YOLO split entry {entry!r} ({path}) is neither an image folder nor a .txt list of images")
+            raise DatasetError(
+                f"YOLO split entry {entry!r} ({path}) is neither an image folder nor a .txt list of images"
+            )
     return files
 
 

@@ -31,7 +31,20 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
                for i, a in enumerate(np.arange(10) * math.pi / 5 - math.pi / 2)]
     elif kind == "cross":
         t = 0.34
-        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        pts = [
+            (-t, -1),
+            (t, -1),
+            (t, -t),
+            (1, -t),
+            (1, t),
+            (t, t),
+            (t, 1),
+            (-t, 1),
+            (-t, t),
+            (-1, t),
+            (-1, -t),
+            (-t, -t),
+        ]
     else:
         raise ValueError(kind)
     ca, sa = math.cos(angle), math.sin(angle)
@@ -55,7 +68,9 @@ def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(0, 12)):  # clutter: random lines
         x0, y0, x1, y1 = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, h)
-        draw.line([(x0, y0), (x1, y1)], fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
+        draw.line(
+            [(x0, y0), (x1, y1)], fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4))
+        )
     return img
 
 
@@ -73,12 +88,20 @@ def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: 
         draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=color, width=int(t))
     elif kind == 2:  # open arc
         start = rng.uniform(0, 360)
-        draw.arc([cx - s, cy - s, cx + s, cy + s], start, start + rng.uniform(60, 200), fill=color, width=int(rng.integers(2, 5)))
+        draw.arc(
+            [cx - s, cy - s, cx + s, cy + s],
+            start,
+            start + rng.uniform(60, 200),
+            fill=color,
+            width=int(rng.integers(2, 5)),
+        )
     else:  # irregular blob: a star-shaped polygon with random radii
         n = int(rng.integers(5, 9))
         angles = np.sort(rng.uniform(0, 2 * math.pi, n))
         radii = s * rng.uniform(0.3, 1.0, n)
-        draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in zip(angles, radii)], fill=color)
+        draw.polygon(
+            [(cx + r * math.cos(a), cy + r * math.sin(a)) for a, r in zip(angles, radii, strict=False)], fill=color
+        )
 
 
 def _contrasting_color(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:

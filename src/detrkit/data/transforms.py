@@ -74,3 +74,25 @@ def build_transforms(
             T.Compose([T.RandomShortestSize(list(crop_scales)), RandomSizeCrop(*crop_size), resize]),
         ])
     return T.Compose([T.RandomHorizontalFlip(), resize, *finish])
+
+
+def scales_for(image_size: int) -> dict:
+    """DETR's multi-scale recipe (defined at 800 px) scaled to ``image_size``."""
+    r = image_size / 800
+    lo = max(32, int(round(480 * r / 32)) * 32)
+    scales = list(range(lo, image_size + 1, 32)) or [image_size]
+    if scales[-1] != image_size:
+        scales.append(image_size)
+    return {
+        "scales": scales,
+        "max_size": int(round(1333 * r)),
+        "val_size": image_size,
+        "crop_scales": [int(round(s * r)) for s in (400, 500, 600)],
+        "crop_size": (int(round(384 * r)), int(round(600 * r))),
+    }
+
+
+def val_transforms(image_size: int, *, with_boxes: bool = True):
+    """The evaluation / inference resize of a model trained at ``image_size`` (DETR's 800 / 1333 scaled)."""
+    recipe = scales_for(image_size)
+    return build_transforms(False, val_size=recipe["val_size"], max_size=recipe["max_size"], with_boxes=with_boxes)

@@ -21,9 +21,9 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 def coco_results(detections: list[dict], image_ids: list[int]) -> list[dict]:
     """Per-image detections (absolute xyxy, dataset category ids) -> COCO results (xywh)."""
     out = []
-    for image_id, det in zip(image_ids, detections):
+    for image_id, det in zip(image_ids, detections, strict=False):
         boxes = det["boxes"].tolist()
-        for (x0, y0, x1, y1), s, lab in zip(boxes, det["scores"].tolist(), det["labels"].tolist()):
+        for (x0, y0, x1, y1), s, lab in zip(boxes, det["scores"].tolist(), det["labels"].tolist(), strict=False):
             out.append({"image_id": int(image_id), "category_id": int(lab),
                         "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
     return out
@@ -44,7 +44,7 @@ def coco_box_ap(coco_gt: dict, results: list[dict], image_ids: list[int] | None 
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: max(0.0, float(v)) for k, v in zip(METRIC_NAMES, ev.stats[:6])}
+    return {k: max(0.0, float(v)) for k, v in zip(METRIC_NAMES, ev.stats[:6], strict=False)}
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -76,7 +76,7 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device | str = "cp
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
         dets = postprocess(outputs, sizes, activation=model.activation,
                            label_map=dataset.label_to_cat if label_to_cat is None else label_to_cat)
-        for t, det in zip(batch.targets, dets):
+        for t, det in zip(batch.targets, dets, strict=False):
             per_image[int(t["image_id"])] = coco_results([det], [int(t["image_id"])])
     model.train(was_training)
     for part in gather_objects(per_image)[1:]:

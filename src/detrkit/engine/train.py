@@ -21,46 +21,32 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from detrkit.config import TrainConfig, apply_recipe, dataset_split, scales_for
+from detrkit.config import TrainConfig, apply_recipe, dataset_split
+from detrkit.convert.formats import load_pretrained
 from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
 from detrkit.data.sampler import EpochSampler, SeededSamples
+from detrkit.data.transforms import scales_for, val_transforms
 from detrkit.engine import distributed as D
-from detrkit.engine.checkpoint import (CheckpointError, latest_checkpoint, load_state, load_weights, read_meta, save_checkpoint,
-                                       save_step_checkpoint, step_checkpoints)
+from detrkit.engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_state,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+    save_step_checkpoint,
+    step_checkpoints,
+)
 from detrkit.engine.ema import ModelEMA
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
 from detrkit.engine.schedule import LRSchedule
 from detrkit.losses import build_criterion
-from detrkit.convert.formats import load_pretrained
 from detrkit.registry import create_model, model_info, resolve_weights
+from detrkit.runtime import amp_dtype, resolve_device
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says what to do."""
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-    return device
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device`` (None = full precision)."""
-    if amp == "none" or device.type != "cuda":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def val_transforms(image_size: int, *, with_boxes: bool = True):
-    """The evaluation / inference resize of a model trained at ``image_size`` (DETR's 800 / 1333 scaled)."""
-    recipe = scales_for(image_size)
-    return build_transforms(False, val_size=recipe["val_size"], max_size=recipe["max_size"], with_boxes=with_boxes)
 
 
 def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetection, CocoDetection]:
@@ -124,14 +110,22 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(cfg, progress=self.main)
         self._build_loaders()
         self._build_model()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.lr, cfg.lr_backbone), weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.lr, cfg.lr_backbone), weight_decay=cfg.weight_decay
+        )
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["lr"]
         self.steps_per_epoch = -(-self.batches_per_epoch // cfg.accumulate)
-        self.schedule = LRSchedule(cfg.lr_schedule, self.steps_per_epoch, cfg.epochs * self.steps_per_epoch,
-                                   warmup_steps=cfg.warmup_steps, milestones=tuple(cfg.lr_milestones),
-                                   lr_drop=cfg.lr_drop if cfg.lr_drop is not None else max(1, round(cfg.epochs * 2 / 3)),
-                                   gamma=cfg.lr_gamma, min_lr_ratio=cfg.min_lr_ratio)
+        self.schedule = LRSchedule(
+            cfg.lr_schedule,
+            self.steps_per_epoch,
+            cfg.epochs * self.steps_per_epoch,
+            warmup_steps=cfg.warmup_steps,
+            milestones=tuple(cfg.lr_milestones),
+            lr_drop=cfg.lr_drop if cfg.lr_drop is not None else max(1, round(cfg.epochs * 2 / 3)),
+            gamma=cfg.lr_gamma,
+            min_lr_ratio=cfg.min_lr_ratio,
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)  # bf16: none
         # where the run is: epochs done, batches of the current epoch done, optimizer steps done
         self.epoch, self.batch, self.step, self.best_ap, self.bad_steps, self.running = 0, 0, 0, -1.0, 0, {}
@@ -148,17 +142,33 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------------
     def _build_loaders(self) -> None:
         cfg, d = self.cfg, self.dist
-        train = self.train_set if cfg.max_train_images is None else Subset(self.train_set, range(min(cfg.max_train_images, len(self.train_set))))
-        val = self.val_set if cfg.max_val_images is None else Subset(self.val_set, range(min(cfg.max_val_images, len(self.val_set))))
+        train = (
+            self.train_set
+            if cfg.max_train_images is None
+            else Subset(self.train_set, range(min(cfg.max_train_images, len(self.train_set))))
+        )
+        val = (
+            self.val_set
+            if cfg.max_val_images is None
+            else Subset(self.val_set, range(min(cfg.max_val_images, len(self.val_set))))
+        )
         self.train_sampler = EpochSampler(len(train), shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
         per_rank = len(self.train_sampler)
         drop_last = per_rank >= cfg.batch_size
         self.batches_per_epoch = per_rank // cfg.batch_size if drop_last else -(-per_rank // cfg.batch_size)
         # the loaders get their own generator: making an iterator draws from it, never from the global RNG
         # that dropout and denoising use (that one is checkpointed and must see the same draws after a resume)
-        args = dict(batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers, generator=torch.Generator(),
-                    persistent_workers=cfg.num_workers > 0, pin_memory=self.device.type == "cuda")
-        self.train_loader = DataLoader(SeededSamples(train, cfg.seed), sampler=self.train_sampler, drop_last=drop_last, **args)
+        args = dict(
+            batch_size=cfg.batch_size,
+            collate_fn=collate,
+            num_workers=cfg.num_workers,
+            generator=torch.Generator(),
+            persistent_workers=cfg.num_workers > 0,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.train_loader = DataLoader(
+            SeededSamples(train, cfg.seed), sampler=self.train_sampler, drop_last=drop_last, **args
+        )
         val_sampler = EpochSampler(len(val), shuffle=False, rank=d.rank, world_size=d.world_size)
         self.val_loader = DataLoader(SeededSamples(val, cfg.seed), sampler=val_sampler, **args)
 
@@ -180,8 +190,11 @@ class Trainer:
         self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
         self.ddp = None
         if self.dist.enabled:
-            self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                               find_unused_parameters=cfg.find_unused_parameters)
+            self.ddp = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+            )
         wrapped = self.ddp or model
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.eval_model = self.forward_model if cfg.compile and not self.dist.enabled else model
@@ -194,7 +207,10 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+        }
         state = {
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "best_ap": self.best_ap,
             "bad_steps": self.bad_steps, "running": dict(self.running),
@@ -248,7 +264,11 @@ class Trainer:
             warnings.warn(f"{path} was saved by {len(rng)} processes and resumes on {self.dist.world_size}: the data "
                           "order is the same, dropout / denoising noise will differ", stacklevel=2)
         self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
-        self.best_ap, self.bad_steps, self.running = float(state["best_ap"]), int(state["bad_steps"]), dict(state["running"])
+        self.best_ap, self.bad_steps, self.running = (
+            float(state["best_ap"]),
+            int(state["bad_steps"]),
+            dict(state["running"]),
+        )
         if self.main:
             _truncate_log(self.out / "metrics.jsonl", "epoch", self.epoch)
             _truncate_log(self.out / "steps.jsonl", "step", self.step)
@@ -309,7 +329,12 @@ class Trainer:
                 metrics = self._evaluate()
         finally:
             D.cleanup()
-        final = {**metrics, "epoch": self.epoch, "model": cfg.model, "train_time_s": round(time.perf_counter() - self.started, 1)}
+        final = {
+            **metrics,
+            "epoch": self.epoch,
+            "model": cfg.model,
+            "train_time_s": round(time.perf_counter() - self.started, 1),
+        }
         if self.main:
             write_metrics(final, self.out / "metrics.json")
             print(format_metrics(metrics))
@@ -324,25 +349,44 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         self.train_sampler.set_epoch(self.epoch, start=self.batch * cfg.batch_size)
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and self.main),
-                   unit="batch", dynamic_ncols=True, initial=self.batch, total=self.batches_per_epoch)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and self.main),
+            unit="batch",
+            dynamic_ncols=True,
+            initial=self.batch,
+            total=self.batches_per_epoch,
+        )
         total_batches = cfg.epochs * self.batches_per_epoch
         for batch in bar:
             batch = batch.to(self.device, non_blocking=True)
             batch.images = batch.images.contiguous(memory_format=torch.channels_last)
             losses, stepped = self._train_step(batch, self.batch)
-            self.batch, self.images_seen, self.batches_run = self.batch + 1, self.images_seen + len(batch), self.batches_run + 1
+            self.batch, self.images_seen, self.batches_run = (
+                self.batch + 1,
+                self.images_seen + len(batch),
+                self.batches_run + 1,
+            )
             for k, v in losses.items():
                 self.running[k] = self.running.get(k, 0.0) + v
             elapsed = time.perf_counter() - self.started
             left = total_batches - (self.epoch * self.batches_per_epoch + self.batch)
-            bar.set_postfix(loss=f"{losses.get('loss', float('nan')):.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
-                            img_s=f"{self.images_seen * self.dist.world_size / elapsed:.1f}",
-                            eta=_fmt_time(elapsed / self.batches_run * left))
+            bar.set_postfix(
+                loss=f"{losses.get('loss', float('nan')):.3f}",
+                lr=f"{self.optimizer.param_groups[0]['lr']:.1e}",
+                img_s=f"{self.images_seen * self.dist.world_size / elapsed:.1f}",
+                eta=_fmt_time(elapsed / self.batches_run * left),
+            )
             if stepped and cfg.log_every and self.step % cfg.log_every == 0:
                 self._log("steps.jsonl", {"step": self.step, "epoch": self.epoch + 1, "batch": self.batch, **losses,
                                           "lr": self.optimizer.param_groups[0]["lr"]})
-            if stepped and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.batch < self.batches_per_epoch:
+            if (
+                stepped
+                and cfg.checkpoint_every
+                and self.step % cfg.checkpoint_every == 0
+                and self.batch < self.batches_per_epoch
+            ):
                 self._save()
 
     def _train_step(self, batch, index: int) -> tuple[dict[str, float], bool]:
@@ -366,11 +410,15 @@ class Trainer:
             self.scaler.scale(loss / cfg.accumulate).backward()
         logged = {k: v for k, v in losses.items() if "_aux" not in k}
         values = D.all_reduce_mean(torch.stack([loss.detach(), *(v.detach() for v in logged.values())]))
-        values = dict(zip(["loss", *logged], values.tolist()))  # one host transfer; the global batch's losses
+        values = dict(
+            zip(["loss", *logged], values.tolist(), strict=False)
+        )  # one host transfer; the global batch's losses
         if not last_micro:
             return values, False
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_max_norm if cfg.clip_max_norm > 0 else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.clip_max_norm if cfg.clip_max_norm > 0 else math.inf
+        )
         if not self.scaler.is_enabled() and not torch.isfinite(norm):  # (fp16's scaler skips such steps itself)
             self._bad_step("gradient", batch, index)
             return values, False
@@ -389,11 +437,15 @@ class Trainer:
         self.bad_steps += 1
         ids = [int(t["image_id"]) for t in batch.targets]
         if self.main:
-            warnings.warn(f"non-finite {what} at step {self.step + 1} (epoch {self.epoch + 1}, batch {index}, image ids "
-                          f"{ids}); step skipped ({self.bad_steps} in a row)", stacklevel=3)
+            warnings.warn(
+                f"non-finite {what} at step {self.step + 1} (epoch {self.epoch + 1}, batch {index}, image ids "
+                f"{ids}); step skipped ({self.bad_steps} in a row)",
+                stacklevel=3,
+            )
         if self.bad_steps >= self.cfg.max_bad_steps:
             try:
-                last = f"the last good checkpoint, {latest_checkpoint(self.out)}, is intact: resume from it (--resume last)"
+                last = (f"the last good checkpoint, {latest_checkpoint(self.out)}, is intact: "
+                        "resume from it (--resume last)")
             except Exception:
                 last = "no checkpoint was written yet"
             raise TrainingError(f"{self.bad_steps} steps in a row had a non-finite {what} (the last at epoch "

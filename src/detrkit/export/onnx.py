@@ -80,7 +80,7 @@ def detection_difference(torch_out: tuple[Tensor, ...], onnx_out: tuple, image_s
     h, w = image_size
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     box_diff = 0.0
-    for b, lab, ob, olab in zip(boxes / scale, labels, o_boxes.float() / scale, o_labels):
+    for b, lab, ob, olab in zip(boxes / scale, labels, o_boxes.float() / scale, o_labels, strict=False):
         d = (b[:, None] - ob[None]).abs().amax(-1)  # (K, K): every pair of detections
         d[lab[:, None] != olab[None]] = float("inf")
         box_diff = max(box_diff, d.min(1).values.max().item())

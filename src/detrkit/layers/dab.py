@@ -121,7 +121,9 @@ class DABDecoderLayer(nn.Module):
 class DABDecoder(nn.Module):
     """Decoder layers driven by anchor boxes, refined layer by layer with the shared ``bbox_embed``."""
 
-    def __init__(self, layer: DABDecoderLayer, num_layers: int, d_model: int, *, inverse_sigmoid_eps: float = 1e-3) -> None:
+    def __init__(
+        self, layer: DABDecoderLayer, num_layers: int, d_model: int, *, inverse_sigmoid_eps: float = 1e-3
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         for later in self.layers[1:]:

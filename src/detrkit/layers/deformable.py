@@ -90,7 +90,9 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         if self.record:
             self.recorded = (locations.detach(), weights.detach())
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # (B, Lq, C)
+        out = ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights, backend=self.backend
+        )  # (B, Lq, C)
         return self.output_proj(out)
 
 
@@ -167,11 +169,24 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: LevelShapes,
-                level_start_index: Tensor, padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        query_pos: Tensor,
+        reference_points: Tensor,
+        memory: Tensor,
+        spatial_shapes: LevelShapes,
+        level_start_index: Tensor,
+        padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
+    ) -> Tensor:
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]))
-        tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask)
+        tgt = self.norm2(
+            tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0])
+        )
+        tgt2 = self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask
+        )
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt = self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
         return tgt
@@ -197,7 +212,9 @@ class DeformableDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
             ref_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, levels, 2 or 4)
-            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, self_attn_mask)
+            tgt = layer(
+                tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, self_attn_mask
+            )
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[lid](tgt)
                 if reference_points.shape[-1] == 4:
@@ -234,8 +251,17 @@ class DeformableAnchorDecoder(nn.Module):
         self.bbox_embed: nn.ModuleList | None = None  # one box head per layer, set by the detector
         self.d_model, self.look_forward_twice, self.eps = d_model, look_forward_twice, inverse_sigmoid_eps
 
-    def forward(self, tgt: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: LevelShapes, level_start_index: Tensor,
-                valid_ratios: Tensor, padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        tgt: Tensor,
+        anchors: Tensor,
+        memory: Tensor,
+        spatial_shapes: LevelShapes,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """tgt (B, Q, C); anchors (B, Q, 4) before the sigmoid -> hidden (L, B, Q, C), normed, and the box each
         layer's prediction refines (L, B, Q, 4), sigmoid space (undetached after layer 0 with look forward twice)."""
         ref = anchors.sigmoid()
@@ -243,7 +269,9 @@ class DeformableAnchorDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             ref_input = ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, Q, levels, 4)
             query_pos = self.ref_point_head(anchor_sine_embed(ref_input[:, :, 0], self.d_model // 2))  # (B, Q, C)
-            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, self_attn_mask)
+            tgt = layer(
+                tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, self_attn_mask
+            )
             new_ref = (self.bbox_embed[lid](tgt) + inverse_sigmoid(ref, self.eps)).sigmoid()
             ref = new_ref.detach()
             refs.append(new_ref if self.look_forward_twice else ref)

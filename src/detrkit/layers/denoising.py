@@ -38,7 +38,8 @@ class DenoisingConfig:
         num_groups: DN-DETR's fixed number of groups (overrides ``num_queries``).
         label_noise: probability that a label is replaced by a random class (DN-DETR 0.2; DINO 0.5 * 0.5).
         box_noise_scale: lambda (DN-DETR 0.4: centre shift up to lambda * w / 2, size scaled by 1 +- lambda;
-            DINO 0.4 = lambda1: corners moved by up to lambda1 * w / 2 for positives, by lambda1..2*lambda1 for negatives).
+            DINO 0.4 = lambda1: corners moved by up to lambda1 * w / 2 for positives, by lambda1..2*lambda1 for
+            negatives).
         contrastive: add DINO's negative queries.
     """
 
@@ -112,7 +113,9 @@ def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_mat
     boxes = torch.full((b, n, 4), 0.5, device=device)
     _, slots, objects, positive = dn_slots(meta, targets)  # the layout, image after image
     sizes = [groups * (2 if cfg.contrastive else 1) * k for k in counts]
-    for i, (slot, obj, pos) in enumerate(zip(slots.split(sizes), objects.split(sizes), positive.split(sizes))):
+    for i, (slot, obj, pos) in enumerate(
+        zip(slots.split(sizes), objects.split(sizes), positive.split(sizes), strict=False)
+    ):
         if len(slot) == 0:
             continue
         slot, obj, pos = slot.to(device), obj.to(device), pos.to(device)
@@ -135,7 +138,9 @@ def split_dn_outputs(logits: Tensor, boxes: Tensor, meta: dict | None) -> tuple[
     if meta is None:
         return logits, boxes
     n = meta["num_dn"]
-    meta["outputs"] = [{"pred_logits": lg[:, :n], "pred_boxes": bx[:, :n]} for lg, bx in zip(logits, boxes)]
+    meta["outputs"] = [
+        {"pred_logits": lg[:, :n], "pred_boxes": bx[:, :n]} for lg, bx in zip(logits, boxes, strict=False)
+    ]
     return logits[:, :, n:], boxes[:, :, n:]
 
 

@@ -21,7 +21,7 @@ class MLP(nn.Module):
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
         # The attribute is named `layers` as in the official DETR code, so its checkpoints map 1:1.
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out, strict=False))
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):

@@ -19,10 +19,14 @@ class MultiScaleProjection(nn.Module):
 
     def __init__(self, in_channels: list[int], d_model: int = 256, num_extra: int = 1, groups: int = 32) -> None:
         super().__init__()
-        projs = [nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(groups, d_model)) for c in in_channels]
+        projs = [
+            nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(groups, d_model)) for c in in_channels
+        ]
         c = in_channels[-1]
         for _ in range(num_extra):
-            projs.append(nn.Sequential(nn.Conv2d(c, d_model, kernel_size=3, stride=2, padding=1), nn.GroupNorm(groups, d_model)))
+            projs.append(
+                nn.Sequential(nn.Conv2d(c, d_model, kernel_size=3, stride=2, padding=1), nn.GroupNorm(groups, d_model))
+            )
             c = d_model
         self.input_proj = nn.ModuleList(projs)
         self.num_backbone_levels = len(in_channels)
@@ -32,7 +36,7 @@ class MultiScaleProjection(nn.Module):
 
     def forward(self, features: list[tuple[Tensor, Tensor]], padding_mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """features: [(map (B, C_i, h_i, w_i), mask (B, h_i, w_i))] -> maps and masks of every level."""
-        srcs = [proj(feat) for proj, (feat, _) in zip(self.input_proj, features)]
+        srcs = [proj(feat) for proj, (feat, _) in zip(self.input_proj, features, strict=False)]
         masks = [mask for _, mask in features]
         last = features[-1][0]
         for proj in self.input_proj[self.num_backbone_levels:]:

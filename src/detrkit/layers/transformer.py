@@ -51,7 +51,9 @@ class TransformerEncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
         """src, pos (B, S, C); key_padding_mask (B, S) True on padding -> (B, S, C)."""
         q = k = _with_pos(src, pos)
-        src = self.norm1(src + self.dropout1(self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0]))
+        src = self.norm1(
+            src + self.dropout1(self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0])
+        )
         src = self.norm2(src + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(src))))))
         return src
 

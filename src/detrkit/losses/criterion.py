@@ -78,7 +78,7 @@ class SetCriterion(nn.Module):
         # every decoder layer is matched in one pass (one device -> host transfer), then each gets its losses
         matches = self.matcher.match_layers([lg for _, lg, _ in layers], [bx for _, _, bx in layers], targets)
         losses = {}
-        for (suffix, logits, boxes), indices in zip(layers, matches):
+        for (suffix, logits, boxes), indices in zip(layers, matches, strict=False):
             losses.update(self._layer_losses(logits, boxes, targets, num_boxes, suffix, indices))
         if outputs.enc_outputs is not None:
             enc = outputs.enc_outputs
@@ -117,12 +117,16 @@ class SetCriterion(nn.Module):
             onehot = torch.zeros_like(logits)
             onehot[positive, labels[positive]] = 1.0  # negatives keep an all-zero target: "no object"
             c = self.config
-            loss_class = sigmoid_focal_loss(logits, onehot, alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum") / norm
+            loss_class = (
+                sigmoid_focal_loss(logits, onehot, alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum") / norm
+            )
             pred = out["pred_boxes"][b_idx[positive], slot[positive]].float()
             losses.update(self._weighted(loss_class, pred, boxes[positive], norm, "_dn" if last else f"_dn_aux{lid}"))
         return losses
 
-    def _weighted(self, loss_class: Tensor, src_boxes: Tensor, tgt_boxes: Tensor, num_boxes: float, suffix: str) -> dict[str, Tensor]:
+    def _weighted(
+        self, loss_class: Tensor, src_boxes: Tensor, tgt_boxes: Tensor, num_boxes: float, suffix: str
+    ) -> dict[str, Tensor]:
         """The class loss plus L1 and GIoU of matched box pairs (M, 4), each times its weight."""
         c = self.config
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
@@ -140,16 +144,27 @@ class SetCriterion(nn.Module):
             indices = self.matcher(logits, boxes, targets)
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
-        matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        matched_tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)]).float()
+        matched_labels = torch.cat(
+            [t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices, strict=False)]
+        )
+        matched_tgt_boxes = torch.cat(
+            [t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices, strict=False)]
+        ).float()
 
         # Every unmatched query is trained towards "no object": class index num_classes.
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)  # (B, Q)
+        target_classes = torch.full(
+            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        )  # (B, Q)
         target_classes[batch_idx, src_idx] = matched_labels.to(logits.device)
         c = self.config
         if c.focal:
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)  # (B, Q, K)
-            loss_class = sigmoid_focal_loss(logits.float(), onehot.float(), alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum") / num_boxes
+            loss_class = (
+                sigmoid_focal_loss(
+                    logits.float(), onehot.float(), alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum"
+                )
+                / num_boxes
+            )
         else:
             loss_class = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=self.class_weights)
 

@@ -66,12 +66,16 @@ class HungarianMatcher(nn.Module):
         return cost.view(b, q, -1)  # (B, Q, T)
 
     @torch.no_grad()
-    def forward(self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    def forward(
+        self, pred_logits: Tensor, pred_boxes: Tensor, targets: list[dict[str, Tensor]]
+    ) -> list[tuple[Tensor, Tensor]]:
         """Returns, per image, (prediction indices, target indices), each (min(Q, n_i),) int64 on the CPU."""
         return self.match_layers([pred_logits], [pred_boxes], targets)[0]
 
     @torch.no_grad()
-    def match_layers(self, logits: list[Tensor], boxes: list[Tensor], targets: list[dict[str, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
+    def match_layers(
+        self, logits: list[Tensor], boxes: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> list[list[tuple[Tensor, Tensor]]]:
         """Match several decoder layers' predictions (each (B, Q, K) / (B, Q, 4)) to the same targets at once:
         one cost pass over all layers on the device, one transfer to the CPU, then one assignment per layer and
         image. Returns indices[layer][image] as :meth:`forward` does."""

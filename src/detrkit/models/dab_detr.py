@@ -73,8 +73,10 @@ class DABDETR(nn.Module):
         if denoising is not None:  # class embeddings + the "unknown" class; the last channel is the indicator
             self.label_enc = nn.Embedding(num_classes + 1, d_model - 1)
 
-    def forward(self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None) -> DetectionOutput:
-        """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising in training."""
+    def forward(
+        self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
+    ) -> DetectionOutput:
+        """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising."""
         memory, mask, pos = self._encode(images, padding_mask)
         tgt, anchors, attn_mask, dn_meta = self._build_queries(images.shape[0], targets)
         hidden, refs = self.decoder(tgt, memory, pos, anchors, mask, attn_mask)
@@ -96,7 +98,11 @@ class DABDETR(nn.Module):
             return anchors.new_zeros(batch, self.num_queries, self.d_model), anchors, None, None
         unknown = torch.full((batch, self.num_queries), self.num_classes, dtype=torch.int64, device=anchors.device)
         tgt = self._embed_labels(unknown, 0.0)
-        dn = build_dn_queries(targets, self.num_classes, self.num_queries, self.denoising) if self.training and targets else None
+        dn = (
+            build_dn_queries(targets, self.num_classes, self.num_queries, self.denoising)
+            if self.training and targets
+            else None
+        )
         if dn is None:  # inference (or a batch without objects): no denoising part at all
             return tgt, anchors, None, None
         labels, boxes, attn_mask, meta = dn
@@ -109,7 +115,7 @@ class DABDETR(nn.Module):
         logits = self.class_embed(hidden)  # (L, B, N, K)
         boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs, self.eps)).sigmoid()  # (L, B, N, 4)
         logits, boxes = split_dn_outputs(logits, boxes, dn_meta)
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, dn_meta=dn_meta)
 
 
@@ -138,7 +144,9 @@ def build_dab_detr(
     body = ResNetBackbone(backbone, return_layers=(feature_stage,), dilation=dilation, pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
     pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
-    encoder = DABEncoder(TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation), num_encoder_layers, d_model)
+    encoder = DABEncoder(
+        TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation), num_encoder_layers, d_model
+    )
     decoder = DABDecoder(DABDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, is_first=True),
                          num_decoder_layers, d_model, inverse_sigmoid_eps=inverse_sigmoid_eps)
     for p in [*encoder.parameters(), *decoder.parameters()]:

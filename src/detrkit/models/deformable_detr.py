@@ -48,7 +48,9 @@ def valid_ratios(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0) -> Tensor:
     """Sine embedding of unnormalized (inverse-sigmoid) boxes (B, K, 4) -> (B, K, 4 * num_pos_feats)."""
-    dim_t = torch.arange(num_pos_feats, dtype=torch.promote_types(proposals.dtype, torch.float32), device=proposals.device)
+    dim_t = torch.arange(
+        num_pos_feats, dtype=torch.promote_types(proposals.dtype, torch.float32), device=proposals.device
+    )
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
     pos = proposals.sigmoid() * 2 * math.pi
     pos = pos[:, :, :, None] / dim_t  # (B, K, 4, F)
@@ -141,7 +143,9 @@ class DeformableDETR(nn.Module):
         # plain Deformable DETR shares one head across layers (the same module at every index)
         return nn.ModuleList([class_embed] * num_pred), nn.ModuleList([bbox_embed] * num_pred)
 
-    def forward(self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None) -> DetectionOutput:
+    def forward(
+        self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
+    ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets unused."""
         memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
         if self.two_stage:
@@ -161,8 +165,13 @@ class DeformableDETR(nn.Module):
         sizes = level_shapes_tensor(shapes, images.new_zeros((), dtype=torch.long))  # (levels, 2)
         starts = torch.cat([sizes.new_zeros(1), (sizes[:, 0] * sizes[:, 1]).cumsum(0)[:-1]])  # (levels,)
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
-        pos = torch.cat([(self.position_encoding(m, src.dtype).to(src.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl])
-                         for lvl, m in enumerate(masks)], 1)  # (B, S, C)
+        pos = torch.cat(
+            [
+                (self.position_encoding(m, src.dtype).to(src.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl])
+                for lvl, m in enumerate(masks)
+            ],
+            1,
+        )  # (B, S, C)
         mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
         ratios = torch.stack([valid_ratios(m, src.dtype) for m in masks], 1)  # (B, levels, 2)
         return self.encoder(src, pos, shapes, starts, ratios, mask), mask, shapes, starts, ratios
@@ -188,7 +197,7 @@ class DeformableDETR(nn.Module):
             d = ref.shape[-1]
             boxes.append(torch.cat([delta[..., :d] + ref, delta[..., d:]], -1).sigmoid())
             logits.append(self.class_embed[lvl](hidden[lvl]))
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs)
 
 
@@ -233,8 +242,18 @@ def build_deformable_detr(
     encoder, decoder = DeformableEncoder(enc_layer, num_encoder_layers), DeformableDecoder(
         dec_layer, num_decoder_layers, inverse_sigmoid_eps=inverse_sigmoid_eps)
     init_deformable_transformer(encoder, decoder)
-    return DeformableDETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
-                          num_feature_levels=num_feature_levels, refine=refine, two_stage=two_stage)
+    return DeformableDETR(
+        body,
+        pos,
+        encoder,
+        decoder,
+        num_classes=num_classes,
+        num_queries=num_queries,
+        d_model=d_model,
+        num_feature_levels=num_feature_levels,
+        refine=refine,
+        two_stage=two_stage,
+    )
 
 
 _PAPER = "Deformable DETR (Zhu et al. 2021)"
@@ -248,15 +267,25 @@ def deformable_detr_r50(*, num_classes: int = 91, **overrides) -> DeformableDETR
     return build_deformable_detr(**{"num_classes": num_classes, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.462, recipe=_RECIPE,
-                weights={"coco": Weights(f"{_DETREX_URL}/v0.1.1/deformable_detr_with_box_refinement_50ep_new.pth", 0.470, _DETREX)})
+@register_model(
+    paper=_PAPER,
+    input_size=(800, 1333),
+    coco_ap=0.462,
+    recipe=_RECIPE,
+    weights={"coco": Weights(f"{_DETREX_URL}/v0.1.1/deformable_detr_with_box_refinement_50ep_new.pth", 0.470, _DETREX)},
+)
 def deformable_detr_r50_refine(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Deformable DETR with iterative bounding box refinement."""
     return build_deformable_detr(**{"num_classes": num_classes, "refine": True, **overrides})
 
 
-@register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.469, recipe=_RECIPE,
-                weights={"coco": Weights(f"{_DETREX_URL}/v0.1.1/deformable_detr_r50_two_stage_50ep_new.pth", 0.482, _DETREX)})
+@register_model(
+    paper=_PAPER,
+    input_size=(800, 1333),
+    coco_ap=0.469,
+    recipe=_RECIPE,
+    weights={"coco": Weights(f"{_DETREX_URL}/v0.1.1/deformable_detr_r50_two_stage_50ep_new.pth", 0.482, _DETREX)},
+)
 def deformable_detr_r50_two_stage(*, num_classes: int = 91, **overrides) -> DeformableDETR:
     """Two-stage Deformable DETR (with refinement): encoder proposals become the queries."""
     return build_deformable_detr(**{"num_classes": num_classes, "refine": True, "two_stage": True, **overrides})

@@ -73,7 +73,9 @@ class DETR(nn.Module):
             if p.dim() > 1:  # the official transformer's init: Xavier on every matrix
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None) -> DetectionOutput:
+    def forward(
+        self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
+    ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets unused by DETR."""
         memory, mask, pos = self._encode(images, padding_mask)
         query_pos = self.query_embed.weight[None].expand(images.shape[0], -1, -1)  # (B, Q, C)
@@ -95,7 +97,7 @@ class DETR(nn.Module):
         """hidden (L, B, Q, C) -> class logits and sigmoid boxes for every decoder layer."""
         logits = self.class_embed(hidden)  # (L, B, Q, K+1)
         boxes = self.bbox_embed(hidden).sigmoid()  # (L, B, Q, 4)
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux)
 
 
@@ -129,7 +131,9 @@ def build_detr(
     else:
         raise ValueError(f"position_embedding must be 'sine' or 'learned', got {position_embedding!r}")
     encoder = TransformerEncoder(TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout), num_encoder_layers)
-    decoder = TransformerDecoder(TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout), num_decoder_layers, d_model)
+    decoder = TransformerDecoder(
+        TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout), num_decoder_layers, d_model
+    )
     return DETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model)
 
 

@@ -118,8 +118,10 @@ class DINO(nn.Module):
     # the same backbone -> neck -> deformable encoder as Deformable DETR
     _encode = DeformableDETR._encode
 
-    def forward(self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None) -> DetectionOutput:
-        """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising in training."""
+    def forward(
+        self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
+    ) -> DetectionOutput:
+        """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising."""
         memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
         tgt, anchors, enc_outputs = self._select_queries(memory, mask, shapes)
         tgt, anchors, attn_mask, dn_meta = self._add_dn_queries(tgt, anchors, targets)
@@ -163,7 +165,7 @@ class DINO(nn.Module):
         boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
                              for i, h in enumerate(hidden)])  # (L, B, N, 4)
         logits, boxes = split_dn_outputs(logits, boxes, dn_meta)
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])]
+        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs,
                                dn_meta=dn_meta)
 
@@ -219,7 +221,7 @@ _RECIPE = {"epochs": 12, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 11}  # DINO
 @register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.490, recipe=_RECIPE,
                 weights={"coco": Weights(f"{_DETREX_URL}/v0.2.0/dino_r50_4scale_12ep_49_2AP.pth", 0.492, _DETREX)})
 def dino_r50_4scale(*, num_classes: int = 91, **overrides) -> DINO:
-    """DINO-4scale, ResNet-50: 900 queries, contrastive denoising, 12-epoch recipe (lr 1e-4, backbone 1e-5, drop at 11)."""
+    """DINO-4scale, ResNet-50: 900 queries, contrastive denoising, 12-epoch recipe (lr 1e-4, backbone 1e-5, drop 11)."""
     return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE, **overrides})
 
 

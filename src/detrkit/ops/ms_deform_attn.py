@@ -15,6 +15,8 @@ in :mod:`detrkit.layers.deformable`) with one entry point and a backend switch: 
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -59,15 +61,23 @@ def ms_deform_attn_reference(
     shapes = level_shapes(spatial_shapes)
     in_dtype = value.dtype
     if in_dtype in (torch.float16, torch.bfloat16):  # grid_sample in half precision loses too much; accumulate in fp32
-        value, sampling_locations, attention_weights = value.float(), sampling_locations.float(), attention_weights.float()
+        value, sampling_locations, attention_weights = (
+            value.float(),
+            sampling_locations.float(),
+            attention_weights.float(),
+        )
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     out = value.new_zeros(b * heads, head_dim, lq)
     for lvl, value_l in enumerate(value.split([h * w for h, w in shapes], dim=1)):
         h, w = shapes[lvl]
         value_l = value_l.permute(0, 2, 3, 1).reshape(b * heads, head_dim, h, w)  # (B*heads, D, h, w)
         grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*heads, Lq, P, 2)
-        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*heads, D, Lq, P)
-        weights_l = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(b * heads, 1, lq, points)  # (B*heads, 1, Lq, P)
+        sampled = F.grid_sample(
+            value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # (B*heads, D, Lq, P)
+        weights_l = (
+            attention_weights[:, :, :, lvl].transpose(1, 2).reshape(b * heads, 1, lq, points)
+        )  # (B*heads, 1, Lq, P)
         out = out + (sampled * weights_l).sum(-1)  # (B*heads, D, Lq)
     out = out.view(b, heads * head_dim, lq).transpose(1, 2)  # (B, Lq, heads*D)
     return out.to(in_dtype)
@@ -92,17 +102,68 @@ def ms_deform_attn(
         sampling_locations: (B, Lq, heads, levels, points, 2) normalized (x, y) in [0, 1]; points outside read zeros.
         attention_weights: (B, Lq, heads, levels, points), normally softmaxed over levels x points.
         backend: ``"auto"`` (the fused Triton kernel on CUDA when Triton is installed, the pure-PyTorch reference
-            everywhere else), ``"reference"`` or ``"triton"`` (also on CPU under ``TRITON_INTERPRET=1``, for tests).
+            everywhere else, and for any configuration whose kernel failed to compile or launch: warned once),
+            ``"reference"`` or ``"triton"`` (also on CPU under ``TRITON_INTERPRET=1``, for tests; failures raise).
+            The environment variable ``DETRKIT_MSDA_BACKEND=reference|triton`` overrides ``"auto"``.
 
     Returns:
         (B, Lq, heads * head_dim), in the dtype of ``value``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown ms_deform_attn backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "triton" or (backend == "auto" and value.is_cuda and _triton_available()):
+    backend = _resolve_backend(backend)
+    if backend == "triton":  # asked for by name: a failure is the caller's to see
         from detrkit.ops.ms_deform_attn_triton import ms_deform_attn_triton
 
         return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
+    if backend == "auto" and _auto_uses_triton(value):
+        return _triton_or_reference(value, spatial_shapes, sampling_locations, attention_weights)
+    return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+ENV_BACKEND = "DETRKIT_MSDA_BACKEND"  # reference | triton: overrides "auto" (benchmarks, debugging a GPU run)
+# Configurations whose Triton kernel failed to compile or launch -> the error; "auto" uses the reference for them.
+TRITON_FAILED: dict[tuple, str] = {}
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown ms_deform_attn backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto" and (env := os.environ.get(ENV_BACKEND)):
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_BACKEND}={env!r} is not a backend; use one of {', '.join(BACKENDS)}")
+        return env
+    return backend
+
+
+def _auto_uses_triton(value: Tensor) -> bool:
+    return value.is_cuda and _triton_available()
+
+
+def triton_config(value: Tensor, sampling_locations: Tensor) -> tuple:
+    """What a compiled kernel is specialised on: device type, dtype, heads, head_dim, levels, points."""
+    return (value.device.type, value.dtype, *value.shape[2:], *sampling_locations.shape[3:5])
+
+
+def triton_failed(config: tuple, error: BaseException) -> None:
+    """Record a configuration whose kernel failed and warn once for it: the run goes on with the reference."""
+    if config not in TRITON_FAILED:
+        TRITON_FAILED[config] = repr(error)
+        warnings.warn(f"the fused Triton kernel of ms_deform_attn failed for {config} ({error!r:.300}); using the "
+                      f"PyTorch reference for this configuration (slower, same result). Set {ENV_BACKEND}=reference "
+                      f"to silence this, or {ENV_BACKEND}=triton to see the failure.", RuntimeWarning, stacklevel=3)
+
+
+def _triton_or_reference(value: Tensor, spatial_shapes: LevelShapes, sampling_locations: Tensor,
+                         attention_weights: Tensor) -> Tensor:
+    """The fused kernel, or the reference for a configuration whose kernel failed to compile or launch (the backward
+    kernel's own failures are caught in :mod:`detrkit.ops.ms_deform_attn_triton`)."""
+    config = triton_config(value, sampling_locations)
+    if config not in TRITON_FAILED:
+        from detrkit.ops.ms_deform_attn_triton import ms_deform_attn_triton
+
+        try:
+            return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights, fallback=True)
+        except Exception as error:  # any compile or launch error: Triton raises many kinds
+            triton_failed(config, error)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
 
 

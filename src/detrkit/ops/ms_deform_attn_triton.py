@@ -3,8 +3,9 @@
 The same computation as :func:`detrkit.ops.ms_deform_attn.ms_deform_attn_reference` (Deformable DETR,
 section 4.1, equation 3: bilinear samples of each head's value map at a few points per level, weighted by
 the attention weights and summed), but each query's samples are read straight from ``value`` and
-accumulated in registers (float32 whatever the input dtype; float64 inputs in float64, for tests), so nothing of size (B, heads, D, Lq, points) is ever materialised: the
-reference's ``grid_sample`` writes and re-reads all of them (and keeps them for backward).
+accumulated in registers (float32 whatever the input dtype; float64 inputs in float64, for tests), so nothing
+of size (B, heads, D, Lq, points) is ever materialised: the reference's ``grid_sample`` writes and re-reads
+all of them (and keeps them for backward).
 
 One program handles ``BLOCK_Q`` queries of one (image, head): for each level and point it loads the four
 neighbouring value rows (head_dim contiguous elements each), weights them bilinearly (pixel centres at
@@ -25,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from detrkit.ops.ms_deform_attn import TRITON_FAILED, ms_deform_attn_reference, triton_config, triton_failed
 
 
 @triton.jit
@@ -137,36 +140,66 @@ def _launch_args(value: Tensor, sampling_locations: Tensor, block_q: int):
 
 class _MSDeformAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, value, shapes, starts, sampling_locations, attention_weights, block_q):
-        value, sampling_locations, attention_weights = (t.contiguous() for t in (value, sampling_locations, attention_weights))
+    def forward(ctx, value, shapes, starts, sampling_locations, attention_weights, block_q, fallback):
+        value, sampling_locations, attention_weights = (
+            t.contiguous() for t in (value, sampling_locations, attention_weights)
+        )
         grid, lq, s, consts = _launch_args(value, sampling_locations, block_q)
         out = value.new_empty(value.shape[0], lq, value.shape[2], value.shape[3])  # (B, Lq, heads, D)
         _ms_deform_attn_fwd[grid](value, shapes, starts, sampling_locations, attention_weights, out, lq, s, **consts)
         ctx.save_for_backward(value, shapes, starts, sampling_locations, attention_weights)
-        ctx.block_q = block_q
+        ctx.block_q, ctx.fallback = block_q, fallback
         return out.flatten(2)  # (B, Lq, heads * D)
 
     @staticmethod
     def backward(ctx, grad_out):
-        value, shapes, starts, sampling_locations, attention_weights = ctx.saved_tensors
-        grid, lq, s, consts = _launch_args(value, sampling_locations, ctx.block_q)
-        acc = torch.float64 if value.dtype == torch.float64 else torch.float32  # half-precision atomics lose too much
-        grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)
-        grad_loc = torch.empty(sampling_locations.shape, dtype=acc, device=value.device)
-        grad_attn = torch.empty(attention_weights.shape, dtype=acc, device=value.device)
-        _ms_deform_attn_bwd[grid](value, shapes, starts, sampling_locations, attention_weights, grad_out.contiguous(),
-                                  grad_value, grad_loc, grad_attn, lq, s, **consts)
-        return (grad_value.to(value.dtype), None, None, grad_loc.to(sampling_locations.dtype),
-                grad_attn.to(attention_weights.dtype), None)
+        value, _, _, sampling_locations, _ = ctx.saved_tensors
+        config = triton_config(value, sampling_locations)
+        if not ctx.fallback:
+            return _triton_backward(ctx, grad_out)
+        if config not in TRITON_FAILED:
+            try:
+                return _triton_backward(ctx, grad_out)
+            except Exception as error:  # the backward kernel compiles on its first use
+                triton_failed(config, error)
+        return _reference_backward(ctx, grad_out)
+
+
+def _triton_backward(ctx, grad_out):
+    value, shapes, starts, sampling_locations, attention_weights = ctx.saved_tensors
+    grid, lq, s, consts = _launch_args(value, sampling_locations, ctx.block_q)
+    acc = torch.float64 if value.dtype == torch.float64 else torch.float32  # half-precision atomics lose too much
+    grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)
+    grad_loc = torch.empty(sampling_locations.shape, dtype=acc, device=value.device)
+    grad_attn = torch.empty(attention_weights.shape, dtype=acc, device=value.device)
+    _ms_deform_attn_bwd[grid](value, shapes, starts, sampling_locations, attention_weights, grad_out.contiguous(),
+                              grad_value, grad_loc, grad_attn, lq, s, **consts)
+    return (grad_value.to(value.dtype), None, None, grad_loc.to(sampling_locations.dtype),
+            grad_attn.to(attention_weights.dtype), None, None)
+
+
+def _reference_backward(ctx, grad_out):
+    """The reference's gradients (autograd through it), for a configuration whose backward kernel failed."""
+    value, shapes, _, sampling_locations, attention_weights = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
+        out = ms_deform_attn_reference(inputs[0], shapes.tolist(), inputs[1], inputs[2])
+        grads = torch.autograd.grad(out, inputs, grad_out.reshape(out.shape))
+    return grads[0], None, None, grads[1], grads[2], None, None
 
 
 def ms_deform_attn_triton(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor,
-                          *, block_q: int = 64) -> Tensor:
-    """Fused multi-scale deformable attention; arguments and result as :func:`~detrkit.ops.ms_deform_attn`."""
+                          *, block_q: int = 64, fallback: bool = False) -> Tensor:
+    """Fused multi-scale deformable attention; arguments and result as :func:`~detrkit.ops.ms_deform_attn`.
+
+    ``fallback``: if the backward kernel fails to compile or launch, warn once for the configuration and compute the
+    gradients with the reference (``ms_deform_attn(backend="auto")`` asks for it; an explicit "triton" does not).
+    """
     shapes = tuple((int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor)
                                                  else spatial_shapes))
     shapes_t, starts = _level_tables(shapes, value.device)
-    return _MSDeformAttnFunction.apply(value, shapes_t, starts, sampling_locations, attention_weights, block_q)
+    return _MSDeformAttnFunction.apply(value, shapes_t, starts, sampling_locations, attention_weights, block_q,
+                                       fallback)
 
 
 @functools.lru_cache(maxsize=64)
