@@ -8,7 +8,7 @@ import torch
 from conftest import TINY
 
 from detrkit import create_model
-from detrkit.layers.denoising import DenoisingConfig, build_dn_queries, dn_slots
+from detrkit.layers.denoising import DenoisingConfig, DenoisingLayout, build_dn_queries, dn_slots
 from detrkit.losses import build_criterion
 from detrkit.models.deformable_detr import encoder_proposals
 from detrkit.models.outputs import DetectionOutput
@@ -58,15 +58,15 @@ def test_dn_mask_blocks_leakage(name, use_mask):
 
     ref = run(False)
     meta = ref.dn_meta
-    assert meta["num_groups"] >= 2
-    state.update(n=meta["num_dn"], group_size=meta["group_size"])
+    assert meta.num_groups >= 2
+    state.update(n=meta.num_dn, group_size=meta.group_size)
     out = run(True)
-    g = meta["group_size"]
+    g = meta.group_size
     same_matching = torch.allclose(out.pred_logits, ref.pred_logits, atol=1e-6, rtol=0)
     if use_mask:
         assert same_matching
         assert torch.allclose(out.pred_boxes, ref.pred_boxes, atol=1e-6, rtol=0)
-        dn_ref, dn_out = ref.dn_meta["outputs"][-1], out.dn_meta["outputs"][-1]
+        dn_ref, dn_out = ref.dn_outputs[-1], out.dn_outputs[-1]
         assert torch.allclose(dn_out["pred_logits"][:, :g], dn_ref["pred_logits"][:, :g], atol=1e-6, rtol=0)  # group 0
         assert not torch.allclose(dn_out["pred_logits"][:, g : 2 * g], dn_ref["pred_logits"][:, g : 2 * g])  # group 1
     else:
@@ -77,7 +77,7 @@ def test_dn_query_layout_and_mask():
     _, _, targets = _inputs()
     torch.manual_seed(0)
     labels, boxes, attn_mask, meta = build_dn_queries(targets, 3, 7, DenoisingConfig(num_queries=12, contrastive=True))
-    assert meta == {"num_dn": 24, "num_groups": 4, "group_size": 6, "max_objects": 3, "contrastive": True}
+    assert meta == DenoisingLayout(num_dn=24, num_groups=4, group_size=6, max_objects=3, contrastive=True)
     assert labels.shape == (2, 24) and boxes.shape == (2, 24, 4) and attn_mask.shape == (31, 31)
     assert attn_mask[24:, :24].all() and not attn_mask[24:, 24:].any()  # matching queries never see DN queries
     assert not attn_mask[:24, 24:].any()  # DN queries may see the matching ones
@@ -111,7 +111,7 @@ def test_negatives_are_trained_towards_no_object():
     model = create_model("dino_lite", num_classes=3, **TINY)
     criterion = build_criterion(model)
     targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.5, 0.3, 0.2]])}]
-    meta = {"num_dn": 8, "num_groups": 2, "group_size": 4, "max_objects": 2, "contrastive": True}
+    meta = DenoisingLayout(num_dn=8, num_groups=2, group_size=4, max_objects=2, contrastive=True)
     b_idx, slot, t_idx, positive = dn_slots(meta, targets)
     assert slot.tolist() == [0, 1, 2, 3, 4, 5, 6, 7] and positive.tolist() == [True, True, False, False] * 2
     assert t_idx.tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
@@ -124,7 +124,7 @@ def test_negatives_are_trained_towards_no_object():
                 logits[0, s, targets[0]["labels"][j]] = 12.0
             boxes[0, s] = targets[0]["boxes"][j] if p else neg_boxes
         out = DetectionOutput(pred_logits=torch.zeros(1, 5, 3), pred_boxes=torch.full((1, 5, 4), 0.5),
-                              dn_meta={**meta, "outputs": [{"pred_logits": logits, "pred_boxes": boxes}]})
+                              dn_meta=meta, dn_outputs=[{"pred_logits": logits, "pred_boxes": boxes}])
         return criterion(out, targets)
 
     good = losses(False, torch.tensor([0.5, 0.5, 0.1, 0.1]))

@@ -29,6 +29,25 @@ from detrkit.ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
 
 @dataclass(frozen=True)
+class DenoisingLayout:
+    """Where a training batch's denoising queries sit (see the module docstring).
+
+    Attributes:
+        num_dn: denoising queries, placed before the matching queries (``num_groups * group_size``).
+        num_groups: groups of noised copies of the ground truth.
+        group_size: slots per group: ``max_objects`` (DN-DETR) or ``2 * max_objects`` (contrastive, DINO).
+        max_objects: the batch's largest object count ``M``.
+        contrastive: each group also holds a negative per object, in slots ``M .. 2M - 1``.
+    """
+
+    num_dn: int
+    num_groups: int
+    group_size: int
+    max_objects: int
+    contrastive: bool
+
+
+@dataclass(frozen=True)
 class DenoisingConfig:
     """How ground truth is noised into denoising queries.
 
@@ -95,7 +114,7 @@ def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_mat
     Returns:
         ``labels`` (B, N) int64 noised labels (``num_classes`` on empty slots), ``boxes`` (B, N, 4) noised cxcywh
         boxes (0.5 on empty slots), ``attn_mask`` (N + Q, N + Q) bool, True where attention is blocked, and
-        ``meta``: the layout (``num_dn``, ``num_groups``, ``group_size``, ``max_objects``, ``contrastive``).
+        the :class:`DenoisingLayout`.
         Returns None when the batch has no object.
     """
     counts = [len(t["labels"]) for t in targets]
@@ -107,11 +126,11 @@ def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_mat
     group_size = 2 * m if cfg.contrastive else m
     n, b = groups * group_size, len(targets)
 
-    meta = {"num_dn": n, "num_groups": groups, "group_size": group_size, "max_objects": m,
-            "contrastive": cfg.contrastive}
+    layout = DenoisingLayout(num_dn=n, num_groups=groups, group_size=group_size, max_objects=m,
+                             contrastive=cfg.contrastive)
     labels = torch.full((b, n), num_classes, dtype=torch.int64, device=device)
     boxes = torch.full((b, n, 4), 0.5, device=device)
-    _, slots, objects, positive = dn_slots(meta, targets)  # the layout, image after image
+    _, slots, objects, positive = dn_slots(layout, targets)  # the layout, image after image
     sizes = [groups * (2 if cfg.contrastive else 1) * k for k in counts]
     for i, (slot, obj, pos) in enumerate(
         zip(slots.split(sizes), objects.split(sizes), positive.split(sizes), strict=False)
@@ -130,24 +149,24 @@ def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_mat
     attn_mask[n:, :n] = True
     group_id = torch.arange(n, device=device) // group_size
     attn_mask[:n, :n] = group_id[:, None] != group_id[None, :]
-    return labels, boxes, attn_mask, meta
+    return labels, boxes, attn_mask, layout
 
 
-def split_dn_outputs(logits: Tensor, boxes: Tensor, meta: dict | None) -> tuple[Tensor, Tensor]:
-    """Drop the denoising queries from per-layer outputs (L, B, N + Q, *) and store them in ``meta["outputs"]``."""
-    if meta is None:
-        return logits, boxes
-    n = meta["num_dn"]
-    meta["outputs"] = [
-        {"pred_logits": lg[:, :n], "pred_boxes": bx[:, :n]} for lg, bx in zip(logits, boxes, strict=False)
-    ]
-    return logits[:, :, n:], boxes[:, :, n:]
+def split_dn_outputs(logits: Tensor, boxes: Tensor, layout: DenoisingLayout | None
+                     ) -> tuple[Tensor, Tensor, list[dict[str, Tensor]] | None]:
+    """Per-layer outputs (L, B, N + Q, *) -> the matching queries' (L, B, Q, *) and, per layer, the denoising
+    queries' ``{"pred_logits", "pred_boxes"}`` (None without denoising)."""
+    if layout is None:
+        return logits, boxes, None
+    n = layout.num_dn
+    dn_outputs = [{"pred_logits": lg[:, :n], "pred_boxes": bx[:, :n]} for lg, bx in zip(logits, boxes, strict=True)]
+    return logits[:, :, n:], boxes[:, :, n:], dn_outputs
 
 
-def dn_slots(meta: dict, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def dn_slots(layout: DenoisingLayout, targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Which denoising slot reconstructs which object: (batch index, slot, target index, is positive), each (P,)."""
-    groups, group_size, m = meta["num_groups"], meta["group_size"], meta["max_objects"]
-    copies = 2 if meta["contrastive"] else 1
+    groups, group_size, m = layout.num_groups, layout.group_size, layout.max_objects
+    copies = 2 if layout.contrastive else 1
     out = [], [], [], []
     for i, t in enumerate(targets):
         k = len(t["labels"])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from detrkit.layers.denoising import dn_slots
+from detrkit.layers.denoising import DenoisingLayout, dn_slots
 from detrkit.losses.matcher import HungarianMatcher
 from detrkit.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -86,28 +86,28 @@ class SetCriterion(nn.Module):
             if self.config.enc_class_agnostic:
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self._layer_losses(enc["pred_logits"], enc["pred_boxes"], enc_targets, num_boxes, "_enc"))
-        if outputs.dn_meta is not None and "outputs" in outputs.dn_meta:
-            losses.update(self._dn_losses(outputs.dn_meta, targets, num_boxes))
+        if outputs.dn_meta is not None and outputs.dn_outputs is not None:
+            losses.update(self._dn_losses(outputs.dn_meta, outputs.dn_outputs, targets, num_boxes))
         return losses
 
-    def _dn_losses(self, meta: dict, targets: list[dict], num_boxes: float) -> dict[str, Tensor]:
+    def _dn_losses(self, layout: DenoisingLayout, dn_outputs: list[dict[str, Tensor]], targets: list[dict],
+                   num_boxes: float) -> dict[str, Tensor]:
         """Denoising losses (DN-DETR section 3.1, DINO section 3.3): no matching, slot k of a group reconstructs
         object k. Positives: focal loss towards the true class + L1 + GIoU; DINO's negatives: focal loss towards
         no-object only. Empty slots (images with fewer objects than the batch maximum) are not supervised.
         Normalised by the number of objects times the number of groups."""
         if not self.config.focal:
             raise ValueError("denoising losses are defined for focal-loss (sigmoid) models")
-        b_idx, slot, t_idx, positive = dn_slots(meta, targets)
+        b_idx, slot, t_idx, positive = dn_slots(layout, targets)
         if len(slot) == 0:
             return {}
-        dn_outputs = meta["outputs"]
         device = dn_outputs[-1]["pred_logits"].device
         offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)
         flat = offsets[b_idx] + t_idx
         labels = torch.cat([t["labels"] for t in targets]).to(device)[flat.to(device)]
         boxes = torch.cat([t["boxes"] for t in targets]).to(device).float()[flat.to(device)]
         b_idx, slot, positive = b_idx.to(device), slot.to(device), positive.to(device)
-        norm = num_boxes * meta["num_groups"]
+        norm = num_boxes * layout.num_groups
         losses = {}
         for lid, out in enumerate(dn_outputs):
             last = lid == len(dn_outputs) - 1

@@ -20,6 +20,7 @@ from detrkit.layers.dab import DABDecoder, DABDecoderLayer, DABEncoder
 from detrkit.layers.denoising import (
     DN_DETR_NOISE,
     DenoisingConfig,
+    DenoisingLayout,
     as_denoising_config,
     build_dn_queries,
     split_dn_outputs,
@@ -110,13 +111,14 @@ class DABDETR(nn.Module):
         anchors = torch.cat([inverse_sigmoid(boxes, self.eps).to(anchors.dtype), anchors], 1)
         return tgt, anchors, attn_mask, meta
 
-    def _heads(self, hidden: Tensor, refs: Tensor, dn_meta: dict | None) -> DetectionOutput:
+    def _heads(self, hidden: Tensor, refs: Tensor, dn_meta: DenoisingLayout | None) -> DetectionOutput:
         """hidden (L, B, N, C), anchors each layer received (L, B, N, 4) -> logits and boxes per layer."""
         logits = self.class_embed(hidden)  # (L, B, N, K)
         boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs, self.eps)).sigmoid()  # (L, B, N, 4)
-        logits, boxes = split_dn_outputs(logits, boxes, dn_meta)
+        logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
         aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
-        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, dn_meta=dn_meta)
+        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, dn_meta=dn_meta,
+                               dn_outputs=dn_outputs)
 
 
 def build_dab_detr(

@@ -36,6 +36,7 @@ from detrkit.layers.denoising import (
     DINO_NOISE,
     DN_DETR_NOISE,
     DenoisingConfig,
+    DenoisingLayout,
     as_denoising_config,
     build_dn_queries,
     split_dn_outputs,
@@ -159,15 +160,16 @@ class DINO(nn.Module):
         anchors = torch.cat([inverse_sigmoid(boxes, self.eps).to(anchors.dtype), anchors], 1)
         return tgt, anchors, attn_mask, meta
 
-    def _heads(self, hidden: Tensor, refs: Tensor, enc_outputs: dict | None, dn_meta: dict | None) -> DetectionOutput:
+    def _heads(self, hidden: Tensor, refs: Tensor, enc_outputs: dict | None,
+               dn_meta: DenoisingLayout | None) -> DetectionOutput:
         """hidden (L, B, N, C), boxes each layer refines (L, B, N, 4) -> logits and boxes per layer."""
         logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hidden)])  # (L, B, N, K)
         boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
                              for i, h in enumerate(hidden)])  # (L, B, N, 4)
-        logits, boxes = split_dn_outputs(logits, boxes, dn_meta)
+        logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
         aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs,
-                               dn_meta=dn_meta)
+                               dn_meta=dn_meta, dn_outputs=dn_outputs)
 
 
 def build_dino(

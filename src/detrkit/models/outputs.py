@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor
+
+from detrkit.layers.denoising import DenoisingLayout
 
 
 @dataclass
@@ -20,10 +21,13 @@ class DetectionOutput:
             second-to-last, for the auxiliary losses.
         enc_outputs: two-stage models: ``{"pred_logits", "pred_boxes"}`` of the encoder proposals.
         dn_meta: denoising models in training: how the denoising queries were laid out.
+        dn_outputs: denoising models in training: one ``{"pred_logits", "pred_boxes"}`` dict per decoder layer,
+            first to last, of the denoising queries (B, N, *), which the criterion supervises without matching.
     """
 
     pred_logits: Tensor
     pred_boxes: Tensor
     aux_outputs: list[dict[str, Tensor]] = field(default_factory=list)
     enc_outputs: dict[str, Tensor] | None = None
-    dn_meta: dict[str, Any] | None = None
+    dn_meta: DenoisingLayout | None = None
+    dn_outputs: list[dict[str, Tensor]] | None = None
