@@ -7,7 +7,8 @@ import torch
 from detrkit import create_model
 from detrkit.layers import MultiScaleDeformableAttention
 from detrkit.losses import build_criterion
-from detrkit.models.deformable_detr import encoder_proposals, valid_ratios
+from detrkit.models.deformable_detr import encoder_proposals
+from detrkit.models.encode import valid_ratios
 
 SMALL = dict(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=64, num_queries=8)
 SHAPES = torch.tensor([[8, 8], [4, 4]])

@@ -13,6 +13,19 @@ import torch
 from torch import Tensor, nn
 
 
+def sine_encode(coords: Tensor, num_pos_feats: int, temperature: float) -> Tensor:
+    """The sine kernel of every encoding here ("Attention is all you need", section 3.5, one axis at a time).
+
+    coords (...) already in radians -> (..., num_pos_feats): coords / temperature^(2i / F), sine on even and cosine on
+    odd channels, interleaved as the official DETR code does. Computed in float32 at least (float64 for float64).
+    """
+    dtype = torch.promote_types(coords.dtype, torch.float32)
+    dim_t = torch.arange(num_pos_feats, dtype=dtype, device=coords.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = coords[..., None] / dim_t  # (..., F)
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (..., F)
+
+
 class PositionEmbeddingSine(nn.Module):
     """Sine / cosine encoding of (y, x), ``num_pos_feats`` channels each.
 
@@ -54,14 +67,8 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=dtype, device=mask.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-
-        pos_x = x_embed[..., None] / dim_t  # (B, H, W, F)
-        pos_y = y_embed[..., None] / dim_t  # (B, H, W, F)
-        # Interleave sin on even and cos on odd channels, as the official code does.
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, F)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)  # (B, H, W, F)
+        pos_x = sine_encode(x_embed, self.num_pos_feats, self.temperature)  # (B, H, W, F)
+        pos_y = sine_encode(y_embed, self.num_pos_feats, self.temperature)  # (B, H, W, F)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
 
 
@@ -105,9 +112,6 @@ def anchor_sine_embed(anchors: Tensor, num_pos_feats: int = 128, temperature: fl
     anchors (..., 2 or 4) -> (..., 2 or 4 * num_pos_feats).
     """
     dtype = torch.promote_types(anchors.dtype, torch.float32)  # float32 under autocast, float64 in a float64 model
-    dim_t = torch.arange(num_pos_feats, dtype=dtype, device=anchors.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = anchors[..., None].to(dtype) * (2 * math.pi) / dim_t  # (..., n, F)
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (..., n, F)
+    pos = sine_encode(anchors.to(dtype) * (2 * math.pi), num_pos_feats, temperature)  # (..., n, F)
     order = [1, 0, *range(2, anchors.shape[-1])]  # x, y, w, h -> y, x, w, h
     return pos[..., order, :].flatten(-2).to(anchors.dtype)  # (..., n*F)

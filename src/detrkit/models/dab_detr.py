@@ -9,13 +9,11 @@ matching queries' content is the embedding of the extra "unknown" class.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from detrkit.backbones import ResNetBackbone
-from detrkit.layers import MLP, PositionEmbeddingSine, TransformerEncoderLayer
+from detrkit.layers import PositionEmbeddingSine, TransformerEncoderLayer
 from detrkit.layers.dab import DABDecoder, DABDecoderLayer, DABEncoder
 from detrkit.layers.denoising import (
     DN_DETR_NOISE,
@@ -25,8 +23,9 @@ from detrkit.layers.denoising import (
     build_dn_queries,
     split_dn_outputs,
 )
+from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
 from detrkit.losses.criterion import LossConfig
-from detrkit.models.detr import DETR
+from detrkit.models.encode import encode_single_scale
 from detrkit.models.outputs import DetectionOutput
 from detrkit.ops import inverse_sigmoid
 from detrkit.registry import Weights, register_model
@@ -64,11 +63,8 @@ class DABDETR(nn.Module):
         self.input_proj = nn.Conv2d(in_channels, d_model, kernel_size=1)
         self.encoder, self.decoder = encoder, decoder
         self.refpoint_embed = nn.Embedding(num_queries, 4)  # anchors (x, y, w, h) before the sigmoid
-        self.class_embed = nn.Linear(d_model, num_classes)
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal prior p = 0.01
-        self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.class_embed = focal_class_head(d_model, num_classes)
+        self.bbox_embed = zero_box_head(d_model)
         decoder.bbox_embed = self.bbox_embed  # one box head for the final boxes and the anchor updates
         self.denoising = denoising
         if denoising is not None:  # class embeddings + the "unknown" class; the last channel is the indicator
@@ -83,8 +79,11 @@ class DABDETR(nn.Module):
         hidden, refs = self.decoder(tgt, memory, pos, anchors, mask, attn_mask)
         return self._heads(hidden, refs, dn_meta)
 
-    # the same backbone -> projection -> encoder (memory, mask, pos) as DETR
-    _encode = DETR._encode
+    def _encode(self, images: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """DETR's encode step: backbone -> projection -> encoder. Returns memory, mask (B, S), pos."""
+        return encode_single_scale(images, padding_mask, backbone=self.backbone, feature_name=self.feature_name,
+                                   input_proj=self.input_proj, position_encoding=self.position_encoding,
+                                   encoder=self.encoder)
 
     def _embed_labels(self, labels: Tensor, indicator: float) -> Tensor:
         """labels (B, N) -> DN-DETR content queries (B, N, C): label embedding + indicator channel."""
@@ -116,7 +115,7 @@ class DABDETR(nn.Module):
         logits = self.class_embed(hidden)  # (L, B, N, K)
         boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs, self.eps)).sigmoid()  # (L, B, N, 4)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
+        aux = aux_outputs(logits, boxes)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, dn_meta=dn_meta,
                                dn_outputs=dn_outputs)
 

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from detrkit.backbones import ResNetBackbone
 from detrkit.layers import (
-    MLP,
     DeformableDecoder,
     DeformableDecoderLayer,
     DeformableEncoder,
@@ -26,9 +25,12 @@ from detrkit.layers import (
     MultiScaleProjection,
     PositionEmbeddingSine,
 )
+from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
+from detrkit.layers.position_encoding import sine_encode
 from detrkit.losses.criterion import LossConfig
+from detrkit.models.encode import encode_multi_scale
 from detrkit.models.outputs import DetectionOutput
-from detrkit.ops import inverse_sigmoid, level_shapes, level_shapes_tensor
+from detrkit.ops import inverse_sigmoid, level_shapes
 from detrkit.ops.ms_deform_attn import LevelShapes
 from detrkit.registry import Weights, register_model
 
@@ -38,23 +40,9 @@ _DETREX_URL = "https://github.com/IDEA-Research/detrex-storage/releases/download
 _HF_DEFORMABLE = "https://huggingface.co/SenseTime/deformable-detr/resolve/main/pytorch_model.bin"
 
 
-def valid_ratios(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """mask (B, h, w) True on padding -> (B, 2): the unpadded fraction of width and height, in ``dtype``."""
-    _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.to(dtype) / w, valid_h.to(dtype) / h], -1)
-
-
 def proposal_pos_embed(proposals: Tensor, num_pos_feats: int = 128, temperature: float = 10000.0) -> Tensor:
     """Sine embedding of unnormalized (inverse-sigmoid) boxes (B, K, 4) -> (B, K, 4 * num_pos_feats)."""
-    dim_t = torch.arange(
-        num_pos_feats, dtype=torch.promote_types(proposals.dtype, torch.float32), device=proposals.device
-    )
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = proposals.sigmoid() * 2 * math.pi
-    pos = pos[:, :, :, None] / dim_t  # (B, K, 4, F)
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)  # (B, K, 4F)
+    return sine_encode(proposals.sigmoid() * 2 * math.pi, num_pos_feats, temperature).flatten(2)  # (B, K, 4F)
 
 
 def encoder_proposals(memory: Tensor, mask: Tensor, spatial_shapes: LevelShapes) -> tuple[Tensor, Tensor]:
@@ -131,11 +119,7 @@ class DeformableDETR(nn.Module):
             decoder.bbox_embed = self.bbox_embed
 
     def _build_heads(self, num_pred: int) -> tuple[nn.ModuleList, nn.ModuleList]:
-        class_embed = nn.Linear(self.d_model, self.num_classes)
-        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal-loss prior: p(object) = 0.01
-        bbox_embed = MLP(self.d_model, self.d_model, 4, 3)
-        nn.init.zeros_(bbox_embed.layers[-1].weight)
-        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        class_embed, bbox_embed = focal_class_head(self.d_model, self.num_classes), zero_box_head(self.d_model)
         nn.init.constant_(bbox_embed.layers[-1].bias[2:], 0.0 if self.two_stage else -2.0)  # small boxes at start
         if self.refine or self.two_stage:  # one head per prediction
             return (nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred)),
@@ -158,23 +142,9 @@ class DeformableDETR(nn.Module):
 
     def _encode(self, images: Tensor, padding_mask: Tensor | None):
         """Backbone -> neck -> flattened levels with position + level embeddings -> deformable encoder."""
-        if padding_mask is None:
-            padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
-        srcs, masks = self.neck(list(self.backbone(images, padding_mask).values()), padding_mask)
-        shapes = [tuple(s.shape[-2:]) for s in srcs]  # (h, w) per level
-        sizes = level_shapes_tensor(shapes, images.new_zeros((), dtype=torch.long))  # (levels, 2)
-        starts = torch.cat([sizes.new_zeros(1), (sizes[:, 0] * sizes[:, 1]).cumsum(0)[:-1]])  # (levels,)
-        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
-        pos = torch.cat(
-            [
-                (self.position_encoding(m, src.dtype).to(src.dtype).flatten(2).transpose(1, 2) + self.level_embed[lvl])
-                for lvl, m in enumerate(masks)
-            ],
-            1,
-        )  # (B, S, C)
-        mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        ratios = torch.stack([valid_ratios(m, src.dtype) for m in masks], 1)  # (B, levels, 2)
-        return self.encoder(src, pos, shapes, starts, ratios, mask), mask, shapes, starts, ratios
+        return encode_multi_scale(images, padding_mask, backbone=self.backbone, neck=self.neck,
+                                  position_encoding=self.position_encoding, level_embed=self.level_embed,
+                                  encoder=self.encoder)
 
     def _select_topk_proposals(self, memory: Tensor, mask: Tensor, shapes: Tensor):
         """Two-stage: score every encoder proposal with the extra head, keep the top-k as reference boxes."""
@@ -197,7 +167,7 @@ class DeformableDETR(nn.Module):
             d = ref.shape[-1]
             boxes.append(torch.cat([delta[..., :d] + ref, delta[..., d:]], -1).sigmoid())
             logits.append(self.class_embed[lvl](hidden[lvl]))
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
+        aux = aux_outputs(logits, boxes)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs)
 
 

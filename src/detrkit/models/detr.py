@@ -21,7 +21,9 @@ from detrkit.layers import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from detrkit.layers.heads import aux_outputs
 from detrkit.losses.criterion import LossConfig
+from detrkit.models.encode import encode_single_scale
 from detrkit.models.outputs import DetectionOutput
 from detrkit.registry import Weights, register_model
 
@@ -85,19 +87,15 @@ class DETR(nn.Module):
 
     def _encode(self, images: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Backbone -> projection -> encoder. Returns memory (B, S, C), mask (B, S), pos (B, S, C)."""
-        if padding_mask is None:
-            padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
-        feat, mask = self.backbone(images, padding_mask)[self.feature_name]
-        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, h*w, C)
-        pos = self.position_encoding(mask, src.dtype).to(src.dtype).flatten(2).transpose(1, 2)  # (B, h*w, C)
-        mask = mask.flatten(1)  # (B, h*w)
-        return self.encoder(src, pos=pos, key_padding_mask=mask), mask, pos
+        return encode_single_scale(images, padding_mask, backbone=self.backbone, feature_name=self.feature_name,
+                                   input_proj=self.input_proj, position_encoding=self.position_encoding,
+                                   encoder=self.encoder)
 
     def _heads(self, hidden: Tensor) -> DetectionOutput:
         """hidden (L, B, Q, C) -> class logits and sigmoid boxes for every decoder layer."""
         logits = self.class_embed(hidden)  # (L, B, Q, K+1)
         boxes = self.bbox_embed(hidden).sigmoid()  # (L, B, Q, 4)
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
+        aux = aux_outputs(logits, boxes)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux)
 
 

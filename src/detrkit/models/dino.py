@@ -17,14 +17,12 @@ class is DN-Deformable-DETR (DAB-Deformable-DETR trained with denoising).
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import Tensor, nn
 
 from detrkit.backbones import ResNetBackbone
 from detrkit.layers import (
-    MLP,
     DeformableAnchorDecoder,
     DeformableDecoderLayer,
     DeformableEncoder,
@@ -41,12 +39,13 @@ from detrkit.layers.denoising import (
     build_dn_queries,
     split_dn_outputs,
 )
+from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
 from detrkit.losses.criterion import LossConfig
 from detrkit.models.deformable_detr import (
-    DeformableDETR,
     encoder_proposals,
     init_deformable_transformer,
 )
+from detrkit.models.encode import encode_multi_scale
 from detrkit.models.outputs import DetectionOutput
 from detrkit.ops import inverse_sigmoid
 from detrkit.registry import Weights, register_model
@@ -93,11 +92,7 @@ class DINO(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.tgt_embed = nn.Embedding(num_queries, d_model)  # learned content queries
         nn.init.normal_(self.tgt_embed.weight)
-        class_head = nn.Linear(d_model, num_classes)
-        nn.init.constant_(class_head.bias, -math.log((1 - 0.01) / 0.01))  # focal prior p = 0.01
-        box_head = MLP(d_model, d_model, 4, 3)
-        nn.init.zeros_(box_head.layers[-1].weight)
-        nn.init.zeros_(box_head.layers[-1].bias)
+        class_head, box_head = focal_class_head(d_model, num_classes), zero_box_head(d_model)
         num_layers = len(decoder.layers)
         if share_heads:  # the same module at every index
             self.class_embed = nn.ModuleList([class_head] * num_layers)
@@ -116,8 +111,11 @@ class DINO(nn.Module):
         if denoising is not None:
             self.label_enc = nn.Embedding(num_classes + 1, d_model)
 
-    # the same backbone -> neck -> deformable encoder as Deformable DETR
-    _encode = DeformableDETR._encode
+    def _encode(self, images: Tensor, padding_mask: Tensor | None):
+        """Deformable DETR's encode step: backbone -> neck -> levels with positions -> deformable encoder."""
+        return encode_multi_scale(images, padding_mask, backbone=self.backbone, neck=self.neck,
+                                  position_encoding=self.position_encoding, level_embed=self.level_embed,
+                                  encoder=self.encoder)
 
     def forward(
         self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
@@ -167,7 +165,7 @@ class DINO(nn.Module):
         boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
                              for i, h in enumerate(hidden)])  # (L, B, N, 4)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
-        aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=False)]
+        aux = aux_outputs(logits, boxes)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs,
                                dn_meta=dn_meta, dn_outputs=dn_outputs)
 

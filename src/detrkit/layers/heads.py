@@ -1,0 +1,36 @@
+"""Prediction heads shared by the query-based families (Deformable DETR, DAB-DETR, DN-DETR, DINO)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from detrkit.layers.mlp import MLP
+
+
+def focal_class_head(d_model: int, num_classes: int, prior_prob: float = 0.01) -> nn.Linear:
+    """A sigmoid class head whose every class starts at probability ``prior_prob``.
+
+    The focal loss's prior initialisation (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017,
+    section 4.1): with most queries matched to nothing, a 0.5 start would let the background swamp the first steps.
+    """
+    head = nn.Linear(d_model, num_classes)
+    nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
+    return head
+
+
+def zero_box_head(d_model: int, num_layers: int = 3) -> MLP:
+    """A box head (MLP -> 4 deltas in inverse-sigmoid space) whose last layer starts at zero, so that the first
+    prediction of each query is exactly its reference box (Deformable DETR appendix A.4, DAB-DETR, DINO)."""
+    head = MLP(d_model, d_model, 4, num_layers)
+    nn.init.zeros_(head.layers[-1].weight)
+    nn.init.zeros_(head.layers[-1].bias)
+    return head
+
+
+def aux_outputs(logits: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+    """Per-layer predictions (L, B, Q, *) -> ``{"pred_logits", "pred_boxes"}`` of every layer but the last, first
+    to second-to-last: the auxiliary decoding losses' inputs (DETR section 3.2)."""
+    return [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)]
