@@ -11,6 +11,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from detrkit.config import TrainConfig
+from detrkit.data.coco import to_coco_results
 from detrkit.data.commands import add_data_commands, run_data_command
 
 # The demo: the built-in synthetic dataset and the lite preset that learns best on a CPU in about
@@ -312,7 +313,7 @@ def _predict_video(source: Path, args: Namespace) -> None:
                     for packet in encoder.encode(av.VideoFrame.from_image(drawn)):
                         writer.mux(packet)
                     per_frame[index] = det.to_list()
-                    coco_results += _coco_results(index + 1, det)
+                    coco_results += to_coco_results(index + 1, det.boxes, det.scores, det.labels, rounded=True)
                     index += 1
                 bar.update(len(chunk))
         for packet in encoder.encode():  # flush
@@ -321,13 +322,6 @@ def _predict_video(source: Path, args: Namespace) -> None:
     (out / "results.json").write_text(json.dumps(coco_results))
     print(f"{len(coco_results)} detections in {index} frame(s); annotated video {target}, detections.json (per frame) "
           f"and results.json (COCO results, image_id = frame number from 1) in {out}")
-
-
-def _coco_results(image_id: int, det) -> list[dict]:
-    """One image's detections in COCO's results format (bbox x, y, w, h)."""
-    return [{"image_id": image_id, "category_id": int(c), "score": round(float(sc), 5),
-             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]}
-            for (x1, y1, x2, y2), sc, c in zip(det.boxes.tolist(), det.scores, det.labels, strict=False)]
 
 
 def image_files(source: str) -> list[Path]:
@@ -384,7 +378,8 @@ def _predict_files(files: list[Path], args: Namespace) -> None:
                     out / f"{f.stem}.jpg"
                 )
                 per_image[f.name] = det.to_list()
-                coco_results += _coco_results(image_ids[start + i], det)
+                coco_results += to_coco_results(image_ids[start + i], det.boxes, det.scores, det.labels,
+                                                rounded=True)
             bar.update(len(chunk))
     (out / "detections.json").write_text(json.dumps(per_image, indent=1))
     (out / "results.json").write_text(json.dumps(coco_results))

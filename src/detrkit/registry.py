@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,7 @@ class ModelInfo:
 
     name: str
     builder: Callable[..., nn.Module]
+    model_class: type[nn.Module]  # what the builder returns (its return annotation): the family
     paper: str
     input_size: tuple[int, int]
     coco_ap: float | None  # box AP on COCO val2017 reported by the paper, if any
@@ -70,7 +72,9 @@ def register_model(*, paper: str, input_size: tuple[int, int], coco_ap: float | 
     def wrap(fn):
         if fn.__name__ in _MODELS:
             raise ValueError(f"model {fn.__name__!r} is registered twice")
-        _MODELS[fn.__name__] = ModelInfo(fn.__name__, fn, paper, input_size, coco_ap, recipe, dict(weights or {}))
+        model_class = typing.get_type_hints(fn)["return"]  # the class the builder is annotated to return
+        _MODELS[fn.__name__] = ModelInfo(fn.__name__, fn, model_class, paper, input_size, coco_ap, recipe,
+                                         dict(weights or {}))
         return fn
 
     return wrap

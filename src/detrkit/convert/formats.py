@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from detrkit.convert.detrex import convert_detrex
+from detrkit.convert.detrex import convert_detrex, detrex_family
 from detrkit.convert.hf import convert_hf_dab_detr, convert_hf_deformable_detr, convert_hf_detr
 from detrkit.convert.official import (
     convert_official_dab_detr,
@@ -34,9 +34,6 @@ from detrkit.convert.official import (
 from detrkit.data.coco_classes import coco_label_space
 from detrkit.engine.checkpoint import WEIGHTS_NAME, CheckpointError, resolve_weights_file
 
-# The detrkit module each model class lives in: a preset fits a layout when its builder comes from there.
-_MODULES = {"DETR": "detrkit.models.detr", "DeformableDETR": "detrkit.models.deformable_detr",
-            "DABDETR": "detrkit.models.dab_detr", "DINO": "detrkit.models.dino"}
 # Parameters whose shape follows num_classes: re-initialised when fine-tuning on another label space.
 CLASS_DEPENDENT = re.compile(r"(^|\.)(class_embed|enc_out_class_embed|label_enc)\.")
 
@@ -122,6 +119,10 @@ FORMATS = {
 }
 
 
+_DETREX_FORMATS = {"dino": "detrex_dino", "dab": "detrex_dab_detr", "deformable": "detrex_deformable_detr",
+                   "detr": "detrex_detr"}
+
+
 def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
     """Tell a checkpoint's layout from its keys (see :data:`FORMATS`)."""
     keys = set(state_dict)
@@ -137,11 +138,7 @@ def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
         if "model.level_embed" in keys:
             return FORMATS["hf_deformable_detr"]
     elif has("backbone.stem.") or has("backbone.res2."):  # detectron2 ResNet: detrex
-        if "transformer.tgt_embed.weight" in keys:
-            return FORMATS["detrex_dino"]
-        if "refpoint_embed.weight" in keys:
-            return FORMATS["detrex_dab_detr"]
-        return FORMATS["detrex_deformable_detr" if has("neck.") else "detrex_detr"]
+        return FORMATS[_DETREX_FORMATS[detrex_family(state_dict)]]
     elif has("backbone.0.body.") or has("detr.backbone.0.body."):  # the official repositories' Joiner
         if "transformer.tgt_embed.weight" in keys or has("transformer.enc_out_class_embed."):
             return FORMATS["official_dino"]
@@ -325,14 +322,14 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
     info = model_info(name)
     conv = weights if isinstance(weights, Conversion) else read_checkpoint(weights)
     fmt = conv.format
-    if fmt.model_class is not None and info.builder.__module__ != _MODULES[fmt.model_class]:
+    if fmt.model_class is not None and info.model_class.__name__ != fmt.model_class:
         from detrkit.registry import list_models
 
-        fits = [n for n in list_models() if model_info(n).builder.__module__ == _MODULES[fmt.model_class]]
+        fits = [n for n in list_models() if model_info(n).model_class.__name__ == fmt.model_class]
         raise CheckpointError(f"{conv.file} is a {fmt.source} {fmt.model_class} checkpoint (layout {fmt.name}); "
                               f"{name} is not a {fmt.model_class} preset. Presets that fit: {', '.join(fits)}")
     args = {**fmt.model_args, **(conv.meta or {}).get("model_args", {}), **overrides}
-    ckpt_classes = conv.num_classes(softmax=info.builder.__module__ == _MODULES["DETR"])
+    ckpt_classes = conv.num_classes(softmax=info.model_class.activation == "softmax")  # DETR: + no-object
     n = num_classes or ckpt_classes or 91
     model = info.builder(num_classes=n, **args)
     reinit = load_converted(model, conv, reinit_classes=ckpt_classes is not None and n != ckpt_classes)

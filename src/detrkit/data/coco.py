@@ -25,6 +25,24 @@ class DatasetError(ValueError):
     """Bad dataset input; the message names the file and the fix."""
 
 
+def to_coco_results(image_id: int, boxes, scores, labels, *, rounded: bool = False) -> list[dict]:
+    """One image's detections (absolute xyxy pixels, dataset category ids) -> COCO results entries (bbox x, y, w, h).
+
+    The one writer of COCO's results format (evaluation, ``detrkit predict``'s results.json). ``rounded``: boxes to
+    2 decimals and scores to 5, for files people read; evaluation keeps full precision.
+    """
+    out = []
+    scores, labels = torch.as_tensor(scores).tolist(), torch.as_tensor(labels).tolist()
+    for (x0, y0, x1, y1), s, c in zip(boxes.tolist(), scores, labels, strict=True):
+        if rounded:
+            out.append({"image_id": int(image_id), "category_id": int(c), "score": round(float(s), 5),
+                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]})
+        else:
+            out.append({"image_id": int(image_id), "category_id": int(c), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "score": float(s)})
+    return out
+
+
 def load_coco_json(ann_file: str | Path) -> dict:
     """Read a COCO detection json and check its structure; raises :class:`DatasetError` naming the problem.
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from detrkit.data.coco import to_coco_results
 from detrkit.engine.distributed import broadcast_object, gather_objects, rank
 from detrkit.models.postprocess import postprocess
 
@@ -20,13 +21,8 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def coco_results(detections: list[dict], image_ids: list[int]) -> list[dict]:
     """Per-image detections (absolute xyxy, dataset category ids) -> COCO results (xywh)."""
-    out = []
-    for image_id, det in zip(image_ids, detections, strict=False):
-        boxes = det["boxes"].tolist()
-        for (x0, y0, x1, y1), s, lab in zip(boxes, det["scores"].tolist(), det["labels"].tolist(), strict=False):
-            out.append({"image_id": int(image_id), "category_id": int(lab),
-                        "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(s)})
-    return out
+    return [entry for image_id, det in zip(image_ids, detections, strict=True)
+            for entry in to_coco_results(image_id, det["boxes"], det["scores"], det["labels"])]
 
 
 def coco_box_ap(coco_gt: dict, results: list[dict], image_ids: list[int] | None = None) -> dict[str, float]:
