@@ -161,3 +161,17 @@ def test_a_diverged_model_stops_training_and_is_never_saved(synth_dir, tmp_path)
         ):
             trainer.fit()
     assert step_checkpoints(tmp_path / "run") == []
+
+
+def test_param_groups_train_the_models_slow_params_at_its_factor():
+    from detrkit import create_model
+    from detrkit.engine.train import param_groups
+
+    model = create_model("deformable_detr_lite", num_classes=3, **{k: v for k, v in TINY.items() if k != "nhead"})
+    rest, backbone, slow = param_groups(model, lr=1e-4, lr_backbone=1e-5)
+    assert (rest["lr"], backbone["lr"]) == (1e-4, 1e-5) and slow["lr"] == 1e-4 * model.slow_lr_factor == 1e-5
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert slow["params"] and all("sampling_offsets" in names[id(p)] or "reference_points" in names[id(p)]
+                                  for p in slow["params"])
+    detr = create_model("detr_lite", num_classes=3)  # no slow parameters
+    assert not param_groups(detr, lr=1e-4, lr_backbone=1e-5)[2]["params"]

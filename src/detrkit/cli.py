@@ -13,6 +13,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from detrkit.config import TrainConfig
 from detrkit.data.coco import to_coco_results
 from detrkit.data.commands import add_data_commands, run_data_command
+from detrkit.registry import image_size_of
 
 # The demo: the built-in synthetic dataset and the lite preset that learns best on a CPU in about
 # 12 minutes of training on 2 cores (the whole demo stays under 15). Deformable DETR converges far
@@ -171,7 +172,7 @@ def cmd_export(args: Namespace) -> None:
     if not (args.checkpoint or (args.model and args.weights)):
         raise FileNotFoundError("give --checkpoint (a detrkit checkpoint) or --model with --weights")
     model, meta = load_for_inference(args.checkpoint or args.weights, None if args.checkpoint else args.model)
-    size = args.image_size or int(meta.get("image_size", 640))
+    size = args.image_size or image_size_of(meta)
     out = Path(args.output or f"{meta['model']}.onnx")
     print(f"exporting {meta['model']} ({meta['num_classes']} classes) at {args.batch_size}x3x{size}x{size}"
           f"{', dynamic batch and size' if args.dynamic else ''} to {out}")
@@ -256,7 +257,7 @@ def cmd_eval(args: Namespace) -> dict:
         images, ann, source = Path(args.images), Path(args.ann), None
     else:
         images, ann, source = dataset_split(TrainConfig(data=args.data), "val")
-    dataset = CocoDetection(images, ann, val_transforms(int(meta.get("image_size", 800))), source=source)
+    dataset = CocoDetection(images, ann, val_transforms(image_size_of(meta)), source=source)
     ann = source or ann
     unknown = sorted(set(dataset.label_to_cat) - set(meta["label_to_cat"]))
     if unknown:

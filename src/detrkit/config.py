@@ -28,9 +28,9 @@ class TrainConfig:
         weights: weights to start from (fine-tuning): any checkpoint ``create_model`` reads (detrkit, official,
             detrex, HF transformers, a URL) or ``coco`` for the preset's released COCO weights. The class heads
             are re-initialised (with a warning) when the dataset's number of classes differs.
-        image_size: training scale; None = the preset's size. Train scales are 0.6..1.0 of it (multi-scale,
-            step 32), the longer side is capped at 1333/800 of it, validation resizes to it (DETR's
-            480-800 / 1333 / 800 recipe at 800).
+        image_size: training scale; None = the preset's (800 for the papers' models, 640 for lite ones). Train
+            scales are 0.6..1.0 of it (multi-scale, step 32), the longer side is capped at 1333/800 of it, validation
+            resizes to it (DETR's 480-800 / 1333 / 800 recipe at 800).
         augment: train with DETR's augmentation (flip, multi-scale, crop); false = validation transforms
             (debugging, overfitting tests).
         crop: use DETR's random-crop augmentation branch.

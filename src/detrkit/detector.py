@@ -17,7 +17,7 @@ from detrkit.data.image import open_rgb, to_rgb
 from detrkit.data.transforms import val_transforms
 from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.models.postprocess import postprocess
-from detrkit.registry import resolve_weights
+from detrkit.registry import image_size_of, resolve_weights
 from detrkit.runtime import amp_dtype, resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -101,7 +101,7 @@ class Detector:
         self.class_names = self.meta["class_names"]
         self.label_to_cat = self.meta["label_to_cat"]
         self.cat_to_name = dict(zip(self.label_to_cat, self.class_names, strict=False))
-        self.transform = val_transforms(int(self.meta.get("image_size", 800)), with_boxes=False)
+        self.transform = val_transforms(image_size_of(self.meta), with_boxes=False)
 
     @torch.no_grad()
     def predict(self, images, *, threshold: float | None = None, max_detections: int = 100):

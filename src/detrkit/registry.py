@@ -93,6 +93,16 @@ def model_info(name: str) -> ModelInfo:
     return _MODELS[name]
 
 
+def image_size_of(meta_or_name: dict | str) -> int:
+    """The one default input size: a checkpoint's ``image_size`` (what it was trained at), else its preset's short
+    side (800 for the papers' models, 640 for the lite presets). Training, evaluation, prediction and export use it."""
+    if isinstance(meta_or_name, dict):
+        if meta_or_name.get("image_size"):
+            return int(meta_or_name["image_size"])
+        meta_or_name = meta_or_name["model"]
+    return int(model_info(meta_or_name).input_size[0])
+
+
 def create_model(name: str, *, num_classes: int | None = None, weights: str | Path | None = None,
                  **overrides) -> nn.Module:
     """Build a registered detector, optionally with weights.

@@ -317,7 +317,7 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
             another number re-initialises the class heads for fine-tuning, with a warning.
         **overrides: builder settings, on top of what the layout implies.
     """
-    from detrkit.registry import model_info
+    from detrkit.registry import image_size_of, model_info
 
     info = model_info(name)
     conv = weights if isinstance(weights, Conversion) else read_checkpoint(weights)
@@ -339,6 +339,6 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
                       f"fine-tuning; everything else is loaded.", stacklevel=2)
     label_to_cat, class_names = label_space(conv, n, ckpt_classes)
     meta = {"model": name, "num_classes": n, "model_args": args, "class_names": class_names,
-            "label_to_cat": label_to_cat, "image_size": (conv.meta or {}).get("image_size", info.input_size[0]),
+            "label_to_cat": label_to_cat, "image_size": image_size_of(conv.meta or name),
             "source": {"file": conv.file, "format": fmt.name, "reinitialised": reinit}}
     return model, meta

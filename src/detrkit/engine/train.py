@@ -41,7 +41,7 @@ from detrkit.engine.ema import ModelEMA
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
 from detrkit.engine.schedule import LRSchedule
 from detrkit.losses import build_criterion
-from detrkit.registry import create_model, model_info, resolve_weights
+from detrkit.registry import create_model, image_size_of, model_info, resolve_weights
 from detrkit.runtime import amp_dtype, resolve_device
 
 
@@ -50,7 +50,7 @@ class TrainingError(RuntimeError):
 
 
 def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetection, CocoDetection]:
-    size = cfg.image_size or max(model_info(cfg.model).input_size)
+    size = cfg.image_size or image_size_of(cfg.model)
     recipe = scales_for(size)
     val_tf = val_transforms(size)
     train_tf = build_transforms(True, crop=cfg.crop, **recipe) if cfg.augment else val_tf
@@ -66,8 +66,8 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetecti
 
 def param_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[dict]:
     """The backbone trains at ``lr_backbone``; parameters named in ``model.slow_params`` (Deformable DETR's
-    sampling offsets and reference points) at 0.1 * lr; everything else at ``lr``."""
-    slow_names = getattr(model, "slow_params", ())
+    sampling offsets and reference points) at ``model.slow_lr_factor * lr``; everything else at ``lr``."""
+    slow_names, slow_factor = getattr(model, "slow_params", ()), getattr(model, "slow_lr_factor", 1.0)
     groups = {"rest": [], "backbone": [], "slow": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -75,7 +75,7 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[dict]:
         key = "backbone" if name.startswith("backbone.") else "slow" if any(s in name for s in slow_names) else "rest"
         groups[key].append(p)
     return [{"params": groups["rest"], "lr": lr}, {"params": groups["backbone"], "lr": lr_backbone},
-            {"params": groups["slow"], "lr": lr * 0.1}]
+            {"params": groups["slow"], "lr": lr * slow_factor}]
 
 
 def seed_everything(seed: int) -> None:
@@ -133,7 +133,7 @@ class Trainer:
             "model": cfg.model, "num_classes": self.train_set.num_classes,
             "model_args": {k: v for k, v in self.model_args.items() if k != "pretrained_backbone"},
             "class_names": self.train_set.class_names, "label_to_cat": self.train_set.label_to_cat,
-            "image_size": cfg.image_size or max(model_info(cfg.model).input_size),
+            "image_size": cfg.image_size or image_size_of(cfg.model),
         }
         if cfg.resume:
             self._resume(cfg.resume)

@@ -89,7 +89,8 @@ class DeformableDETR(nn.Module):
 
     activation = "sigmoid"
     loss_config = LossConfig(focal=True, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0, enc_class_agnostic=True)
-    slow_params = ("sampling_offsets", "reference_points")  # trained at 0.1x lr, as in the official recipe
+    slow_params = ("sampling_offsets", "reference_points")  # trained at slow_lr_factor x lr, as in the official recipe
+    slow_lr_factor = 0.1
 
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
                  decoder: DeformableDecoder, *, num_classes: int, num_queries: int = 300, d_model: int = 256,

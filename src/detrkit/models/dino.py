@@ -75,7 +75,8 @@ class DINO(nn.Module):
 
     activation = "sigmoid"
     loss_config = LossConfig(focal=True, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, cost_class=2.0)
-    slow_params = ("sampling_offsets",)  # 0.1x lr, as in the official recipe
+    slow_params = ("sampling_offsets",)  # trained at slow_lr_factor x lr, as in the official recipe
+    slow_lr_factor = 0.1
 
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
                  decoder: DeformableAnchorDecoder, *, num_classes: int, num_queries: int = 900, d_model: int = 256,
