@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from detrkit.ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from detrkit.ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,15 @@ def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_mat
     group_id = torch.arange(n, device=device) // group_size
     attn_mask[:n, :n] = group_id[:, None] != group_id[None, :]
     return labels, boxes, attn_mask, layout
+
+
+def prepend_dn_queries(tgt: Tensor, anchors: Tensor, dn_tgt: Tensor, dn_boxes: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    """Denoising queries go first: content (B, N, C) before ``tgt`` (B, Q, C), their noised boxes (B, N, 4, cxcywh)
+    as anchors in inverse-sigmoid space (clamped at the model's ``eps``) before ``anchors`` (B, Q, 4)."""
+    tgt = torch.cat([dn_tgt.to(tgt.dtype), tgt], 1)
+    anchors = torch.cat([inverse_sigmoid(dn_boxes, eps).to(anchors.dtype), anchors], 1)
+    return tgt, anchors
 
 
 def split_dn_outputs(logits: Tensor, boxes: Tensor, layout: DenoisingLayout | None

@@ -21,6 +21,7 @@ from detrkit.layers.denoising import (
     DenoisingLayout,
     as_denoising_config,
     build_dn_queries,
+    prepend_dn_queries,
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
@@ -106,8 +107,7 @@ class DABDETR(nn.Module):
         if dn is None:  # inference (or a batch without objects): no denoising part at all
             return tgt, anchors, None, None
         labels, boxes, attn_mask, meta = dn
-        tgt = torch.cat([self._embed_labels(labels, 1.0), tgt], 1)
-        anchors = torch.cat([inverse_sigmoid(boxes, self.eps).to(anchors.dtype), anchors], 1)
+        tgt, anchors = prepend_dn_queries(tgt, anchors, self._embed_labels(labels, 1.0), boxes, self.eps)
         return tgt, anchors, attn_mask, meta
 
     def _heads(self, hidden: Tensor, refs: Tensor, dn_meta: DenoisingLayout | None) -> DetectionOutput:

@@ -72,6 +72,22 @@ def encoder_proposals(memory: Tensor, mask: Tensor, spatial_shapes: LevelShapes)
     return memory.masked_fill(invalid, 0.0), proposals
 
 
+def score_proposals(memory: Tensor, mask: Tensor, shapes: LevelShapes, *, enc_output: nn.Module,
+                    enc_output_norm: nn.Module, class_head: nn.Module, box_head: nn.Module) -> tuple[Tensor, Tensor]:
+    """Two-stage (section 4.2): every encoder pixel's proposal scored and refined by the encoder's own heads.
+
+    Returns logits (B, S, K) and boxes (B, S, 4) in inverse-sigmoid space (+inf at padded / border pixels).
+    """
+    out_memory, proposals = encoder_proposals(memory, mask, shapes)
+    out_memory = enc_output_norm(enc_output(out_memory))
+    return class_head(out_memory), box_head(out_memory) + proposals
+
+
+def gather_queries(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, S, C), index (B, k) -> the selected rows (B, k, C)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 class DeformableDETR(nn.Module):
     """The Deformable DETR detector.
 
@@ -149,12 +165,11 @@ class DeformableDETR(nn.Module):
 
     def _select_topk_proposals(self, memory: Tensor, mask: Tensor, shapes: Tensor):
         """Two-stage: score every encoder proposal with the extra head, keep the top-k as reference boxes."""
-        out_memory, proposals = encoder_proposals(memory, mask, shapes)
-        out_memory = self.enc_output_norm(self.enc_output(out_memory))
-        enc_logits = self.class_embed[-1](out_memory)  # (B, S, K)
-        enc_coords = self.bbox_embed[-1](out_memory) + proposals  # (B, S, 4), inverse-sigmoid space
+        enc_logits, enc_coords = score_proposals(memory, mask, shapes, enc_output=self.enc_output,
+                                                 enc_output_norm=self.enc_output_norm,
+                                                 class_head=self.class_embed[-1], box_head=self.bbox_embed[-1])
         topk = enc_logits[..., 0].topk(self.num_queries, dim=1).indices  # class-agnostic objectness: channel 0
-        coords = enc_coords.gather(1, topk[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
+        coords = gather_queries(enc_coords, topk).detach()  # (B, Q, 4)
         query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))  # (B, Q, 2C)
         query_pos, tgt = query.split(self.d_model, -1)
         return tgt, query_pos, coords.sigmoid(), {"pred_logits": enc_logits, "pred_boxes": enc_coords.sigmoid()}

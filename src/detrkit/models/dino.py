@@ -37,13 +37,15 @@ from detrkit.layers.denoising import (
     DenoisingLayout,
     as_denoising_config,
     build_dn_queries,
+    prepend_dn_queries,
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
 from detrkit.losses.criterion import LossConfig
 from detrkit.models.deformable_detr import (
-    encoder_proposals,
+    gather_queries,
     init_deformable_transformer,
+    score_proposals,
 )
 from detrkit.models.encode import encode_multi_scale
 from detrkit.models.outputs import DetectionOutput
@@ -136,14 +138,12 @@ class DINO(nn.Module):
         if not self.two_stage:
             return (self.tgt_embed.weight[None].expand(b, -1, -1), self.refpoint_embed.weight[None].expand(b, -1, -1),
                     None)
-        out_memory, proposals = encoder_proposals(memory, mask, shapes)
-        out_memory = self.enc_output_norm(self.enc_output(out_memory))
-        enc_logits = self.enc_out_class_embed(out_memory)  # (B, S, K)
-        enc_coords = self.enc_out_bbox_embed(out_memory) + proposals  # (B, S, 4), inverse-sigmoid space
+        enc_logits, enc_coords = score_proposals(memory, mask, shapes, enc_output=self.enc_output,
+                                                 enc_output_norm=self.enc_output_norm,
+                                                 class_head=self.enc_out_class_embed, box_head=self.enc_out_bbox_embed)
         k = min(self.num_queries, memory.shape[1])
-        topk = enc_logits.max(-1).values.topk(k, dim=1).indices  # (B, k)
-        coords = enc_coords.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, k, 4)
-        logits = enc_logits.gather(1, topk[..., None].expand(-1, -1, enc_logits.shape[-1]))  # (B, k, K)
+        topk = enc_logits.max(-1).values.topk(k, dim=1).indices  # (B, k): by the best class score
+        coords, logits = gather_queries(enc_coords, topk), gather_queries(enc_logits, topk)  # (B, k, 4), (B, k, K)
         tgt = self.tgt_embed.weight[None, :k].expand(b, -1, -1)
         return tgt, coords.detach(), {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
 
@@ -155,8 +155,7 @@ class DINO(nn.Module):
         if dn is None:
             return tgt, anchors, None, None
         labels, boxes, attn_mask, meta = dn
-        tgt = torch.cat([self.label_enc(labels).to(tgt.dtype), tgt], 1)
-        anchors = torch.cat([inverse_sigmoid(boxes, self.eps).to(anchors.dtype), anchors], 1)
+        tgt, anchors = prepend_dn_queries(tgt, anchors, self.label_enc(labels), boxes, self.eps)
         return tgt, anchors, attn_mask, meta
 
     def _heads(self, hidden: Tensor, refs: Tensor, enc_outputs: dict | None,
