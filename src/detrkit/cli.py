@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import sys
 import time
@@ -11,7 +10,6 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from detrkit.config import TrainConfig
-from detrkit.data.coco import to_coco_results
 from detrkit.data.commands import add_data_commands, run_data_command
 from detrkit.registry import image_size_of
 
@@ -277,114 +275,23 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 
 
 def cmd_predict(args: Namespace) -> None:
-    if Path(args.source).suffix.lower() in VIDEO_SUFFIXES and Path(args.source).is_file():
-        _predict_video(Path(args.source), args)
-    else:
-        _predict_files(image_files(args.source), args)
+    from detrkit.predict import image_files, predict_files, predict_video
 
-
-def _predict_video(source: Path, args: Namespace) -> None:
-    """An annotated copy of a video (same frame rate, H.264) and its detections per frame (PyAV)."""
-    try:
-        import av
-    except ImportError:
-        raise CommandError("video input needs PyAV: pip install 'detrkit[video]'") from None
-    from tqdm import tqdm
-
-    from detrkit.viz import draw_detections
-
-    detector, out = _detector(args), Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    names = dict(zip(detector.label_to_cat, detector.class_names, strict=False))
-    target = out / f"{source.stem}.mp4"
-    per_frame, coco_results, index = {}, [], 0
-    with av.open(str(source)) as reader, av.open(str(target), "w") as writer:
-        stream = reader.streams.video[0]
-        encoder = writer.add_stream("libx264", rate=stream.average_rate or 25)
-        encoder.width, encoder.height, encoder.pix_fmt = (
-            stream.codec_context.width,
-            stream.codec_context.height,
-            "yuv420p",
-        )
-        frames = (frame.to_image() for frame in reader.decode(stream))
-        with tqdm(total=stream.frames or None, desc="predict", unit="frame") as bar:
-            while chunk := [f for _, f in zip(range(max(1, args.batch_size)), frames, strict=False)]:
-                for image, det in zip(chunk, detector.predict(chunk, max_detections=args.max_detections), strict=False):
-                    drawn = draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names)
-                    for packet in encoder.encode(av.VideoFrame.from_image(drawn)):
-                        writer.mux(packet)
-                    per_frame[index] = det.to_list()
-                    coco_results += to_coco_results(index + 1, det.boxes, det.scores, det.labels, rounded=True)
-                    index += 1
-                bar.update(len(chunk))
-        for packet in encoder.encode():  # flush
-            writer.mux(packet)
-    (out / "detections.json").write_text(json.dumps(per_frame, indent=1))
-    (out / "results.json").write_text(json.dumps(coco_results))
-    print(f"{len(coco_results)} detections in {index} frame(s); annotated video {target}, detections.json (per frame) "
-          f"and results.json (COCO results, image_id = frame number from 1) in {out}")
-
-
-def image_files(source: str) -> list[Path]:
-    """The images a predict SOURCE names: one file, a folder's images, or a glob pattern (``"shots/*.png"``)."""
-    from detrkit.detector import IMAGE_SUFFIXES
-
-    path = Path(source)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    elif any(c in source for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True)
-                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        raise FileNotFoundError(f"no such image, folder or glob match: {source}")
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
-    return files
-
-
-def _image_ids(files: list[Path], ann: str | None) -> list[int]:
-    """Image ids for results.json: from a COCO annotation file (by file name), else COCO's naming
-    (000000039769.jpg -> 39769), else 1, 2, 3..."""
-    if ann:
-        by_name = {Path(im["file_name"]).name: im["id"] for im in json.loads(Path(ann).read_text())["images"]}
-        missing = [f.name for f in files if f.name not in by_name]
-        if missing:
-            raise FileNotFoundError(f"{ann} lists no image named {', '.join(missing[:5])}")
-        return [by_name[f.name] for f in files]
-    return [int(f.stem) if f.stem.isdigit() else i + 1 for i, f in enumerate(files)]
-
-
-def _predict_files(files: list[Path], args: Namespace) -> None:
-    """Annotated images, detections.json (per image) and results.json (COCO results) for ``files``."""
-    from tqdm import tqdm
-
-    from detrkit.detector import to_pil
-    from detrkit.viz import draw_detections
-
-    detector = _detector(args)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    names = dict(zip(detector.label_to_cat, detector.class_names, strict=False))
-    per_image, coco_results = {}, []
-    batch, image_ids = max(1, args.batch_size), _image_ids(files, getattr(args, "ann", None))
-    with tqdm(total=len(files), desc="predict", unit="img", disable=len(files) < 2) as bar:
-        for start in range(0, len(files), batch):
-            chunk = files[start : start + batch]
-            images = [to_pil(f) for f in chunk]
-            found = detector.predict(images, max_detections=args.max_detections)
-            for i, (f, image, det) in enumerate(zip(chunk, images, found, strict=False)):
-                draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(
-                    out / f"{f.stem}.jpg"
-                )
-                per_image[f.name] = det.to_list()
-                coco_results += to_coco_results(image_ids[start + i], det.boxes, det.scores, det.labels,
-                                                rounded=True)
-            bar.update(len(chunk))
-    (out / "detections.json").write_text(json.dumps(per_image, indent=1))
-    (out / "results.json").write_text(json.dumps(coco_results))
-    print(f"{len(coco_results)} detections in {len(files)} image(s); annotated images, detections.json (per image) "
+    source, out = Path(args.source), Path(args.output)
+    if source.suffix.lower() in VIDEO_SUFFIXES and source.is_file():
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise CommandError("video input needs PyAV: pip install 'detrkit[video]'") from None
+        frames, found, target = predict_video(_detector(args), source, out, batch_size=args.batch_size,
+                                              max_detections=args.max_detections)
+        print(f"{found} detections in {frames} frame(s); annotated video {target}, detections.json (per frame) "
+              f"and results.json (COCO results, image_id = frame number from 1) in {out}")
+        return
+    files = image_files(args.source)
+    found = predict_files(_detector(args), files, out, batch_size=args.batch_size, max_detections=args.max_detections,
+                          ann=getattr(args, "ann", None))
+    print(f"{found} detections in {len(files)} image(s); annotated images, detections.json (per image) "
           f"and results.json (COCO results format) in {out}")
 
 
@@ -424,7 +331,9 @@ def cmd_explain(args: Namespace) -> None:
 
 def cmd_demo(args: Namespace) -> dict:
     from detrkit.data import make_synthetic_dataset
+    from detrkit.detector import Detector
     from detrkit.engine.train import train
+    from detrkit.predict import predict_files
 
     opts = {**vars(args)}
     if args.quick:
@@ -451,9 +360,8 @@ def cmd_demo(args: Namespace) -> dict:
     print(f"[3/3] drawing predictions on validation images into {out / 'predictions'}")
     val_images = sorted((data / "val").glob("*.jpg"))[:8]
     # A short CPU run gives modest confidences (focal-loss scores near 0.2): draw what clears 0.2.
-    _predict_files(val_images, Namespace(checkpoint=str(out / "run"), model=None, weights=None,
-                                         output=str(out / "predictions"), threshold=0.2, max_detections=20,
-                                         batch_size=4, device=opts["device"]))
+    detector = Detector(str(out / "run"), device=opts["device"], threshold=0.2)
+    predict_files(detector, val_images, out / "predictions", batch_size=4, max_detections=20)
     print(f"done in {time.perf_counter() - t0:.0f} s: metrics in {out / 'run' / 'metrics.json'}, "
           f"checkpoint in {out / 'run' / 'checkpoints'}")
     return metrics

@@ -1,0 +1,103 @@
+"""Predict files and videos with a :class:`~detrkit.Detector`: annotated copies, per-image detections and COCO
+results files. The ``detrkit predict`` command calls these; they are the library's, usable without the CLI."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from detrkit.data.coco import to_coco_results
+from detrkit.detector import IMAGE_SUFFIXES, Detector, to_pil
+from detrkit.viz import draw_detections
+
+
+def image_files(source: str) -> list[Path]:
+    """The images a predict SOURCE names: one file, a folder's images, or a glob pattern (``"shots/*.png"``)."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif any(c in source for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True)
+                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        raise FileNotFoundError(f"no such image, folder or glob match: {source}")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+    return files
+
+
+def image_ids(files: list[Path], ann: str | Path | None) -> list[int]:
+    """Image ids for results.json: from a COCO annotation file (by file name), else COCO's naming
+    (000000039769.jpg -> 39769), else 1, 2, 3..."""
+    if ann:
+        by_name = {Path(im["file_name"]).name: im["id"] for im in json.loads(Path(ann).read_text())["images"]}
+        missing = [f.name for f in files if f.name not in by_name]
+        if missing:
+            raise FileNotFoundError(f"{ann} lists no image named {', '.join(missing[:5])}")
+        return [by_name[f.name] for f in files]
+    return [int(f.stem) if f.stem.isdigit() else i + 1 for i, f in enumerate(files)]
+
+
+def predict_files(detector: Detector, files: list[Path], out: str | Path, *, batch_size: int = 1,
+                  max_detections: int = 100, ann: str | Path | None = None) -> int:
+    """Annotated images (``<stem>.jpg``), ``detections.json`` (per image) and ``results.json`` (COCO results, image ids
+    from ``ann`` or the file names) in ``out``. Returns the number of detections."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = dict(zip(detector.label_to_cat, detector.class_names, strict=False))
+    per_image, coco_results = {}, []
+    batch, ids = max(1, batch_size), image_ids(files, ann)
+    with tqdm(total=len(files), desc="predict", unit="img", disable=len(files) < 2) as bar:
+        for start in range(0, len(files), batch):
+            chunk = files[start : start + batch]
+            images = [to_pil(f) for f in chunk]
+            found = detector.predict(images, max_detections=max_detections)
+            for i, (f, image, det) in enumerate(zip(chunk, images, found, strict=True)):
+                draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(
+                    out / f"{f.stem}.jpg")
+                per_image[f.name] = det.to_list()
+                coco_results += to_coco_results(ids[start + i], det.boxes, det.scores, det.labels, rounded=True)
+            bar.update(len(chunk))
+    (out / "detections.json").write_text(json.dumps(per_image, indent=1))
+    (out / "results.json").write_text(json.dumps(coco_results))
+    return len(coco_results)
+
+
+def predict_video(detector: Detector, source: str | Path, out: str | Path, *, batch_size: int = 1,
+                  max_detections: int = 100) -> tuple[int, int, Path]:
+    """An annotated copy of a video (``<stem>.mp4``: same frame rate, H.264), ``detections.json`` (per frame) and
+    ``results.json`` (COCO results, image_id = frame number from 1) in ``out``, read and written with PyAV
+    (``pip install 'detrkit[video]'``). Returns (frames, detections, the video written)."""
+    import av  # optional dependency: the video extra
+
+    source, out = Path(source), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = dict(zip(detector.label_to_cat, detector.class_names, strict=False))
+    target = out / f"{source.stem}.mp4"
+    per_frame, coco_results, index = {}, [], 0
+    with av.open(str(source)) as reader, av.open(str(target), "w") as writer:
+        stream = reader.streams.video[0]
+        encoder = writer.add_stream("libx264", rate=stream.average_rate or 25)
+        encoder.width, encoder.height = stream.codec_context.width, stream.codec_context.height
+        encoder.pix_fmt = "yuv420p"
+        frames = (frame.to_image() for frame in reader.decode(stream))
+        with tqdm(total=stream.frames or None, desc="predict", unit="frame") as bar:
+            while chunk := [f for _, f in zip(range(max(1, batch_size)), frames, strict=False)]:
+                for image, det in zip(chunk, detector.predict(chunk, max_detections=max_detections), strict=True):
+                    drawn = draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names)
+                    for packet in encoder.encode(av.VideoFrame.from_image(drawn)):
+                        writer.mux(packet)
+                    per_frame[index] = det.to_list()
+                    coco_results += to_coco_results(index + 1, det.boxes, det.scores, det.labels, rounded=True)
+                    index += 1
+                bar.update(len(chunk))
+        for packet in encoder.encode():  # flush
+            writer.mux(packet)
+    (out / "detections.json").write_text(json.dumps(per_frame, indent=1))
+    (out / "results.json").write_text(json.dumps(coco_results))
+    return index, len(coco_results), target
