@@ -54,6 +54,20 @@ def test_cli_export_checks_parity(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "m.safetensors"), "--format", "tflite"]) == 2
 
 
+def test_export_verify_checks_the_graph_and_refuses_a_mismatch(tmp_path):
+    from detrkit.export import ExportMismatchError, verify_onnx
+
+    model = create_model("detr_lite", num_classes=3, **TINY).eval()
+    options = dict(image_size=(64, 96), batch_size=1, label_to_cat=CATS, top_k=10)
+    path = export_onnx(model, tmp_path / "m.onnx", verify=True, **options)  # passes: the graph is the model
+    rows = verify_onnx(path, model, **options)
+    assert [r["shape"] for r in rows] == [(1, 3, 64, 96), (2, 3, 32, 96)]  # exported shape + another batch / size
+    assert all(r["scores"] <= 1e-4 and r["boxes"] <= 1e-4 for r in rows)
+    other = create_model("detr_lite", num_classes=3, **TINY).eval()  # other weights: the graph no longer matches
+    with pytest.raises(ExportMismatchError, match="differs from PyTorch"):
+        verify_onnx(path, other, **options)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["detr_lite", "deformable_detr_lite"])
 def test_fp16_export_matches_pytorch_in_fp16(name, tmp_path):

@@ -37,13 +37,14 @@ class ExportableDetector(nn.Module):
 
 def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, int] = (640, 640), batch_size: int = 1,
                 label_to_cat: list[int] | None = None, top_k: int = 100, opset: int = 18, dynamic: bool = True,
-                fp16: bool = False) -> Path:
+                fp16: bool = False, verify: bool = False) -> Path:
     """Write ``model`` + postprocessing to ``path`` with the dynamo exporter (torch.export -> ONNX).
 
     ``image_size``: the (H, W) traced. With ``dynamic``, choose it so that every feature level is larger than one
     pixel (H, W >= 2 x the largest stride, e.g. 128 for a stride-64 level): torch.export takes a size of 1 for a
     constant, and the graph would then accept only images where that level is 1 pixel too.
     ``fp16``: weights and ``images`` in float16 (half the file; scores come out in float32).
+    ``verify``: run :func:`verify_onnx` on the written file (onnxruntime against the model; raises on a mismatch).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, in
                                     input_names=["images"], output_names=["boxes", "scores", "labels"],
                                     verbose=False)
     program.save(str(path))
+    if verify:
+        verify_onnx(path, model, image_size=image_size, batch_size=batch_size, dynamic=dynamic,
+                    label_to_cat=label_to_cat, top_k=top_k)
     return path
 
 
@@ -100,3 +104,33 @@ def check_onnx(path: str | Path, model: nn.Module, images: Tensor, *, label_to_c
         expected = ExportableDetector(_in_dtype(model, dtype), label_to_cat, top_k).eval()(images)
     got = session.run(None, {"images": images.numpy()})
     return detection_difference(expected, got, tuple(images.shape[-2:]))
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported graph's detections differ from the PyTorch model's beyond the tolerance."""
+
+
+def verify_onnx(path: str | Path, model: nn.Module, *, image_size: tuple[int, int], batch_size: int = 1,
+                dynamic: bool = True, label_to_cat: list[int] | None = None, top_k: int = 100,
+                tolerance: float = 1e-3) -> list[dict]:
+    """Run the exported graph in onnxruntime against ``model`` on random images (seeded): at the exported shape and,
+    for a dynamic export, at one more image and a non-square size too, so the dynamic axes are really dynamic.
+
+    Returns one ``{"shape": (B, 3, H, W), "scores": ..., "boxes": ...}`` row per shape (max differences; boxes
+    relative to the image size). Raises :class:`ExportMismatchError` beyond ``tolerance``.
+    """
+    h, w = image_size
+    shapes = [(batch_size, 3, h, w)]
+    if dynamic:
+        shapes.append((batch_size + 1, 3, max(32, h * 3 // 4 // 32 * 32), w))
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for shape in shapes:
+        diff = check_onnx(path, model, torch.randn(shape, generator=generator), label_to_cat=label_to_cat, top_k=top_k)
+        rows.append({"shape": shape, **diff})
+    worst = max(max(r["scores"], r["boxes"]) for r in rows)
+    if worst > tolerance:
+        raise ExportMismatchError(f"the ONNX graph {path} differs from PyTorch by {worst:.2e} > {tolerance:g}; "
+                                  "do not use it")
+    return rows
+
