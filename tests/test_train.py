@@ -160,3 +160,21 @@ def test_fine_tune_from_official_weights(synth_dir, tmp_path):
     assert torch.equal(tuned.backbone.body.conv1.weight, source.backbone.body.conv1.weight)
     assert torch.equal(tuned.decoder.layers[1].linear2.weight, source.decoder.layers[1].linear2.weight)
     assert tuned.class_embed.weight.shape[0] == tuned.num_classes + 1 != 92
+
+
+def test_evaluate_checkpoint_warns_about_categories_it_never_predicts(synth_dir, tmp_path, capsys):
+    from detrkit import create_model
+    from detrkit.engine.checkpoint import save_weights
+    from detrkit.engine.evaluate import UnpredictedCategoriesWarning, evaluate_checkpoint
+
+    model = create_model("detr_lite", num_classes=3, **TINY)
+    meta = {"model": "detr_lite", "num_classes": 3, "model_args": TINY, "class_names": list("abc"),
+            "label_to_cat": [100, 101, 102], "image_size": 64}  # ids the synthetic data does not use
+    save_weights(tmp_path / "m.safetensors", model, meta)
+    val = (synth_dir / "val", synth_dir / "annotations" / "instances_val.json")
+    with pytest.warns(UnpredictedCategoriesWarning, match="never predicts"):
+        metrics = evaluate_checkpoint(tmp_path / "m.safetensors", *val, progress=False)
+    assert metrics["AP"] == 0.0
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.safetensors"), "--images", str(val[0]), "--ann",
+                 str(val[1]), "--output", str(tmp_path / "m.json")]) == 0
+    assert "warning: " in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -235,29 +236,23 @@ def cmd_train(args: Namespace) -> dict:
 
 
 def cmd_eval(args: Namespace) -> dict:
-    from torch.utils.data import DataLoader
-
     from detrkit.config import dataset_split
-    from detrkit.data import CocoDetection, collate
-    from detrkit.data.transforms import val_transforms
-    from detrkit.engine.checkpoint import load_checkpoint, resolve_weights_file
-    from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
-    from detrkit.runtime import resolve_device
+    from detrkit.engine.checkpoint import resolve_weights_file
+    from detrkit.engine.evaluate import UnpredictedCategoriesWarning, evaluate_checkpoint, format_metrics, write_metrics
 
-    model, meta = load_checkpoint(args.checkpoint)
     if args.images and args.ann:
         images, ann, source = Path(args.images), Path(args.ann), None
     else:
         images, ann, source = dataset_split(TrainConfig(data=args.data), "val")
-    dataset = CocoDetection(images, ann, val_transforms(image_size_of(meta)), source=source)
-    ann = source or ann
-    unknown = sorted(set(dataset.label_to_cat) - set(meta["label_to_cat"]))
-    if unknown:
-        print(f"warning: {ann} has category ids the checkpoint never predicts: {unknown[:10]}; the checkpoint was "
-              f"trained on {meta['label_to_cat'][:10]}...", file=sys.stderr)
-    device = resolve_device(args.device)
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
-    metrics = evaluate(model.to(device), loader, dataset, device, label_to_cat=meta["label_to_cat"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnpredictedCategoriesWarning)
+        metrics = evaluate_checkpoint(args.checkpoint, images, ann, source=source, device=args.device,
+                                      batch_size=args.batch_size)
+    for w in caught:  # one plain line for ours; anything else as Python shows warnings
+        if issubclass(w.category, UnpredictedCategoriesWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     out = Path(args.output) if args.output else resolve_weights_file(args.checkpoint).parent / "metrics.json"
     write_metrics(metrics, out)
     print(format_metrics(metrics))

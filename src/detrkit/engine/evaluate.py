@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,3 +86,35 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device | str = "cp
 
 def write_metrics(metrics: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(metrics, indent=2))
+
+
+class UnpredictedCategoriesWarning(UserWarning):
+    """The evaluation data has category ids the checkpoint never predicts (they can only count as misses)."""
+
+
+def evaluate_checkpoint(checkpoint: str | Path, images: str | Path, ann: str | Path, *, source: str | None = None,
+                        device: str = "auto", batch_size: int = 2, progress: bool = True) -> dict[str, float]:
+    """COCO box AP of a detrkit checkpoint (file or run folder) on a COCO-format split, at the checkpoint's image size.
+
+    The checkpoint's own label space maps its predictions (a 91-id COCO model scores on 80-category data);
+    category ids of the data that the checkpoint never predicts are warned about. ``source``: the split's
+    original annotation file when ``ann`` was converted from YOLO / VOC (for messages).
+    """
+    from torch.utils.data import DataLoader
+
+    from detrkit.data import CocoDetection, collate
+    from detrkit.data.transforms import val_transforms
+    from detrkit.engine.checkpoint import load_checkpoint
+    from detrkit.registry import image_size_of
+    from detrkit.runtime import resolve_device
+
+    model, meta = load_checkpoint(checkpoint)
+    dataset = CocoDetection(images, ann, val_transforms(image_size_of(meta)), source=source)
+    unknown = sorted(set(dataset.label_to_cat) - set(meta["label_to_cat"]))
+    if unknown:
+        warnings.warn(f"{source or ann} has category ids the checkpoint never predicts: {unknown[:10]}; the checkpoint "
+                      f"was trained on {meta['label_to_cat'][:10]}...", UnpredictedCategoriesWarning, stacklevel=2)
+    device = resolve_device(device)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    return evaluate(model.to(device), loader, dataset, device, label_to_cat=meta["label_to_cat"], progress=progress)
+
