@@ -30,10 +30,7 @@ def _add_model_source(parser: ArgumentParser) -> None:
                                           "for the preset's released COCO weights")
 
 
-def _parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="detrkit", description="DETR-family object detectors: train, evaluate, predict.")
-    sub = parser.add_subcommands(dest="command")
-
+def _demo_parser() -> ArgumentParser:
     demo = ArgumentParser(description="Generate the synthetic dataset, train a lite detector on it, evaluate (COCO AP) "
                                       "and draw predictions, all on this machine (CPU is fine).")
     demo.add_argument("--output", default="detrkit-demo", help="folder for the dataset, the run and the predictions")
@@ -47,14 +44,18 @@ def _parser() -> ArgumentParser:
     demo.add_argument("--num_val", type=int, default=DEMO["num_val"])
     demo.add_argument("--device", default="auto")
     demo.add_argument("--quick", type=bool, default=False, help="a tiny smoke-test budget (seconds, not minutes)")
-    sub.add_subcommand("demo", demo, help="end-to-end demo on built-in synthetic data")
+    return demo
 
+
+def _train_parser() -> ArgumentParser:
     train = ArgumentParser(description="Train a detector on a COCO-format dataset. Every option can also come from "
                                        "a YAML file (--config); the resolved config is saved in the output folder.")
     train.add_argument("--config", action=ActionConfigFile, help="YAML file of options")
     train.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
-    sub.add_subcommand("train", train, help="train on your own COCO-format data")
+    return train
 
+
+def _eval_parser() -> ArgumentParser:
     ev = ArgumentParser(description="COCO box AP of a checkpoint on a COCO-format split.")
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder, model.safetensors or training run folder")
     ev.add_argument("--data", help="dataset folder (as for train); evaluates its val split")
@@ -63,8 +64,10 @@ def _parser() -> ArgumentParser:
     ev.add_argument("--batch_size", type=int, default=4)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--output", help="where to write metrics.json (default: next to the checkpoint)")
-    sub.add_subcommand("eval", ev, help="evaluate a checkpoint (COCO AP)")
+    return ev
 
+
+def _predict_parser() -> ArgumentParser:
     pr = ArgumentParser(description="Detect objects in images or a video; writes annotated images (or video) and JSON. "
                                     "Give a detrkit --checkpoint, or --model with --weights for any other checkpoint.")
     pr.add_argument("source", help="an image file, a folder of images, a glob pattern in quotes ('shots/*.png'), or a "
@@ -83,10 +86,14 @@ def _parser() -> ArgumentParser:
         "default: digit-only file names are the ids (COCO's naming), others numbered from 1",
     )
     pr.add_argument("--device", default="auto")
-    sub.add_subcommand("predict", pr, help="predict on images")
+    return pr
 
-    sub.add_subcommand("models", ArgumentParser(description="List the registered model presets."), help="list presets")
 
+def _models_parser() -> ArgumentParser:
+    return ArgumentParser(description="List the registered model presets.")
+
+
+def _explain_parser() -> ArgumentParser:
     xp = ArgumentParser(
         description="Draw what each detection looked at, one image per detection: DETR's last decoder "
         "layer cross-attention over the feature map (a heat map), or for deformable models "
@@ -99,8 +106,10 @@ def _parser() -> ArgumentParser:
     xp.add_argument("--threshold", type=float, default=0.5, help="minimum score of the detections explained")
     xp.add_argument("--max_detections", type=int, default=5)
     xp.add_argument("--device", default="auto")
-    sub.add_subcommand("explain", xp, help="draw what each detection attended to")
+    return xp
 
+
+def _export_parser() -> ArgumentParser:
     ex = ArgumentParser(
         description="Export a detector with its postprocessing to ONNX: input `images` (B, 3, H, W) "
         "normalized with ImageNet mean/std; outputs `boxes` (B, K, 4) xyxy pixels, `scores` "
@@ -118,8 +127,10 @@ def _parser() -> ArgumentParser:
     ex.add_argument("--opset", type=int, default=18)
     ex.add_argument("--fp16", type=bool, default=False, help="float16 weights and input (half the file); checked "
                                                              "against the PyTorch model run in float16")
-    sub.add_subcommand("export", ex, help="export to ONNX (with an onnxruntime parity check)")
+    return ex
 
+
+def _convert_parser() -> ArgumentParser:
     cv = ArgumentParser(description="Convert a checkpoint of the reference implementations (official DETR, "
                                     "Deformable-DETR, DAB-DETR, DN-DETR, DINO; detrex; HF transformers Detr / "
                                     "DeformableDetr / DabDetr) to a detrkit .safetensors checkpoint. The layout is "
@@ -131,8 +142,26 @@ def _parser() -> ArgumentParser:
     cv.add_argument("--num_classes", type=int, help="re-initialise the class heads for this many classes (fine-tuning)")
     cv.add_argument("--model_args", type=dict, default={}, help="builder settings that differ from the preset, "
                                                                   "e.g. '{num_queries: 100}'")
-    sub.add_subcommand("convert", cv, help="convert official / detrex / HF checkpoints to detrkit")
+    return cv
 
+
+_SUBCOMMANDS = [  # name, parser, one-line help
+    ("demo", _demo_parser, "end-to-end demo on built-in synthetic data"),
+    ("train", _train_parser, "train on your own COCO-format data"),
+    ("eval", _eval_parser, "evaluate a checkpoint (COCO AP)"),
+    ("predict", _predict_parser, "predict on images, folders, globs or a video"),
+    ("models", _models_parser, "list presets"),
+    ("explain", _explain_parser, "draw what each detection attended to"),
+    ("export", _export_parser, "export to ONNX (with an onnxruntime parity check)"),
+    ("convert", _convert_parser, "convert official / detrex / HF checkpoints to detrkit"),
+]
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="detrkit", description="DETR-family object detectors: train, evaluate, predict.")
+    sub = parser.add_subcommands(dest="command")
+    for name, build, help_ in _SUBCOMMANDS:
+        sub.add_subcommand(name, build(), help=help_)
     add_data_commands(sub)
     return parser
 
