@@ -63,20 +63,20 @@ def _parse_args(repo: Path, argv: list[str]) -> argparse.Namespace:
     exec(compile(ast.Module([fn], []), str(repo / "main.py"), "exec"), namespace)  # noqa: S102
     args = namespace["get_args_parser"]().parse_args(argv)
     if getattr(args, "config_file", None):  # DINO: plain-Python config files with a _base_ list
-        for name in _config_chain(repo / args.config_file):
-            values: dict = {}
-            exec((name).read_text(), values)  # noqa: S102
-            for key, value in values.items():
-                if not key.startswith("_"):
-                    setattr(args, key, value)
+        for key, value in _config_values(repo / args.config_file).items():
+            setattr(args, key, value)
     args.device = "cpu"
     return args
 
 
-def _config_chain(path: Path) -> list[Path]:
+def _config_values(path: Path) -> dict:
+    """A config file's settings over those of its ``_base_`` files."""
     values: dict = {}
     exec(path.read_text(), values)  # noqa: S102
-    return [p for base in values.get("_base_", []) for p in _config_chain(path.parent / base)] + [path]
+    merged: dict = {}
+    for base in values.get("_base_", []):
+        merged |= _config_values(path.parent / base)
+    return merged | {k: v for k, v in values.items() if not k.startswith("_")}
 
 
 def _build(name: str, args: argparse.Namespace):

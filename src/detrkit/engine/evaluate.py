@@ -11,11 +11,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from detrkit.data import CocoDetection, collate
 from detrkit.data.coco import to_coco_results
+from detrkit.data.transforms import val_transforms
+from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.distributed import broadcast_object, gather_objects, rank
 from detrkit.models.postprocess import postprocess
+from detrkit.registry import image_size_of
+from detrkit.runtime import resolve_device
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -100,14 +106,6 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | Path, ann: str | P
     category ids of the data that the checkpoint never predicts are warned about. ``source``: the split's
     original annotation file when ``ann`` was converted from YOLO / VOC (for messages).
     """
-    from torch.utils.data import DataLoader
-
-    from detrkit.data import CocoDetection, collate
-    from detrkit.data.transforms import val_transforms
-    from detrkit.engine.checkpoint import load_checkpoint
-    from detrkit.registry import image_size_of
-    from detrkit.runtime import resolve_device
-
     model, meta = load_checkpoint(checkpoint)
     dataset = CocoDetection(images, ann, val_transforms(image_size_of(meta)), source=source)
     unknown = sorted(set(dataset.label_to_cat) - set(meta["label_to_cat"]))

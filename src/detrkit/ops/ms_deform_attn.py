@@ -154,17 +154,28 @@ def triton_failed(config: tuple, error: BaseException) -> None:
 
 def _triton_or_reference(value: Tensor, spatial_shapes: LevelShapes, sampling_locations: Tensor,
                          attention_weights: Tensor) -> Tensor:
-    """The fused kernel, or the reference for a configuration whose kernel failed to compile or launch (the backward
-    kernel's own failures are caught in :mod:`detrkit.ops.ms_deform_attn_triton`)."""
+    """The fused kernel, or the reference for a configuration whose kernel failed to compile or launch (forward here;
+    backward through :func:`_reference_gradients`, which the kernel's autograd function calls on a failure)."""
     config = triton_config(value, sampling_locations)
     if config not in TRITON_FAILED:
         from detrkit.ops.ms_deform_attn_triton import ms_deform_attn_triton
 
         try:
-            return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights, fallback=True)
+            return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights,
+                                         fallback=_reference_gradients)
         except Exception as error:  # any compile or launch error: Triton raises many kinds
             triton_failed(config, error)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def _reference_gradients(error: BaseException, value: Tensor, spatial_shapes: LevelShapes, sampling_locations: Tensor,
+                         attention_weights: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused backward kernel failed: record it, and return the reference's gradients (autograd through it)."""
+    triton_failed(triton_config(value, sampling_locations), error)
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
+        out = ms_deform_attn_reference(inputs[0], spatial_shapes, inputs[1], inputs[2])
+        return torch.autograd.grad(out, inputs, grad_out.reshape(out.shape))
 
 
 @functools.cache

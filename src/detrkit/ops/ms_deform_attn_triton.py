@@ -21,13 +21,12 @@ Triton runs these on CUDA devices; on a CPU the tests run them through Triton's 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from detrkit.ops.ms_deform_attn import TRITON_FAILED, ms_deform_attn_reference, triton_config, triton_failed
 
 
 @triton.jit
@@ -153,16 +152,14 @@ class _MSDeformAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        value, _, _, sampling_locations, _ = ctx.saved_tensors
-        config = triton_config(value, sampling_locations)
-        if not ctx.fallback:
+        if ctx.fallback is None:
             return _triton_backward(ctx, grad_out)
-        if config not in TRITON_FAILED:
-            try:
-                return _triton_backward(ctx, grad_out)
-            except Exception as error:  # the backward kernel compiles on its first use
-                triton_failed(config, error)
-        return _reference_backward(ctx, grad_out)
+        try:
+            return _triton_backward(ctx, grad_out)
+        except Exception as error:  # the backward kernel compiles on its first use
+            value, shapes, _, sampling_locations, attention_weights = ctx.saved_tensors
+            grads = ctx.fallback(error, value, shapes.tolist(), sampling_locations, attention_weights, grad_out)
+            return grads[0], None, None, grads[1], grads[2], None, None
 
 
 def _triton_backward(ctx, grad_out):
@@ -178,22 +175,13 @@ def _triton_backward(ctx, grad_out):
             grad_attn.to(attention_weights.dtype), None, None)
 
 
-def _reference_backward(ctx, grad_out):
-    """The reference's gradients (autograd through it), for a configuration whose backward kernel failed."""
-    value, shapes, _, sampling_locations, attention_weights = ctx.saved_tensors
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() for t in (value, sampling_locations, attention_weights)]
-        out = ms_deform_attn_reference(inputs[0], shapes.tolist(), inputs[1], inputs[2])
-        grads = torch.autograd.grad(out, inputs, grad_out.reshape(out.shape))
-    return grads[0], None, None, grads[1], grads[2], None, None
-
-
 def ms_deform_attn_triton(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor,
-                          *, block_q: int = 64, fallback: bool = False) -> Tensor:
+                          *, block_q: int = 64, fallback: Callable | None = None) -> Tensor:
     """Fused multi-scale deformable attention; arguments and result as :func:`~detrkit.ops.ms_deform_attn`.
 
-    ``fallback``: if the backward kernel fails to compile or launch, warn once for the configuration and compute the
-    gradients with the reference (``ms_deform_attn(backend="auto")`` asks for it; an explicit "triton" does not).
+    ``fallback``: called as ``fallback(error, value, shapes, sampling_locations, attention_weights, grad_out)`` when
+    the backward kernel fails to compile or launch, it returns the three gradients instead (``ms_deform_attn``'s
+    "auto" passes the reference's; without it the failure is raised).
     """
     shapes = tuple((int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor)
                                                  else spatial_shapes))
