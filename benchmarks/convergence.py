@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from detrkit.config import TrainConfig
 from detrkit.data import make_synthetic_dataset
+from detrkit.engine.config import TrainConfig
 from detrkit.engine.train import train
 
 
@@ -31,10 +31,11 @@ def class_agnostic_ap50(run: Path, data: Path, device: str) -> float:
 
     from detrkit.data import CocoDetection, collate
     from detrkit.data.transforms import val_transforms
-    from detrkit.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from detrkit.engine.checkpoint import latest_checkpoint
     from detrkit.engine.evaluate import coco_box_ap, coco_results
     from detrkit.models import postprocess
     from detrkit.runtime import resolve_device
+    from detrkit.weights.formats import load_checkpoint
 
     dev = resolve_device(device)
     model, meta = load_checkpoint(latest_checkpoint(run))

@@ -37,7 +37,7 @@ def hf_pair(name: str, **hf_config):
         ResNetConfig,
     )
 
-    from detrkit.convert import convert_hf_deformable_detr, convert_hf_detr
+    from detrkit.weights import convert_hf_deformable_detr, convert_hf_detr
 
     torch.manual_seed(0)
     if name == "detr_r50":

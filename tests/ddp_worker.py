@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from detrkit.config import TrainConfig
+from detrkit.engine.config import TrainConfig
 from detrkit.engine.train import Trainer
 
 

@@ -9,10 +9,10 @@ from _datasets import read_coco, write_voc, write_yolo
 from PIL import Image
 
 from detrkit.cli import main
-from detrkit.config import TrainConfig, dataset_split
 from detrkit.data import CocoDetection, DatasetError
 from detrkit.data.check import check_dataset, drop_invalid
 from detrkit.data.image import BACKGROUND, image_size, open_rgb
+from detrkit.engine.config import TrainConfig, dataset_split
 
 
 # -- image modes ---------------------------------------------------------------------------------------------

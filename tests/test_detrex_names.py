@@ -14,14 +14,14 @@ import torch
 from test_official_names import _official_keys
 from test_official_names_dino import _dab_official_keys, _detectron2_name
 
-from detrkit.convert import (
+from detrkit.models import build_detr
+from detrkit.weights import (
     convert_detrex,
     convert_official_dab_detr,
     convert_official_deformable_detr,
     convert_official_detr,
 )
-from detrkit.convert.detrex import detrex_family
-from detrkit.models import build_detr
+from detrkit.weights.detrex import detrex_family
 
 _ENC = {"detr": {"self_attn": "attentions.0.attn"}, "deformable": {"self_attn": "attentions.0"},
         "dab": {"self_attn": "attentions.0.attn", "activation": "ffns.0.layers.0.1"}}

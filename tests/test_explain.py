@@ -8,8 +8,8 @@ from PIL import Image
 
 from detrkit import Detector, create_model
 from detrkit.cli import main
-from detrkit.engine.checkpoint import save_weights
-from detrkit.explain import draw_explanation, explain
+from detrkit.inference.explain import draw_explanation, explain
+from detrkit.weights.files import save_weights
 
 
 def _checkpoint(tmp_path, name):

@@ -42,7 +42,7 @@ def test_onnx_graph_matches_pytorch_at_other_batch_and_image_sizes(name, tmp_pat
 
 
 def test_cli_export_checks_parity(tmp_path, capsys):
-    from detrkit.engine.checkpoint import save_weights
+    from detrkit.weights.files import save_weights
 
     model = create_model("detr_lite", num_classes=3, **TINY)
     meta = {"model": "detr_lite", "num_classes": 3, "model_args": TINY, "class_names": list("abc"),

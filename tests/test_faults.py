@@ -18,7 +18,8 @@ from _runs import env, run, run_and_kill, steps, train_argv, without_time
 from conftest import TINY
 from PIL import Image
 
-from detrkit.engine.checkpoint import load_state, step_checkpoints
+from detrkit.engine.checkpoint import load_state
+from detrkit.weights.files import step_checkpoints
 
 pytestmark = pytest.mark.faults
 

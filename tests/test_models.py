@@ -5,9 +5,10 @@ import torch
 from conftest import TINY
 
 from detrkit import create_model, list_models, load_checkpoint
-from detrkit.engine.checkpoint import CheckpointError, save_checkpoint
+from detrkit.engine.checkpoint import save_checkpoint
 from detrkit.losses import build_criterion
 from detrkit.models import DetectionOutput, postprocess
+from detrkit.weights.files import CheckpointError
 
 
 def _inputs():

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torchvision
 
-from detrkit.convert import convert_official_deformable_detr
 from detrkit.models import build_deformable_detr
+from detrkit.weights import convert_official_deformable_detr
 
 D, FFN, HEADS, LEVELS, POINTS, Q, K, ENC, DEC = 32, 64, 4, 4, 2, 10, 5, 2, 3
 

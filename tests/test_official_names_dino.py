@@ -12,8 +12,8 @@ import pytest
 import torch
 import torchvision
 
-from detrkit.convert import convert_detrex_dino, convert_official_dab_detr, convert_official_dino
 from detrkit.models import build_dab_detr, build_dino
+from detrkit.weights import convert_detrex_dino, convert_official_dab_detr, convert_official_dino
 
 D, FFN, HEADS, LEVELS, POINTS, Q, K, ENC, DEC = 32, 64, 4, 4, 2, 10, 5, 2, 3
 

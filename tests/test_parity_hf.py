@@ -24,8 +24,8 @@ from _detections import assert_same_detections
 from _float64 import PromoteFloat32, max_abs_diff
 
 from detrkit import create_model
-from detrkit.convert.formats import load_converted, read_checkpoint
 from detrkit.models.postprocess import postprocess
+from detrkit.weights.formats import load_converted, read_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -229,7 +229,7 @@ def test_hub_checkpoint_with_timm_backbone_names(tmp_path):
     Written here from a random HF model by renaming its ResNet to timm's names, which are torchvision's."""
     from transformers import DetrConfig, DetrForObjectDetection
 
-    from detrkit.convert import convert_hf_resnet_key
+    from detrkit.weights import convert_hf_resnet_key
 
     torch.manual_seed(0)
     config = DetrConfig(**_backbone_config("hf", "tiny", ["stage4"]), d_model=64, encoder_layers=2, decoder_layers=3,

@@ -18,8 +18,8 @@ from _detections import assert_same_detections
 from _float64 import max_abs_diff
 
 from detrkit import create_model
-from detrkit.convert.formats import load_converted, read_checkpoint
 from detrkit.models.postprocess import postprocess
+from detrkit.weights.formats import load_converted, read_checkpoint
 
 
 def _official_installed() -> bool:

@@ -28,7 +28,7 @@ import torch
 from _float64 import max_abs_diff
 
 from detrkit import create_model
-from detrkit.convert.formats import load_converted, read_checkpoint
+from detrkit.weights.formats import load_converted, read_checkpoint
 
 ROOT = os.environ.get("DETRKIT_OFFICIAL_REPOS")
 pytestmark = pytest.mark.skipif(not ROOT, reason="set DETRKIT_OFFICIAL_REPOS to run the official code")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from _runs import run, run_and_kill, steps, train_argv, without_time
 
-from detrkit.engine.checkpoint import load_state, step_checkpoints
+from detrkit.engine.checkpoint import load_state
+from detrkit.weights.files import step_checkpoints
 
 
 @pytest.fixture(scope="module")

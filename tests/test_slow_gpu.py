@@ -49,8 +49,8 @@ def test_cuda_autocast_step_matches_fp32_direction(dtype):
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_training_with_amp_scales_fp16_only_and_resumes_the_scaler(synth_dir, tmp_path, amp):
     """fp16 trains with a dynamic loss scaler (its state checkpointed), bf16 without one."""
-    from detrkit.config import TrainConfig
     from detrkit.engine.checkpoint import latest_checkpoint, load_state
+    from detrkit.engine.config import TrainConfig
     from detrkit.engine.train import Trainer
 
     cfg = TrainConfig(model="deformable_detr_lite", data=str(synth_dir), output_dir=str(tmp_path / "run"),

@@ -8,8 +8,8 @@ from conftest import TINY
 
 from detrkit import Detector
 from detrkit.cli import main
-from detrkit.config import TrainConfig
 from detrkit.engine.checkpoint import latest_checkpoint
+from detrkit.engine.config import TrainConfig
 from detrkit.engine.train import train
 
 
@@ -136,7 +136,7 @@ def test_demo_quick(tmp_path, capsys):
 
 
 def test_paper_recipe():
-    from detrkit.config import TrainConfig, apply_recipe
+    from detrkit.engine.config import TrainConfig, apply_recipe
 
     cfg = apply_recipe(TrainConfig(model="dino_r50_4scale", epochs=3, lr=5e-4, batch_size=7, recipe=True))
     assert (cfg.epochs, cfg.lr, cfg.lr_backbone, cfg.lr_drop, cfg.batch_size) == (12, 1e-4, 1e-5, 11, 7)
@@ -164,8 +164,8 @@ def test_fine_tune_from_official_weights(synth_dir, tmp_path):
 
 def test_evaluate_checkpoint_warns_about_categories_it_never_predicts(synth_dir, tmp_path, capsys):
     from detrkit import create_model
-    from detrkit.engine.checkpoint import save_weights
     from detrkit.engine.evaluate import UnpredictedCategoriesWarning, evaluate_checkpoint
+    from detrkit.weights.files import save_weights
 
     model = create_model("detr_lite", num_classes=3, **TINY)
     meta = {"model": "detr_lite", "num_classes": 3, "model_args": TINY, "class_names": list("abc"),

@@ -8,12 +8,13 @@ import torch
 from conftest import TINY
 from torch import nn
 
-from detrkit.config import TrainConfig
 from detrkit.data.sampler import EpochSampler, SeededSamples
-from detrkit.engine.checkpoint import latest_checkpoint, load_state, save_step_checkpoint, step_checkpoints
+from detrkit.engine.checkpoint import latest_checkpoint, load_state, save_step_checkpoint
+from detrkit.engine.config import TrainConfig
 from detrkit.engine.ema import ModelEMA
 from detrkit.engine.schedule import LRSchedule
 from detrkit.engine.train import Trainer, TrainingError
+from detrkit.weights.files import step_checkpoints
 
 
 def test_schedules_warmup_step_multistep_cosine():

@@ -9,7 +9,7 @@ from conftest import TINY
 
 from detrkit import Detector, create_model
 from detrkit.cli import main
-from detrkit.engine.checkpoint import save_weights
+from detrkit.weights.files import save_weights
 
 
 def _checkpoint(tmp_path, name="detr_lite"):
@@ -57,7 +57,7 @@ def test_compiled_detector_matches_eager(tmp_path, name):
 
 @pytest.mark.slow
 def test_training_with_compile_saves_plain_checkpoints(synth_dir, tmp_path):
-    from detrkit.config import TrainConfig
+    from detrkit.engine.config import TrainConfig
     from detrkit.engine.train import train
 
     cfg = TrainConfig(model="detr_lite", data=str(synth_dir), output_dir=str(tmp_path / "run"), model_args=dict(TINY),

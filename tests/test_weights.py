@@ -25,11 +25,11 @@ from test_official_names_dino import (
 
 from detrkit import create_model
 from detrkit.cli import main
-from detrkit.convert.formats import CLASS_DEPENDENT, detect_format, load_pretrained, read_state_dict
-from detrkit.convert.hub import download
-from detrkit.engine.checkpoint import CheckpointError
 from detrkit.models import build_detr
 from detrkit.registry import Weights, model_info
+from detrkit.weights.files import CheckpointError
+from detrkit.weights.formats import CLASS_DEPENDENT, detect_format, load_pretrained, read_state_dict
+from detrkit.weights.hub import download
 
 TINY = dict(backbone="resnet18", d_model=D, nhead=HEADS, num_encoder_layers=ENC, num_decoder_layers=DEC,
             dim_feedforward=FFN, num_queries=Q)
@@ -292,7 +292,7 @@ def test_eval_maps_predictions_through_the_checkpoint_label_space(synth_dir, tmp
     from conftest import TINY as TINY_ANY
 
     from detrkit.data.coco_classes import coco_label_space
-    from detrkit.engine.checkpoint import save_weights
+    from detrkit.weights.files import save_weights
 
     ids, names = coco_label_space(91)
     model = create_model("detr_lite", num_classes=91, **TINY_ANY)

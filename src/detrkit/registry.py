@@ -1,11 +1,13 @@
-"""The flat model registry: preset name -> builder function (the only registry in detrkit)."""
+"""The flat model registry: preset name -> builder function (the only registry in detrkit).
+
+The model files register their presets when they are imported (torchvision's pattern); this module imports
+nothing of detrkit, so every layer above the models can read it. ``import detrkit`` imports every model.
+"""
 
 from __future__ import annotations
 
-import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -82,12 +84,10 @@ def register_model(*, paper: str, input_size: tuple[int, int], coco_ap: float | 
 
 def list_models() -> list[str]:
     """Names of every registered preset, sorted."""
-    _import_models()
     return sorted(_MODELS)
 
 
 def model_info(name: str) -> ModelInfo:
-    _import_models()
     if name not in _MODELS:
         raise UnknownModelError(f"unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
     return _MODELS[name]
@@ -101,43 +101,3 @@ def image_size_of(meta_or_name: dict | str) -> int:
             return int(meta_or_name["image_size"])
         meta_or_name = meta_or_name["model"]
     return int(model_info(meta_or_name).input_size[0])
-
-
-def create_model(name: str, *, num_classes: int | None = None, weights: str | Path | None = None,
-                 **overrides) -> nn.Module:
-    """Build a registered detector, optionally with weights.
-
-    Args:
-        name: a preset from :func:`list_models`, e.g. ``"detr_r50"``.
-        num_classes: number of object classes. Default: the checkpoint's when loading weights, else 91
-            (COCO's id space). Loading weights with a different number re-initialises the class heads
-            (fine-tuning) and warns.
-        weights: any of
-            - a checkpoint file or folder: detrkit, official (DETR, Deformable-DETR, DAB-DETR, DN-DETR, DINO),
-              detrex, or HF transformers (``model.safetensors`` / ``pytorch_model.bin`` / their folder); the
-              layout is detected from the keys;
-            - an ``http(s)://`` or ``file://`` URL of such a file (downloaded to the cache);
-            - a released-weights tag such as ``"coco"`` (see :attr:`ModelInfo.weights`): downloaded, verified,
-              converted and cached on first use.
-        **overrides: builder settings, e.g. ``num_queries=50`` or ``pretrained_backbone=True``.
-    """
-    if weights is None:
-        return model_info(name).builder(num_classes=91 if num_classes is None else num_classes, **overrides)
-    from detrkit.convert.formats import load_pretrained
-
-    return load_pretrained(name, resolve_weights(name, weights, **overrides), num_classes=num_classes, **overrides)[0]
-
-
-def resolve_weights(name: str, weights: str | Path, **overrides) -> Path:
-    """A local file for ``weights``: a path as it is, a URL downloaded, a tag (``"coco"``) fetched and converted."""
-    from detrkit.convert.hub import download, is_url, pretrained_file
-
-    if is_url(weights):
-        return download(str(weights))
-    if isinstance(weights, str) and not Path(weights).exists() and re.fullmatch(r"\w+", weights):
-        return pretrained_file(name, weights, **overrides)  # a tag such as "coco"
-    return Path(weights)
-
-
-def _import_models() -> None:
-    import detrkit.models  # noqa: F401  (registers the presets)

@@ -48,6 +48,34 @@ def detect_layout(root: str | Path) -> str:
                        "ImageSets/Main/).")
 
 
+def resolve_split(data: str | Path | None, split: str, *, images: str | Path | None = None,
+                  ann: str | Path | None = None) -> tuple[Path, Path | dict, str | None]:
+    """(images folder, annotations, source name) of ``split`` ("train" / "val"): explicit paths, or from ``data``.
+
+    ``data`` may be a COCO folder (annotations are then a json path: ``annotations/instances_{split}*.json`` and
+    the image folder named like it, else ``{split}/``), a YOLO dataset (folder with data.yaml, or the yaml) or a
+    Pascal VOC one (annotations are then a COCO dict read from them).
+    """
+    if images and ann:
+        return Path(images), Path(ann), None
+    if data is None:
+        raise DatasetError(f"no {split} data: pass --data DIR (a COCO, YOLO or VOC dataset folder) or --{split}_images "
+                           f"and --{split}_ann")
+    root = Path(data)
+    if not root.exists():
+        raise DatasetError(f"dataset not found: {root}")
+    if not ann and detect_layout(root) != "coco":
+        return read_split(root, split)
+    if not ann:
+        found = sorted((root / "annotations").glob(f"instances_{split}*.json"))
+        ann = found[0] if found else root / "annotations" / f"instances_{split}.json"
+    ann = Path(ann)
+    if not images:
+        stem = ann.stem.removeprefix("instances_")  # instances_train2017.json -> train2017/
+        images = root / stem if (root / stem).is_dir() else root / split
+    return Path(images), ann, None
+
+
 def read_split(root: str | Path, split: str) -> tuple[Path, dict, str]:
     """(images folder, COCO dict, source name) of ``split`` ("train" / "val") of a YOLO or VOC dataset."""
     layout = detect_layout(root)

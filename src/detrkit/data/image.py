@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from torch import Tensor
 
 # Transparent pixels become the ImageNet mean colour, which normalizes to zero: what the model sees on padding.
 BACKGROUND = (124, 116, 104)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
@@ -54,3 +56,21 @@ def image_size(path: str | Path) -> tuple[int, int]:
         w, h = img.size
         orientation = img.getexif().get(0x0112, 1)
     return (h, w) if orientation in _ROTATING_ORIENTATIONS else (w, h)
+
+
+def to_pil(image) -> Image.Image:
+    """PIL image, path, (H, W, 3) uint8 array or (3, H, W) tensor in [0, 1] / uint8 -> RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        return open_rgb(path)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, Tensor):
+        arr = image.detach().cpu()
+        arr = (arr * 255).round().clamp(0, 255).byte() if arr.is_floating_point() else arr
+        return Image.fromarray(arr.permute(1, 2, 0).numpy())
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image.astype(np.uint8)).convert("RGB")
+    raise TypeError(f"cannot read an image from {type(image).__name__}; pass a path, PIL image, numpy array or tensor")

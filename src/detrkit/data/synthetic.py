@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
 
 CLASSES = ("circle", "square", "triangle", "star", "cross")
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -181,7 +182,6 @@ def draw_image(seed: int, split: str, index: int, image_size: int = 320, max_obj
 def write_split(out: Path, split: str, num_images: int, *, seed: int = 0, image_size: int = 320,
                 max_objects: int = 20, progress: bool = True) -> Path:
     """Write ``out/split/*.jpg`` and ``out/annotations/instances_{split}.json``; returns the json path."""
-    from tqdm import tqdm
 
     (out / split).mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)

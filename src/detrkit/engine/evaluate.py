@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from faster_coco_eval import COCO, COCOeval_faster
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -17,11 +18,11 @@ from tqdm import tqdm
 from detrkit.data import CocoDetection, collate
 from detrkit.data.coco import to_coco_results
 from detrkit.data.transforms import val_transforms
-from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.engine.distributed import broadcast_object, gather_objects, rank
 from detrkit.models.postprocess import postprocess
 from detrkit.registry import image_size_of
 from detrkit.runtime import resolve_device
+from detrkit.weights.formats import load_checkpoint
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -34,7 +35,6 @@ def coco_results(detections: list[dict], image_ids: list[int]) -> list[dict]:
 
 def coco_box_ap(coco_gt: dict, results: list[dict], image_ids: list[int] | None = None) -> dict[str, float]:
     """COCO bbox AP, AP50, AP75, APs, APm, APl as fractions in [0, 1] (all 0 when there is nothing to score)."""
-    from faster_coco_eval import COCO, COCOeval_faster
 
     if not results or not coco_gt.get("annotations"):
         return {k: 0.0 for k in METRIC_NAMES}

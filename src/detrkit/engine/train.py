@@ -21,28 +21,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from detrkit.config import TrainConfig, apply_recipe, dataset_split
-from detrkit.convert.formats import load_pretrained
 from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
 from detrkit.data.sampler import EpochSampler, SeededSamples
 from detrkit.data.transforms import scales_for, val_transforms
 from detrkit.engine import distributed as D
-from detrkit.engine.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_state,
-    load_weights,
-    read_meta,
-    save_checkpoint,
-    save_step_checkpoint,
-    step_checkpoints,
-)
+from detrkit.engine.checkpoint import latest_checkpoint, load_state, save_checkpoint, save_step_checkpoint
+from detrkit.engine.config import TrainConfig, apply_recipe, dataset_split
 from detrkit.engine.ema import ModelEMA
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
 from detrkit.engine.schedule import LRSchedule
 from detrkit.losses import build_criterion
-from detrkit.registry import create_model, image_size_of, model_info, resolve_weights
+from detrkit.registry import image_size_of, model_info
 from detrkit.runtime import amp_dtype, resolve_device
+from detrkit.weights.files import CheckpointError, read_meta, step_checkpoints
+from detrkit.weights.formats import load_pretrained, load_weights
+from detrkit.weights.hub import resolve_weights
 
 
 class TrainingError(RuntimeError):
@@ -179,7 +172,7 @@ class Trainer:
                                             num_classes=self.train_set.num_classes, **model_args)
             model_args = loaded["model_args"]
         else:
-            model = create_model(cfg.model, num_classes=self.train_set.num_classes, **model_args)
+            model = model_info(cfg.model).builder(num_classes=self.train_set.num_classes, **model_args)
         self.model_args = model_args
         model.to(self.device)
         # channels-last convolutions: ~20% faster backbone steps on CPU (oneDNN) and with AMP on GPU

@@ -13,7 +13,7 @@ Returned losses are already weighted; their sum is the training objective. Keys:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -23,27 +23,10 @@ from torchvision.ops import sigmoid_focal_loss
 
 from detrkit.layers.denoising import DenoisingLayout, dn_slots
 from detrkit.losses.matcher import HungarianMatcher
+from detrkit.models.outputs import LossConfig
 from detrkit.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 LOSS_CLASS, LOSS_BBOX, LOSS_GIOU = "loss_class", "loss_bbox", "loss_giou"
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """A detector family's loss and matching weights (each model class carries its paper's values)."""
-
-    focal: bool = False
-    class_weight: float = 1.0
-    bbox_weight: float = 5.0
-    giou_weight: float = 2.0
-    eos_coef: float = 0.1  # softmax models: weight of the no-object class
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    cost_class: float | None = None  # matching costs; None = the loss weight
-    cost_bbox: float | None = None
-    cost_giou: float | None = None
-    aux_loss: bool = True
-    enc_class_agnostic: bool = False  # two-stage Deformable DETR: encoder proposals learn objectness (class 0)
 
 
 class SetCriterion(nn.Module):
@@ -54,11 +37,10 @@ class SetCriterion(nn.Module):
         config: weights and loss type.
     """
 
-    def __init__(self, num_classes: int, config: LossConfig = LossConfig()) -> None:
+    def __init__(self, num_classes: int, config: LossConfig | None = None) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.config = config
-        c = config
+        self.config = c = config or LossConfig()
         self.matcher = HungarianMatcher(
             c.class_weight if c.cost_class is None else c.cost_class,
             c.bbox_weight if c.cost_bbox is None else c.cost_bbox,
@@ -182,7 +164,5 @@ class SetCriterion(nn.Module):
 
 def build_criterion(model: nn.Module, **overrides) -> SetCriterion:
     """The criterion with ``model``'s family defaults (``model.loss_config``), optionally overridden."""
-    from dataclasses import replace
-
     config = replace(model.loss_config, **overrides)
     return SetCriterion(model.num_classes, config)

@@ -25,9 +25,8 @@ from detrkit.layers.denoising import (
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
-from detrkit.losses.criterion import LossConfig
 from detrkit.models.encode import encode_single_scale
-from detrkit.models.outputs import DetectionOutput
+from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.ops import inverse_sigmoid
 from detrkit.registry import Weights, register_model
 

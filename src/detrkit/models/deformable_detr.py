@@ -27,9 +27,8 @@ from detrkit.layers import (
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
 from detrkit.layers.position_encoding import sine_encode
-from detrkit.losses.criterion import LossConfig
 from detrkit.models.encode import encode_multi_scale
-from detrkit.models.outputs import DetectionOutput
+from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.ops import inverse_sigmoid, level_shapes
 from detrkit.ops.ms_deform_attn import LevelShapes
 from detrkit.registry import Weights, register_model

@@ -22,9 +22,8 @@ from detrkit.layers import (
     TransformerEncoderLayer,
 )
 from detrkit.layers.heads import aux_outputs
-from detrkit.losses.criterion import LossConfig
 from detrkit.models.encode import encode_single_scale
-from detrkit.models.outputs import DetectionOutput
+from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.registry import Weights, register_model
 
 # Released COCO weights (``create_model(name, weights="coco")``), named with their sha256 prefix.

@@ -41,14 +41,13 @@ from detrkit.layers.denoising import (
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
-from detrkit.losses.criterion import LossConfig
 from detrkit.models.deformable_detr import (
     gather_queries,
     init_deformable_transformer,
     score_proposals,
 )
 from detrkit.models.encode import encode_multi_scale
-from detrkit.models.outputs import DetectionOutput
+from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.ops import inverse_sigmoid
 from detrkit.registry import Weights, register_model
 

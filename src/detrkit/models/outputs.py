@@ -1,4 +1,5 @@
-"""The one output type every detector returns, in training and in evaluation."""
+"""What a detector hands to the losses: the output type every detector returns (in training and in evaluation),
+and the loss weights its family trains with."""
 
 from __future__ import annotations
 
@@ -31,3 +32,21 @@ class DetectionOutput:
     enc_outputs: dict[str, Tensor] | None = None
     dn_meta: DenoisingLayout | None = None
     dn_outputs: list[dict[str, Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A detector family's loss and matching weights (each model class carries its paper's values)."""
+
+    focal: bool = False
+    class_weight: float = 1.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    eos_coef: float = 0.1  # softmax models: weight of the no-object class
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    cost_class: float | None = None  # matching costs; None = the loss weight
+    cost_bbox: float | None = None
+    cost_giou: float | None = None
+    aux_loss: bool = True
+    enc_class_agnostic: bool = False  # two-stage Deformable DETR: encoder proposals learn objectness (class 0)

@@ -16,6 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from detrkit.data.image import to_pil
+from detrkit.inference.draw import draw_detections
 from detrkit.layers.deformable import MultiScaleDeformableAttention
 from detrkit.models.postprocess import select_detections
 
@@ -33,6 +35,11 @@ class Explanation:
     points: np.ndarray | None = None  # (N, 2) x, y pixels of the input image
     weights: np.ndarray | None = None  # (N,) attention weight of each point
 
+    def to_dict(self) -> dict:
+        """The detection, rounded for JSON (explain.json)."""
+        return {"box": [round(v, 2) for v in self.box], "score": round(self.score, 4), "label": self.label,
+                "name": self.name, "query": self.query}
+
 
 def _last_cross_attention(model: nn.Module) -> nn.Module:
     layer = model.decoder.layers[-1]
@@ -48,8 +55,6 @@ def _last_cross_attention(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def explain(detector, image, *, threshold: float | None = None, max_detections: int = 10) -> list[Explanation]:
     """Detections of ``image`` (path, PIL, array or tensor) by a :class:`~detrkit.Detector`, and what each looked at."""
-    from detrkit.detector import to_pil
-
     model, pil = detector.model, to_pil(image)
     attn, captured = _last_cross_attention(model), {}
     hooks = []
@@ -94,8 +99,6 @@ def explain(detector, image, *, threshold: float | None = None, max_detections: 
 
 def draw_explanation(image: Image.Image, exp: Explanation) -> Image.Image:
     """The image with the detection's box and what it looked at: a heat map, or weighted sampling points."""
-    from detrkit.viz import draw_detections
-
     out = image.convert("RGB")
     if exp.heatmap is not None:
         heat = exp.heatmap / max(float(exp.heatmap.max()), 1e-12)

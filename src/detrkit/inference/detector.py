@@ -11,16 +11,14 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from detrkit.convert.formats import load_pretrained
 from detrkit.data.collate import pad_images
-from detrkit.data.image import open_rgb, to_rgb
+from detrkit.data.image import to_pil
 from detrkit.data.transforms import val_transforms
-from detrkit.engine.checkpoint import load_checkpoint
 from detrkit.models.postprocess import postprocess
-from detrkit.registry import image_size_of, resolve_weights
+from detrkit.registry import image_size_of
 from detrkit.runtime import amp_dtype, resolve_device
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from detrkit.weights.formats import load_checkpoint, load_pretrained
+from detrkit.weights.hub import resolve_weights
 
 
 @dataclass
@@ -49,24 +47,6 @@ class Detections:
                 self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), self.names, strict=False
             )
         ]
-
-
-def to_pil(image) -> Image.Image:
-    """PIL image, path, (H, W, 3) uint8 array or (3, H, W) tensor in [0, 1] / uint8 -> RGB PIL image."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        return open_rgb(path)
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    if isinstance(image, Tensor):
-        arr = image.detach().cpu()
-        arr = (arr * 255).round().clamp(0, 255).byte() if arr.is_floating_point() else arr
-        return Image.fromarray(arr.permute(1, 2, 0).numpy())
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image.astype(np.uint8)).convert("RGB")
-    raise TypeError(f"cannot read an image from {type(image).__name__}; pass a path, PIL image, numpy array or tensor")
 
 
 def load_for_inference(checkpoint: str | Path, model: str | None = None) -> tuple[torch.nn.Module, dict]:

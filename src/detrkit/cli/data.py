@@ -7,10 +7,9 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
 
-from detrkit.config import TrainConfig, dataset_split
 from detrkit.data.check import check_dataset
 from detrkit.data.coco import DatasetError, load_coco_json, validate_coco
-from detrkit.data.formats import convert_dataset
+from detrkit.data.formats import convert_dataset, resolve_split
 from detrkit.data.synthetic import make_synthetic_dataset
 
 
@@ -73,7 +72,7 @@ def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
     targets = []
     for split in args.splits:
         try:
-            targets.append(dataset_split(TrainConfig(data=str(path)), split))
+            targets.append(resolve_split(path, split))
         except DatasetError as e:
             if split == args.splits[0]:
                 raise

@@ -23,16 +23,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from detrkit.convert.detrex import convert_detrex, detrex_family
-from detrkit.convert.hf import convert_hf_dab_detr, convert_hf_deformable_detr, convert_hf_detr
-from detrkit.convert.official import (
+import detrkit.models  # noqa: F401  (importing the models registers their presets)
+from detrkit.data.coco_classes import coco_label_space
+from detrkit.registry import image_size_of, list_models, model_info
+from detrkit.weights.detrex import convert_detrex, detrex_family
+from detrkit.weights.files import WEIGHTS_NAME, CheckpointError, read_meta, resolve_weights_file
+from detrkit.weights.hf import convert_hf_dab_detr, convert_hf_deformable_detr, convert_hf_detr
+from detrkit.weights.official import (
     convert_official_dab_detr,
     convert_official_deformable_detr,
     convert_official_detr,
     convert_official_dino,
 )
-from detrkit.data.coco_classes import coco_label_space
-from detrkit.engine.checkpoint import WEIGHTS_NAME, CheckpointError, resolve_weights_file
 
 # Parameters whose shape follows num_classes: re-initialised when fine-tuning on another label space.
 CLASS_DEPENDENT = re.compile(r"(^|\.)(class_embed|enc_out_class_embed|label_enc)\.")
@@ -317,14 +319,10 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
             another number re-initialises the class heads for fine-tuning, with a warning.
         **overrides: builder settings, on top of what the layout implies.
     """
-    from detrkit.registry import image_size_of, model_info
-
     info = model_info(name)
     conv = weights if isinstance(weights, Conversion) else read_checkpoint(weights)
     fmt = conv.format
     if fmt.model_class is not None and info.model_class.__name__ != fmt.model_class:
-        from detrkit.registry import list_models
-
         fits = [n for n in list_models() if model_info(n).model_class.__name__ == fmt.model_class]
         raise CheckpointError(f"{conv.file} is a {fmt.source} {fmt.model_class} checkpoint (layout {fmt.name}); "
                               f"{name} is not a {fmt.model_class} preset. Presets that fit: {', '.join(fits)}")
@@ -341,4 +339,18 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
     meta = {"model": name, "num_classes": n, "model_args": args, "class_names": class_names,
             "label_to_cat": label_to_cat, "image_size": image_size_of(conv.meta or name),
             "source": {"file": conv.file, "format": fmt.name, "reinitialised": reinit}}
+    return model, meta
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a detrkit checkpoint into ``model`` strictly; mismatches are listed in a :class:`CheckpointError`."""
+    load_converted(model, read_checkpoint(resolve_weights_file(path)))
+    return model
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model a detrkit checkpoint describes and load its weights. Returns (model, meta)."""
+    meta = read_meta(path)
+    model = model_info(meta["model"]).builder(num_classes=meta["num_classes"], **meta.get("model_args", {}))
+    load_weights(model, path)
     return model, meta

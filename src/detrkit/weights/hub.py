@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import torch
 
-from detrkit.engine.checkpoint import CheckpointError
+from detrkit.registry import model_info
+from detrkit.weights.files import CheckpointError, save_weights
+from detrkit.weights.formats import load_pretrained
 
 
 def cache_dir() -> Path:
@@ -62,10 +65,6 @@ def download(url: str, *, sha256: str | None = None, progress: bool = True) -> P
 
 def pretrained_file(name: str, tag: str = "coco", *, progress: bool = True, **overrides) -> Path:
     """The detrkit checkpoint of preset ``name``'s released weights ``tag``: downloaded, verified, converted, cached."""
-    from detrkit.convert.formats import load_pretrained
-    from detrkit.engine.checkpoint import save_weights
-    from detrkit.registry import model_info
-
     info = model_info(name)
     if tag not in info.weights:
         known = ", ".join(info.weights) or "none"
@@ -80,3 +79,12 @@ def pretrained_file(name: str, tag: str = "coco", *, progress: bool = True, **ov
     converted.parent.mkdir(parents=True, exist_ok=True)
     save_weights(converted, model, {**meta, "weights": {"tag": tag, "url": entry.url, "coco_ap": entry.coco_ap}})
     return converted
+
+
+def resolve_weights(name: str, weights: str | Path, **overrides) -> Path:
+    """A local file for ``weights``: a path as it is, a URL downloaded, a tag (``"coco"``) fetched and converted."""
+    if is_url(weights):
+        return download(str(weights))
+    if isinstance(weights, str) and not Path(weights).exists() and re.fullmatch(r"\w+", weights):
+        return pretrained_file(name, weights, **overrides)  # a tag such as "coco"
+    return Path(weights)

@@ -10,8 +10,24 @@ from pathlib import Path
 from tqdm import tqdm
 
 from detrkit.data.coco import to_coco_results
-from detrkit.detector import IMAGE_SUFFIXES, Detector, to_pil
-from detrkit.viz import draw_detections
+from detrkit.data.image import IMAGE_SUFFIXES, to_pil
+from detrkit.inference.detector import Detector
+from detrkit.inference.draw import draw_detections
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
+
+
+def is_video(source: str | Path) -> bool:
+    """Whether ``source`` is a video file that :func:`predict_video` reads."""
+    return Path(source).suffix.lower() in VIDEO_SUFFIXES and Path(source).is_file()
+
+
+def require_video_support() -> None:
+    """Raise ImportError naming the extra when PyAV (``detrkit[video]``) is not installed."""
+    try:
+        import av  # noqa: F401  (optional dependency: the video extra)
+    except ImportError:
+        raise ImportError("video input needs PyAV: pip install 'detrkit[video]'") from None
 
 
 def image_files(source: str) -> list[Path]:
@@ -73,6 +89,7 @@ def predict_video(detector: Detector, source: str | Path, out: str | Path, *, ba
     """An annotated copy of a video (``<stem>.mp4``: same frame rate, H.264), ``detections.json`` (per frame) and
     ``results.json`` (COCO results, image_id = frame number from 1) in ``out``, read and written with PyAV
     (``pip install 'detrkit[video]'``). Returns (frames, detections, the video written)."""
+    require_video_support()
     import av  # optional dependency: the video extra
 
     source, out = Path(source), Path(out)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from detrkit.data.transforms import scales_for  # noqa: F401  (the recipe lives with the transforms)
+from detrkit.data.formats import resolve_split
+from detrkit.registry import model_info
 
 
 @dataclass
@@ -118,15 +119,9 @@ class TrainConfig:
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        return cls(**yaml.safe_load(Path(path).read_text()))
-
 
 def apply_recipe(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with epochs / lr / lr_backbone / lr_drop from its preset's paper schedule."""
-    from detrkit.registry import model_info
-
     recipe = model_info(cfg.model).recipe
     if recipe is None:
         raise ValueError(f"{cfg.model} has no paper recipe (the lite presets are ours): set --epochs / --lr yourself")
@@ -134,34 +129,5 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
 
 
 def dataset_split(cfg: TrainConfig, split: str) -> tuple[Path, Path | dict, str | None]:
-    """(images folder, annotations, source name) of ``split`` ("train" / "val") from explicit paths or ``cfg.data``.
-
-    ``cfg.data`` may be a COCO folder (annotations are then a json path), a YOLO dataset (folder with data.yaml,
-    or the yaml) or a Pascal VOC one (annotations are then a COCO dict read from them; see detrkit.data.formats).
-    """
-    from detrkit.data.coco import DatasetError
-    from detrkit.data.formats import detect_layout, read_split
-
-    images, ann = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_ann")
-    if images and ann:
-        return Path(images), Path(ann), None
-    if cfg.data is None:
-        raise DatasetError(f"no {split} data: pass --data DIR (a COCO, YOLO or VOC dataset folder) or --{split}_images "
-                           f"and --{split}_ann")
-    root = Path(cfg.data)
-    if not root.exists():
-        raise DatasetError(f"dataset not found: {root}")
-    if not ann and detect_layout(root) != "coco":
-        return read_split(root, split)
-    ann = (
-        Path(ann)
-        if ann
-        else next(
-            iter(sorted((root / "annotations").glob(f"instances_{split}*.json"))),
-            root / "annotations" / f"instances_{split}.json",
-        )
-    )
-    if not images:
-        stem = ann.stem.removeprefix("instances_")  # instances_train2017.json -> train2017/
-        images = root / stem if (root / stem).is_dir() else root / split
-    return Path(images), ann, None
+    """(images folder, annotations, source name) of ``split`` ("train" / "val") of ``cfg`` (see ``resolve_split``)."""
+    return resolve_split(cfg.data, split, images=getattr(cfg, f"{split}_images"), ann=getattr(cfg, f"{split}_ann"))
