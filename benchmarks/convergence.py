@@ -47,7 +47,7 @@ def class_agnostic_ap50(run: Path, data: Path, device: str) -> float:
         for batch in DataLoader(val, batch_size=8, collate_fn=collate):
             batch = batch.to(dev)
             sizes = torch.stack([t["orig_size"] for t in batch.targets])
-            dets = postprocess(model(batch.images, batch.padding_mask), sizes, activation=model.activation)
+            dets = postprocess(model(batch.images, batch.padding_mask), sizes, score_activation=model.score_activation)
             batch_ids = [int(t["image_id"]) for t in batch.targets]
             results += coco_results(dets, batch_ids)
             ids += batch_ids

@@ -64,7 +64,7 @@ def main() -> None:
         sync()
         step = time.perf_counter() - t0
         layers = [(out.pred_logits.detach(), out.pred_boxes.detach())] + \
-                 [(a["pred_logits"].detach(), a["pred_boxes"].detach()) for a in out.aux_outputs]
+                 [(a.pred_logits.detach(), a.pred_boxes.detach()) for a in out.aux_outputs]
         sync()
         t0 = time.perf_counter()
         for lg, bx in layers:  # the peer: one pass, one transfer and one sync per decoder layer

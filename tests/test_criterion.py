@@ -1,7 +1,7 @@
 import torch
 
 from detrkit.losses import LossConfig, SetCriterion
-from detrkit.models import DetectionOutput
+from detrkit.models import DetectionOutput, LayerOutput
 
 
 def _perfect_output(targets, num_queries=8, num_classes=4, focal=False):
@@ -17,7 +17,7 @@ def _perfect_output(targets, num_queries=8, num_classes=4, focal=False):
         logits[i, torch.arange(n), t["labels"]] = 8.0
         if not focal:
             logits[i, :n, -1] = -8.0
-    return DetectionOutput(logits, boxes, aux_outputs=[{"pred_logits": logits.clone(), "pred_boxes": boxes.clone()}])
+    return DetectionOutput(logits, boxes, aux_outputs=[LayerOutput(logits.clone(), boxes.clone())])
 
 
 TARGETS = [

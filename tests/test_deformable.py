@@ -101,10 +101,10 @@ def test_two_stage_queries_are_the_top_k_encoder_proposals():
     images = torch.randn(1, 3, 128, 128)
     memory, mask, shapes, starts, ratios = model._encode(images, None)
     _, _, reference, enc = model._select_topk_proposals(memory, mask, shapes)
-    top = enc["pred_logits"][0, :, 0].topk(SMALL["num_queries"]).indices
-    torch.testing.assert_close(reference[0], enc["pred_boxes"][0, top])
+    top = enc.pred_logits[0, :, 0].topk(SMALL["num_queries"]).indices
+    torch.testing.assert_close(reference[0], enc.pred_boxes[0, top])
     out = model(images)
-    assert out.enc_outputs["pred_logits"].shape[1] == memory.shape[1]  # a proposal per encoder pixel
+    assert out.enc_outputs.pred_logits.shape[1] == memory.shape[1]  # a proposal per encoder pixel
     losses = build_criterion(model)(
         model.train()(images), [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
     )

@@ -11,7 +11,7 @@ from detrkit import create_model
 from detrkit.layers.denoising import DenoisingConfig, DenoisingLayout, build_dn_queries, dn_slots
 from detrkit.losses import build_criterion
 from detrkit.models.deformable_detr import encoder_proposals
-from detrkit.models.outputs import DetectionOutput
+from detrkit.models.outputs import DetectionOutput, LayerOutput
 from detrkit.ops import box_cxcywh_to_xyxy
 
 
@@ -67,8 +67,8 @@ def test_dn_mask_blocks_leakage(name, use_mask):
         assert same_matching
         assert torch.allclose(out.pred_boxes, ref.pred_boxes, atol=1e-6, rtol=0)
         dn_ref, dn_out = ref.dn_outputs[-1], out.dn_outputs[-1]
-        assert torch.allclose(dn_out["pred_logits"][:, :g], dn_ref["pred_logits"][:, :g], atol=1e-6, rtol=0)  # group 0
-        assert not torch.allclose(dn_out["pred_logits"][:, g : 2 * g], dn_ref["pred_logits"][:, g : 2 * g])  # group 1
+        assert torch.allclose(dn_out.pred_logits[:, :g], dn_ref.pred_logits[:, :g], atol=1e-6, rtol=0)  # group 0
+        assert not torch.allclose(dn_out.pred_logits[:, g : 2 * g], dn_ref.pred_logits[:, g : 2 * g])  # group 1
     else:
         assert not same_matching
 
@@ -76,7 +76,7 @@ def test_dn_mask_blocks_leakage(name, use_mask):
 def test_dn_query_layout_and_mask():
     _, _, targets = _inputs()
     torch.manual_seed(0)
-    labels, boxes, attn_mask, meta = build_dn_queries(targets, 3, 7, DenoisingConfig(num_queries=12, contrastive=True))
+    labels, boxes, attn_mask, meta = build_dn_queries(targets, 3, 7, DenoisingConfig(num_dn_pairs=12, contrastive=True))
     assert meta == DenoisingLayout(num_dn=24, num_groups=4, group_size=6, max_objects=3, contrastive=True)
     assert labels.shape == (2, 24) and boxes.shape == (2, 24, 4) and attn_mask.shape == (31, 31)
     assert attn_mask[24:, :24].all() and not attn_mask[24:, 24:].any()  # matching queries never see DN queries
@@ -96,7 +96,7 @@ def test_contrastive_noise_ranges():
     targets = [{"labels": torch.randint(0, 5, (n,)), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]).repeat(n, 1)}]
     lam = 0.4
     labels, boxes, _, meta = build_dn_queries(
-        targets, 5, 10, DenoisingConfig(num_queries=n, box_noise_scale=lam, label_noise=0.25)
+        targets, 5, 10, DenoisingConfig(num_dn_pairs=n, box_noise_scale=lam, label_noise=0.25)
     )
     gt = box_cxcywh_to_xyxy(targets[0]["boxes"][:1])
     moved = (box_cxcywh_to_xyxy(boxes[0]) - gt).abs() / (0.2 / 2 * lam)  # (N, 4) in units of lambda * w / 2
@@ -124,7 +124,7 @@ def test_negatives_are_trained_towards_no_object():
                 logits[0, s, targets[0]["labels"][j]] = 12.0
             boxes[0, s] = targets[0]["boxes"][j] if p else neg_boxes
         out = DetectionOutput(pred_logits=torch.zeros(1, 5, 3), pred_boxes=torch.full((1, 5, 4), 0.5),
-                              dn_meta=meta, dn_outputs=[{"pred_logits": logits, "pred_boxes": boxes}])
+                              dn_meta=meta, dn_outputs=[LayerOutput(logits, boxes)])
         return criterion(out, targets)
 
     good = losses(False, torch.tensor([0.5, 0.5, 0.1, 0.1]))
@@ -182,7 +182,7 @@ def test_mixed_query_selection_uses_topk_proposals():
     for b in range(2):
         top = scores[b].argsort(descending=True)[:k]
         assert torch.allclose(captured["anchors"][b], coords[b, top], atol=1e-5)
-        assert torch.allclose(out.enc_outputs["pred_boxes"][b], coords[b, top].sigmoid(), atol=1e-6)
+        assert torch.allclose(out.enc_outputs.pred_boxes[b], coords[b, top].sigmoid(), atol=1e-6)
     assert torch.equal(captured["tgt"][0], model.tgt_embed.weight[:k])
 
 

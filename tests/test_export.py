@@ -36,7 +36,7 @@ def test_onnx_graph_matches_pytorch_at_other_batch_and_image_sizes(name, tmp_pat
     import onnxruntime as ort
 
     boxes, scores, labels = ort.InferenceSession(str(path)).run(None, {"images": torch.randn(1, 3, h, w).numpy()})
-    k = min(20, TINY["num_queries"]) if model.activation == "softmax" else 20  # DETR: one detection per query
+    k = min(20, TINY["num_queries"]) if model.score_activation == "softmax" else 20  # DETR: one detection per query
     assert boxes.shape == (1, k, 4) and scores.shape == labels.shape == (1, k) and set(labels.ravel()) <= set(CATS)
     assert (scores[0, :-1] >= scores[0, 1:]).all()  # best first
 

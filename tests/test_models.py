@@ -26,7 +26,7 @@ def test_preset_forward_backward_loss_postprocess(name):
     images, mask, targets = _inputs()
     out = model(images, mask, targets)
     assert isinstance(out, DetectionOutput)
-    k = 3 + (model.activation == "softmax")
+    k = 3 + (model.score_activation == "softmax")
     assert out.pred_logits.shape == (2, TINY["num_queries"], k)
     assert out.pred_boxes.shape == (2, TINY["num_queries"], 4)
     assert ((out.pred_boxes >= 0) & (out.pred_boxes <= 1)).all()
@@ -42,7 +42,8 @@ def test_preset_forward_backward_loss_postprocess(name):
         assert any(g.abs().sum() > 0 for n, g in grads.items() if head in n), head
 
     model.eval()
-    dets = postprocess(model(images, mask), [(64, 96), (48, 96)], activation=model.activation, label_map=[10, 20, 30])
+    dets = postprocess(model(images, mask), [(64, 96), (48, 96)], score_activation=model.score_activation,
+                       label_map=[10, 20, 30])
     assert len(dets) == 2
     assert set(dets[0]["labels"].tolist()) <= {10, 20, 30}
     assert (dets[0]["scores"][:-1] >= dets[0]["scores"][1:]).all()

@@ -96,6 +96,17 @@ def test_backend_switch():
         ms_deform_attn(value, shapes, start, loc, weights, backend="cuda")
 
 
+def test_the_kernel_reads_each_level_at_level_start_index():
+    shapes = [(5, 6), (3, 3), (2, 2)]
+    value, loc, weights = _inputs(shapes, 1, 2, 32, 4, 2, "uniform", torch.float64)
+    ref = ms_deform_attn_reference(value, shapes, loc, weights)
+    starts = torch.tensor([0, 30, 39])
+    torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, weights, backend="triton"), ref)
+    # negative control: offsets that point the second level one row early read other values
+    shifted = ms_deform_attn(value, shapes, torch.tensor([0, 24, 39]), loc, weights, backend="triton")
+    assert (shifted - ref).abs().max() > 1e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_backend_is_the_kernel_on_cuda_and_models_agree():

@@ -122,7 +122,7 @@ def _dino_official_keys() -> dict:
 def _build_dino(**kw):
     return build_dino(num_classes=K, backbone="resnet18", d_model=D, nhead=HEADS, n_points=POINTS,
                       num_encoder_layers=ENC, num_decoder_layers=DEC, dim_feedforward=FFN, num_queries=Q,
-                      denoising={"num_queries": 100}, **kw)
+                      denoising={"num_dn_pairs": 100}, **kw)
 
 
 def test_official_dino_keys():

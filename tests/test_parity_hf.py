@@ -112,7 +112,7 @@ def _assert_same_detections(out, ref, sizes, activation: str):
     # DETR: softmax without no-object; Deformable / DAB: top-100 sigmoid scores over (query, class) pairs
     processor = DetrImageProcessor() if activation == "softmax" else DeformableDetrImageProcessor()
     theirs = processor.post_process_object_detection(ref, threshold=0.0, target_sizes=sizes)
-    mine = postprocess(out, sizes, activation=activation, top_k=100)
+    mine = postprocess(out, sizes, score_activation=activation, top_k=100)
     for m, t in zip(mine, theirs, strict=True):
         assert_same_detections(m, t, box_tol=1e-6 * max(sizes[0]), score_tol=1e-9)
 
@@ -154,13 +154,13 @@ def test_deformable_detr_matches_hf(size, variant, backbone, tmp_path):
     mine32, ref32, mine64, ref64 = pair.run(images, mask)
 
     if two_stage:  # every proposal's score first; the top-k must not cut through a tie, or its order is arbitrary
-        _assert_parity("proposal scores", mine32.enc_outputs["pred_logits"], ref32.enc_outputs_class,
-                       mine64.enc_outputs["pred_logits"], ref64.enc_outputs_class)
+        _assert_parity("proposal scores", mine32.enc_outputs.pred_logits, ref32.enc_outputs_class,
+                       mine64.enc_outputs.pred_logits, ref64.enc_outputs_class)
         ranked = ref64.enc_outputs_class[..., 0].sort(-1, descending=True).values  # (B, S)
         k = sizes["num_queries"]
         assert (ranked[:, k - 1] - ranked[:, k]).min() > 1e-9, "the top-k proposals end inside a tie"
-        _assert_parity("proposal boxes", mine32.enc_outputs["pred_boxes"], ref32.enc_outputs_coord_logits.sigmoid(),
-                       mine64.enc_outputs["pred_boxes"], ref64.enc_outputs_coord_logits.sigmoid())
+        _assert_parity("proposal boxes", mine32.enc_outputs.pred_boxes, ref32.enc_outputs_coord_logits.sigmoid(),
+                       mine64.enc_outputs.pred_boxes, ref64.enc_outputs_coord_logits.sigmoid())
     _assert_parity("logits", mine32.pred_logits, ref32.logits, mine64.pred_logits, ref64.logits)
     _assert_parity("boxes", mine32.pred_boxes, ref32.pred_boxes, mine64.pred_boxes, ref64.pred_boxes)
     with torch.no_grad():  # HF returns auxiliary outputs only with labels; apply its heads to its hidden states
@@ -168,7 +168,7 @@ def test_deformable_detr_matches_hf(size, variant, backbone, tmp_path):
                   for hf_model, r in ((pair.hf, ref32), (pair.hf64, ref64))]
     assert len(hf_aux[0]) == sizes["decoder_layers"] - 1
     for i, (a32, a64) in enumerate(zip(mine32.aux_outputs, mine64.aux_outputs, strict=False)):
-        _assert_parity(f"decoder layer {i} logits", a32["pred_logits"], hf_aux[0][i], a64["pred_logits"], hf_aux[1][i])
+        _assert_parity(f"decoder layer {i} logits", a32.pred_logits, hf_aux[0][i], a64.pred_logits, hf_aux[1][i])
     _assert_same_detections(mine64, ref64, [tuple(images.shape[-2:])] * 2, "sigmoid")
 
 

@@ -95,9 +95,9 @@ def test_detr_matches_official_implementation(tmp_path, backbone, dilation, pos)
         o = model(ref["images"], ref["mask"])
     assert max_abs_diff(o.pred_logits, ref["logits"]) <= 1e-9  # float64 round-off (measured: 1.1e-15)
     assert max_abs_diff(o.pred_boxes, ref["boxes"]) <= 1e-9
-    aux = torch.stack([a["pred_logits"] for a in o.aux_outputs])
+    aux = torch.stack([a.pred_logits for a in o.aux_outputs])
     assert max_abs_diff(aux, ref["aux_logits"]) <= 1e-9
     # the official PostProcess (softmax, no-object dropped, boxes scaled to each image's size) vs detrkit's
-    mine = postprocess(o, ref["sizes"], activation="softmax", top_k=12)
+    mine = postprocess(o, ref["sizes"], score_activation="softmax", top_k=12)
     for m, theirs in zip(mine, ref["detections"], strict=True):
         assert_same_detections(m, theirs, box_tol=1e-9 * 640, score_tol=1e-9)

@@ -95,11 +95,11 @@ def test_matches_official_code(case, tmp_path):
         assert max_abs_diff(records["enc_scores"], ref["enc_scores"]) <= BOUND  # every proposal's score
         _assert_selection_tie_free(ref["enc_scores"], model.num_queries, per_class_max=case.startswith("dino"))
     if "enc_logits" in ref:  # DINO: the selected proposals
-        assert max_abs_diff(out.enc_outputs["pred_logits"], ref["enc_logits"]) <= BOUND
-        assert max_abs_diff(out.enc_outputs["pred_boxes"], ref["enc_boxes"]) <= BOUND
+        assert max_abs_diff(out.enc_outputs.pred_logits, ref["enc_logits"]) <= BOUND
+        assert max_abs_diff(out.enc_outputs.pred_boxes, ref["enc_boxes"]) <= BOUND
     for i, aux in enumerate(out.aux_outputs):  # decoder layer by layer
-        assert max_abs_diff(aux["pred_logits"], ref["aux_logits"][i]) <= BOUND, f"decoder layer {i}"
-        assert max_abs_diff(aux["pred_boxes"], ref["aux_boxes"][i]) <= BOUND, f"decoder layer {i}"
+        assert max_abs_diff(aux.pred_logits, ref["aux_logits"][i]) <= BOUND, f"decoder layer {i}"
+        assert max_abs_diff(aux.pred_boxes, ref["aux_boxes"][i]) <= BOUND, f"decoder layer {i}"
     assert max_abs_diff(out.pred_logits, ref["logits"]) <= BOUND
     assert max_abs_diff(out.pred_boxes, ref["boxes"]) <= BOUND
     memory, logits = max_abs_diff(records["memory"], ref["memory"]), max_abs_diff(out.pred_logits, ref["logits"])

@@ -77,7 +77,7 @@ def evaluate(model: nn.Module, loader, dataset, device: torch.device | str = "cp
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(batch.images, batch.padding_mask)
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
-        dets = postprocess(outputs, sizes, activation=model.activation,
+        dets = postprocess(outputs, sizes, score_activation=model.score_activation,
                            label_map=dataset.label_to_cat if label_to_cat is None else label_to_cat)
         for t, det in zip(batch.targets, dets, strict=False):
             per_image[int(t["image_id"])] = coco_results([det], [int(t["image_id"])])

@@ -29,7 +29,8 @@ class ExportableDetector(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.model(images)
-        scores, labels, xyxy, _ = select_detections(out.pred_logits, out.pred_boxes, self.model.activation, self.top_k)
+        scores, labels, xyxy, _ = select_detections(out.pred_logits, out.pred_boxes, self.model.score_activation,
+                                                    self.top_k)
         # the image size as tensors computed from the input (a tensor built from its shape would freeze the size)
         h, w = (xyxy.new_ones(n).sum() for n in images.shape[-2:])
         return xyxy * torch.stack([w, h, w, h]), scores, self.label_to_cat[labels]

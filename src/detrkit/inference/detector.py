@@ -90,7 +90,7 @@ class Detector:
         pils = [to_pil(img) for img in ([images] if single else images)]
         outputs = self.forward_pil(pils)
         sizes = [(p.height, p.width) for p in pils]
-        dets = postprocess(outputs, sizes, activation=self.model.activation, top_k=max_detections,
+        dets = postprocess(outputs, sizes, score_activation=self.model.score_activation, top_k=max_detections,
                            threshold=self.threshold if threshold is None else threshold, label_map=self.label_to_cat)
         results = [Detections(d["boxes"].cpu(), d["scores"].cpu(), d["labels"].cpu(),
                               [self.cat_to_name[int(c)] for c in d["labels"]]) for d in dets]

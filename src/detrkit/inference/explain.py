@@ -74,7 +74,7 @@ def explain(detector, image, *, threshold: float | None = None, max_detections: 
             h.remove()
         attn.record = False
     threshold = detector.threshold if threshold is None else threshold
-    scores, labels, boxes, queries = select_detections(outputs.pred_logits, outputs.pred_boxes, model.activation,
+    scores, labels, boxes, queries = select_detections(outputs.pred_logits, outputs.pred_boxes, model.score_activation,
                                                        max_detections)
     h_img, w_img = pil.height, pil.width
     results = []

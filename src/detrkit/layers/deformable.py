@@ -205,9 +205,10 @@ class DeformableDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: LevelShapes,
                 level_start_index: Tensor, valid_ratios: Tensor, query_pos: Tensor,
-                padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """tgt, query_pos (B, Q, C); reference_points (B, Q, 2 or 4) -> hidden (L, B, Q, C) and the
-        reference each layer passes on (L, B, Q, 2 or 4)."""
+                padding_mask: Tensor | None, self_attn_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """tgt, query_pos (B, Q, C); reference_points (B, Q, 2 or 4) -> hidden (L, B, Q, C) and, per layer, the
+        reference its prediction refines, sigmoid space: [(B, Q, 2 or 4)] * L (the contract of both decoders; with
+        refinement a 2-d reference point becomes a 4-d box after the first layer)."""
         hidden, references = [], []
         for lid, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
@@ -215,6 +216,7 @@ class DeformableDecoder(nn.Module):
             tgt = layer(
                 tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, self_attn_mask
             )
+            references.append(reference_points)
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[lid](tgt)
                 if reference_points.shape[-1] == 4:
@@ -224,8 +226,7 @@ class DeformableDecoder(nn.Module):
                                         -1).sigmoid()
                 reference_points = new_ref.detach()  # gradients do not flow through the chain of references
             hidden.append(tgt)
-            references.append(reference_points)
-        return torch.stack(hidden), torch.stack(references)
+        return torch.stack(hidden), references
 
 
 class DeformableAnchorDecoder(nn.Module):
@@ -261,9 +262,10 @@ class DeformableAnchorDecoder(nn.Module):
         valid_ratios: Tensor,
         padding_mask: Tensor | None,
         self_attn_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """tgt (B, Q, C); anchors (B, Q, 4) before the sigmoid -> hidden (L, B, Q, C), normed, and the box each
-        layer's prediction refines (L, B, Q, 4), sigmoid space (undetached after layer 0 with look forward twice)."""
+    ) -> tuple[Tensor, list[Tensor]]:
+        """tgt (B, Q, C); anchors (B, Q, 4) before the sigmoid -> hidden (L, B, Q, C), normed, and, per layer, the
+        box its prediction refines, sigmoid space: [(B, Q, 4)] * L (undetached after layer 0 with look forward
+        twice). The same contract as :class:`DeformableDecoder`."""
         ref = anchors.sigmoid()
         hidden, refs = [], [ref]
         for lid, layer in enumerate(self.layers):
@@ -276,4 +278,4 @@ class DeformableAnchorDecoder(nn.Module):
             ref = new_ref.detach()
             refs.append(new_ref if self.look_forward_twice else ref)
             hidden.append(self.norm(tgt))
-        return torch.stack(hidden), torch.stack(refs[:-1])
+        return torch.stack(hidden), refs[:-1]

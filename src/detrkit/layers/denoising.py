@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from detrkit.layers.heads import LayerOutput
 from detrkit.ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
 
@@ -52,9 +53,9 @@ class DenoisingConfig:
     """How ground truth is noised into denoising queries.
 
     Args:
-        num_queries: DINO's budget: groups = max(1, num_queries // M) for the batch's largest object count M
-            (each group then holds M positive and, contrastive, M negative queries).
-        num_groups: DN-DETR's fixed number of groups (overrides ``num_queries``).
+        num_dn_pairs: DINO's budget of denoising pairs: groups = max(1, num_dn_pairs // M) for the batch's largest
+            object count M (each group then holds M positive and, contrastive, M negative queries).
+        num_groups: DN-DETR's fixed number of groups (overrides ``num_dn_pairs``).
         label_noise: probability that a label is replaced by a random class (DN-DETR 0.2; DINO 0.5 * 0.5).
         box_noise_scale: lambda (DN-DETR 0.4: centre shift up to lambda * w / 2, size scaled by 1 +- lambda;
             DINO 0.4 = lambda1: corners moved by up to lambda1 * w / 2 for positives, by lambda1..2*lambda1 for
@@ -62,7 +63,7 @@ class DenoisingConfig:
         contrastive: add DINO's negative queries.
     """
 
-    num_queries: int = 100
+    num_dn_pairs: int = 100
     num_groups: int | None = None
     label_noise: float = 0.25
     box_noise_scale: float = 0.4
@@ -72,7 +73,7 @@ class DenoisingConfig:
 # The papers' settings. DN-DETR: 5 groups, 20% of labels flipped, box noise 0.4, no negatives.
 DN_DETR_NOISE = DenoisingConfig(num_groups=5, label_noise=0.2, box_noise_scale=0.4, contrastive=False)
 # DINO: 100 denoising pairs, half the labels noised (flip probability 0.25), lambda1 = 0.4, negatives.
-DINO_NOISE = DenoisingConfig(num_queries=100, label_noise=0.25, box_noise_scale=0.4, contrastive=True)
+DINO_NOISE = DenoisingConfig(num_dn_pairs=100, label_noise=0.25, box_noise_scale=0.4, contrastive=True)
 
 
 def as_denoising_config(value) -> DenoisingConfig | None:
@@ -82,6 +83,8 @@ def as_denoising_config(value) -> DenoisingConfig | None:
     if isinstance(value, DenoisingConfig):
         return value
     if isinstance(value, dict):
+        if "num_queries" in value:  # the field's name in checkpoints saved before it was renamed
+            value = {"num_dn_pairs": value["num_queries"], **{k: v for k, v in value.items() if k != "num_queries"}}
         return DenoisingConfig(**value)
     raise TypeError(f"denoising must be None, a DenoisingConfig or a dict of its fields, got {value!r}")
 
@@ -122,7 +125,7 @@ def build_dn_queries(targets: list[dict[str, Tensor]], num_classes: int, num_mat
     if m == 0:
         return None
     device = targets[0]["boxes"].device
-    groups = cfg.num_groups or max(1, cfg.num_queries // m)
+    groups = cfg.num_groups or max(1, cfg.num_dn_pairs // m)
     group_size = 2 * m if cfg.contrastive else m
     n, b = groups * group_size, len(targets)
 
@@ -162,13 +165,13 @@ def prepend_dn_queries(tgt: Tensor, anchors: Tensor, dn_tgt: Tensor, dn_boxes: T
 
 
 def split_dn_outputs(logits: Tensor, boxes: Tensor, layout: DenoisingLayout | None
-                     ) -> tuple[Tensor, Tensor, list[dict[str, Tensor]] | None]:
+                     ) -> tuple[Tensor, Tensor, list[LayerOutput] | None]:
     """Per-layer outputs (L, B, N + Q, *) -> the matching queries' (L, B, Q, *) and, per layer, the denoising
-    queries' ``{"pred_logits", "pred_boxes"}`` (None without denoising)."""
+    queries' :class:`LayerOutput` (None without denoising)."""
     if layout is None:
         return logits, boxes, None
     n = layout.num_dn
-    dn_outputs = [{"pred_logits": lg[:, :n], "pred_boxes": bx[:, :n]} for lg, bx in zip(logits, boxes, strict=True)]
+    dn_outputs = [LayerOutput(lg[:, :n], bx[:, :n]) for lg, bx in zip(logits, boxes, strict=True)]
     return logits[:, :, n:], boxes[:, :, n:], dn_outputs
 
 

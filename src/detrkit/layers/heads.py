@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from detrkit.layers.mlp import MLP
+
+
+@dataclass(frozen=True)
+class LayerOutput:
+    """One set of predictions: a decoder layer's, the two-stage encoder proposals', or a layer's denoising queries.
+
+    Attributes:
+        pred_logits: (B, N, K) class logits.
+        pred_boxes: (B, N, 4) boxes, normalized (cx, cy, w, h) in [0, 1].
+    """
+
+    pred_logits: Tensor
+    pred_boxes: Tensor
 
 
 def focal_class_head(d_model: int, num_classes: int, prior_prob: float = 0.01) -> nn.Linear:
@@ -30,7 +44,7 @@ def zero_box_head(d_model: int, num_layers: int = 3) -> MLP:
     return head
 
 
-def aux_outputs(logits: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-    """Per-layer predictions (L, B, Q, *) -> ``{"pred_logits", "pred_boxes"}`` of every layer but the last, first
-    to second-to-last: the auxiliary decoding losses' inputs (DETR section 3.2)."""
-    return [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)]
+def aux_outputs(logits: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[LayerOutput]:
+    """Per-layer predictions (L, B, Q, *) -> a :class:`LayerOutput` for every layer but the last, first to
+    second-to-last: the auxiliary decoding losses' inputs (DETR section 3.2)."""
+    return [LayerOutput(lg, bx) for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)]

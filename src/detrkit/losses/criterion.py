@@ -56,7 +56,7 @@ class SetCriterion(nn.Module):
         num_boxes = self._num_boxes(targets, outputs.pred_boxes.device)
         layers = [("", outputs.pred_logits, outputs.pred_boxes)]
         if self.config.aux_loss:
-            layers += [(f"_aux{i}", aux["pred_logits"], aux["pred_boxes"]) for i, aux in enumerate(outputs.aux_outputs)]
+            layers += [(f"_aux{i}", aux.pred_logits, aux.pred_boxes) for i, aux in enumerate(outputs.aux_outputs)]
         # every decoder layer is matched in one pass (one device -> host transfer), then each gets its losses
         matches = self.matcher.match_layers([lg for _, lg, _ in layers], [bx for _, _, bx in layers], targets)
         losses = {}
@@ -67,7 +67,7 @@ class SetCriterion(nn.Module):
             enc_targets = targets
             if self.config.enc_class_agnostic:
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            losses.update(self._layer_losses(enc["pred_logits"], enc["pred_boxes"], enc_targets, num_boxes, "_enc"))
+            losses.update(self._layer_losses(enc.pred_logits, enc.pred_boxes, enc_targets, num_boxes, "_enc"))
         if outputs.dn_meta is not None and outputs.dn_outputs is not None:
             losses.update(self._dn_losses(outputs.dn_meta, outputs.dn_outputs, targets, num_boxes))
         return losses
@@ -83,7 +83,7 @@ class SetCriterion(nn.Module):
         b_idx, slot, t_idx, positive = dn_slots(layout, targets)
         if len(slot) == 0:
             return {}
-        device = dn_outputs[-1]["pred_logits"].device
+        device = dn_outputs[-1].pred_logits.device
         offsets = torch.tensor([0] + [len(t["labels"]) for t in targets]).cumsum(0)
         flat = offsets[b_idx] + t_idx
         labels = torch.cat([t["labels"] for t in targets]).to(device)[flat.to(device)]
@@ -95,14 +95,14 @@ class SetCriterion(nn.Module):
             last = lid == len(dn_outputs) - 1
             if not (last or self.config.aux_loss):
                 continue
-            logits = out["pred_logits"][b_idx, slot].float()  # (P, K)
+            logits = out.pred_logits[b_idx, slot].float()  # (P, K)
             onehot = torch.zeros_like(logits)
             onehot[positive, labels[positive]] = 1.0  # negatives keep an all-zero target: "no object"
             c = self.config
             loss_class = (
                 sigmoid_focal_loss(logits, onehot, alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum") / norm
             )
-            pred = out["pred_boxes"][b_idx[positive], slot[positive]].float()
+            pred = out.pred_boxes[b_idx[positive], slot[positive]].float()
             losses.update(self._weighted(loss_class, pred, boxes[positive], norm, "_dn" if last else f"_dn_aux{lid}"))
         return losses
 

@@ -4,8 +4,8 @@ from detrkit.models.dab_detr import DABDETR, build_dab_detr
 from detrkit.models.deformable_detr import DeformableDETR, build_deformable_detr
 from detrkit.models.detr import DETR, build_detr
 from detrkit.models.dino import DINO, build_dino
-from detrkit.models.outputs import DetectionOutput
+from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.models.postprocess import postprocess
 
-__all__ = ["DABDETR", "DETR", "DINO", "DeformableDETR", "DetectionOutput", "build_dab_detr", "build_deformable_detr",
-           "build_detr", "build_dino", "postprocess"]
+__all__ = ["DABDETR", "DETR", "DINO", "DeformableDETR", "DetectionOutput", "LayerOutput", "LossConfig",
+           "build_dab_detr", "build_deformable_detr", "build_detr", "build_dino", "postprocess"]

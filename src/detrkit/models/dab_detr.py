@@ -49,7 +49,7 @@ class DABDETR(nn.Module):
         denoising: DN-DETR settings; None = plain DAB-DETR.
     """
 
-    activation = "sigmoid"
+    score_activation = "sigmoid"
     loss_config = LossConfig(focal=True, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, cost_class=2.0)
 
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DABEncoder, decoder: DABDecoder, *,
@@ -134,7 +134,7 @@ def build_dab_detr(
     num_decoder_layers: int = 6,
     dim_feedforward: int = 2048,
     dropout: float = 0.1,
-    activation: str = "prelu",
+    ffn_activation: str = "prelu",
     num_queries: int = 300,
     pe_temperature: float = 20.0,
     denoising: DenoisingConfig | dict | None = None,
@@ -145,9 +145,9 @@ def build_dab_detr(
                           norm=backbone_norm, trainable_layers=trainable_layers)
     pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
     encoder = DABEncoder(
-        TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation), num_encoder_layers, d_model
+        TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, ffn_activation), num_encoder_layers, d_model
     )
-    decoder = DABDecoder(DABDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, is_first=True),
+    decoder = DABDecoder(DABDecoderLayer(d_model, nhead, dim_feedforward, dropout, ffn_activation, is_first=True),
                          num_decoder_layers, d_model, inverse_sigmoid_eps=inverse_sigmoid_eps)
     for p in [*encoder.parameters(), *decoder.parameters()]:
         if p.dim() > 1:  # the official transformer's init: Xavier on every matrix

@@ -28,7 +28,7 @@ from detrkit.layers import (
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
 from detrkit.layers.position_encoding import sine_encode
 from detrkit.models.encode import encode_multi_scale
-from detrkit.models.outputs import DetectionOutput, LossConfig
+from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.ops import inverse_sigmoid, level_shapes
 from detrkit.ops.ms_deform_attn import LevelShapes
 from detrkit.registry import Weights, register_model
@@ -102,7 +102,7 @@ class DeformableDETR(nn.Module):
         two_stage: encoder proposals as queries (implies per-layer heads plus one for the encoder).
     """
 
-    activation = "sigmoid"
+    score_activation = "sigmoid"
     loss_config = LossConfig(focal=True, class_weight=2.0, bbox_weight=5.0, giou_weight=2.0, enc_class_agnostic=True)
     slow_params = ("sampling_offsets", "reference_points")  # trained at slow_lr_factor x lr, as in the official recipe
     slow_lr_factor = 0.1
@@ -154,7 +154,7 @@ class DeformableDETR(nn.Module):
             query_pos, tgt = self.query_embed.weight[None].expand(images.shape[0], -1, -1).split(self.d_model, -1)
             reference, enc_outputs = self.reference_points(query_pos).sigmoid(), None  # (B, Q, 2)
         hidden, references = self.decoder(tgt, reference, memory, shapes, starts, ratios, query_pos, mask)
-        return self._heads(hidden, [reference, *references[:-1]], enc_outputs)
+        return self._heads(hidden, references, enc_outputs)
 
     def _encode(self, images: Tensor, padding_mask: Tensor | None):
         """Backbone -> neck -> flattened levels with position + level embeddings -> deformable encoder."""
@@ -171,9 +171,9 @@ class DeformableDETR(nn.Module):
         coords = gather_queries(enc_coords, topk).detach()  # (B, Q, 4)
         query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))  # (B, Q, 2C)
         query_pos, tgt = query.split(self.d_model, -1)
-        return tgt, query_pos, coords.sigmoid(), {"pred_logits": enc_logits, "pred_boxes": enc_coords.sigmoid()}
+        return tgt, query_pos, coords.sigmoid(), LayerOutput(enc_logits, enc_coords.sigmoid())
 
-    def _heads(self, hidden: Tensor, references: list[Tensor], enc_outputs: dict | None) -> DetectionOutput:
+    def _heads(self, hidden: Tensor, references: list[Tensor], enc_outputs: LayerOutput | None) -> DetectionOutput:
         """hidden (L, B, Q, C), each layer's input reference [(B, Q, 2 or 4)] * L -> logits and boxes per layer."""
         logits, boxes = [], []
         for lvl in range(hidden.shape[0]):

@@ -44,7 +44,7 @@ class DETR(nn.Module):
         d_model: transformer width.
     """
 
-    activation = "softmax"  # class scores: softmax over num_classes + 1, last = no-object
+    score_activation = "softmax"  # class scores: softmax over num_classes + 1, last = no-object
     loss_config = LossConfig(focal=False, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, eos_coef=0.1)
 
     def __init__(

@@ -47,7 +47,7 @@ from detrkit.models.deformable_detr import (
     score_proposals,
 )
 from detrkit.models.encode import encode_multi_scale
-from detrkit.models.outputs import DetectionOutput, LossConfig
+from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.ops import inverse_sigmoid
 from detrkit.registry import Weights, register_model
 
@@ -74,7 +74,7 @@ class DINO(nn.Module):
             layer (detrex's DINO).
     """
 
-    activation = "sigmoid"
+    score_activation = "sigmoid"
     loss_config = LossConfig(focal=True, class_weight=1.0, bbox_weight=5.0, giou_weight=2.0, cost_class=2.0)
     slow_params = ("sampling_offsets",)  # trained at slow_lr_factor x lr, as in the official recipe
     slow_lr_factor = 0.1
@@ -144,7 +144,7 @@ class DINO(nn.Module):
         topk = enc_logits.max(-1).values.topk(k, dim=1).indices  # (B, k): by the best class score
         coords, logits = gather_queries(enc_coords, topk), gather_queries(enc_logits, topk)  # (B, k, 4), (B, k, K)
         tgt = self.tgt_embed.weight[None, :k].expand(b, -1, -1)
-        return tgt, coords.detach(), {"pred_logits": logits, "pred_boxes": coords.sigmoid()}
+        return tgt, coords.detach(), LayerOutput(logits, coords.sigmoid())
 
     def _add_dn_queries(self, tgt: Tensor, anchors: Tensor, targets: list[dict] | None):
         """In training, prepend the denoising queries (label embeddings at noised boxes) and build the mask."""
@@ -157,7 +157,7 @@ class DINO(nn.Module):
         tgt, anchors = prepend_dn_queries(tgt, anchors, self.label_enc(labels), boxes, self.eps)
         return tgt, anchors, attn_mask, meta
 
-    def _heads(self, hidden: Tensor, refs: Tensor, enc_outputs: dict | None,
+    def _heads(self, hidden: Tensor, refs: list[Tensor], enc_outputs: LayerOutput | None,
                dn_meta: DenoisingLayout | None) -> DetectionOutput:
         """hidden (L, B, N, C), boxes each layer refines (L, B, N, 4) -> logits and boxes per layer."""
         logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hidden)])  # (L, B, N, K)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from detrkit.layers.denoising import DenoisingLayout
+from detrkit.layers.heads import LayerOutput
 
 
 @dataclass
@@ -18,20 +19,20 @@ class DetectionOutput:
         pred_logits: (B, Q, K) class logits of the last decoder layer; K = num_classes + 1 for
             softmax models (last column = no-object), K = num_classes for sigmoid / focal models.
         pred_boxes: (B, Q, 4) boxes, normalized (cx, cy, w, h) in [0, 1].
-        aux_outputs: one ``{"pred_logits", "pred_boxes"}`` dict per earlier decoder layer, first to
-            second-to-last, for the auxiliary losses.
-        enc_outputs: two-stage models: ``{"pred_logits", "pred_boxes"}`` of the encoder proposals.
+        aux_outputs: one :class:`LayerOutput` per earlier decoder layer, first to second-to-last, for the
+            auxiliary losses.
+        enc_outputs: two-stage models: the encoder proposals (a :class:`LayerOutput` over every encoder pixel).
         dn_meta: denoising models in training: how the denoising queries were laid out.
-        dn_outputs: denoising models in training: one ``{"pred_logits", "pred_boxes"}`` dict per decoder layer,
-            first to last, of the denoising queries (B, N, *), which the criterion supervises without matching.
+        dn_outputs: denoising models in training: one :class:`LayerOutput` per decoder layer, first to last, of the
+            denoising queries (B, N, *), which the criterion supervises without matching.
     """
 
     pred_logits: Tensor
     pred_boxes: Tensor
-    aux_outputs: list[dict[str, Tensor]] = field(default_factory=list)
-    enc_outputs: dict[str, Tensor] | None = None
+    aux_outputs: list[LayerOutput] = field(default_factory=list)
+    enc_outputs: LayerOutput | None = None
     dn_meta: DenoisingLayout | None = None
-    dn_outputs: list[dict[str, Tensor]] | None = None
+    dn_outputs: list[LayerOutput] | None = None
 
 
 @dataclass(frozen=True)

@@ -97,8 +97,8 @@ def ms_deform_attn(
     Args:
         value: (B, S, heads, head_dim), the flattened levels one after another (S = sum of h*w).
         spatial_shapes: (levels, 2) int (h, w) of each level.
-        level_start_index: (levels,) offset of each level in S (kept for the official signature; the
-            reference backend derives it from ``spatial_shapes``).
+        level_start_index: (levels,) offset of each level in S: where the Triton kernel reads each level (None:
+            computed from ``spatial_shapes``). The reference splits ``value`` by ``spatial_shapes`` instead.
         sampling_locations: (B, Lq, heads, levels, points, 2) normalized (x, y) in [0, 1]; points outside read zeros.
         attention_weights: (B, Lq, heads, levels, points), normally softmaxed over levels x points.
         backend: ``"auto"`` (the fused Triton kernel on CUDA when Triton is installed, the pure-PyTorch reference
@@ -113,9 +113,10 @@ def ms_deform_attn(
     if backend == "triton":  # asked for by name: a failure is the caller's to see
         from detrkit.ops.ms_deform_attn_triton import ms_deform_attn_triton
 
-        return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights)
+        return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights,
+                                     level_start_index=level_start_index)
     if backend == "auto" and _auto_uses_triton(value):
-        return _triton_or_reference(value, spatial_shapes, sampling_locations, attention_weights)
+        return _triton_or_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
 
 
@@ -152,8 +153,8 @@ def triton_failed(config: tuple, error: BaseException) -> None:
                       f"to silence this, or {ENV_BACKEND}=triton to see the failure.", RuntimeWarning, stacklevel=3)
 
 
-def _triton_or_reference(value: Tensor, spatial_shapes: LevelShapes, sampling_locations: Tensor,
-                         attention_weights: Tensor) -> Tensor:
+def _triton_or_reference(value: Tensor, spatial_shapes: LevelShapes, level_start_index: Tensor | None,
+                         sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """The fused kernel, or the reference for a configuration whose kernel failed to compile or launch (forward here;
     backward through :func:`_reference_gradients`, which the kernel's autograd function calls on a failure)."""
     config = triton_config(value, sampling_locations)
@@ -162,7 +163,7 @@ def _triton_or_reference(value: Tensor, spatial_shapes: LevelShapes, sampling_lo
 
         try:
             return ms_deform_attn_triton(value, spatial_shapes, sampling_locations, attention_weights,
-                                         fallback=_reference_gradients)
+                                         level_start_index=level_start_index, fallback=_reference_gradients)
         except Exception as error:  # any compile or launch error: Triton raises many kinds
             triton_failed(config, error)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)

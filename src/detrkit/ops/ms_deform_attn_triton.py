@@ -176,8 +176,12 @@ def _triton_backward(ctx, grad_out):
 
 
 def ms_deform_attn_triton(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor,
-                          *, block_q: int = 64, fallback: Callable | None = None) -> Tensor:
+                          *, level_start_index: Tensor | None = None, block_q: int = 64,
+                          fallback: Callable | None = None) -> Tensor:
     """Fused multi-scale deformable attention; arguments and result as :func:`~detrkit.ops.ms_deform_attn`.
+
+    ``level_start_index``: (levels,) offset of each level in the flattened ``value``, which the kernel reads its
+    samples at; None computes it from ``spatial_shapes`` (once per image size).
 
     ``fallback``: called as ``fallback(error, value, shapes, sampling_locations, attention_weights, grad_out)`` when
     the backward kernel fails to compile or launch, it returns the three gradients instead (``ms_deform_attn``'s
@@ -186,6 +190,8 @@ def ms_deform_attn_triton(value: Tensor, spatial_shapes, sampling_locations: Ten
     shapes = tuple((int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor)
                                                  else spatial_shapes))
     shapes_t, starts = _level_tables(shapes, value.device)
+    if level_start_index is not None:
+        starts = level_start_index.to(device=value.device, dtype=torch.int32)
     return _MSDeformAttnFunction.apply(value, shapes_t, starts, sampling_locations, attention_weights, block_q,
                                        fallback)
 

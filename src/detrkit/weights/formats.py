@@ -36,6 +36,16 @@ from detrkit.weights.official import (
     convert_official_dino,
 )
 
+# Builder settings renamed since checkpoints were first saved with them: old name -> new name.
+RENAMED_MODEL_ARGS = {"activation": "ffn_activation"}  # DAB-DETR's FFN non-linearity, not the score activation
+
+
+def stored_model_args(meta: dict | None) -> dict:
+    """The builder settings a detrkit checkpoint's metadata holds, under today's names."""
+    args = dict((meta or {}).get("model_args", {}))
+    return {RENAMED_MODEL_ARGS.get(k, k): v for k, v in args.items()}
+
+
 # Parameters whose shape follows num_classes: re-initialised when fine-tuning on another label space.
 CLASS_DEPENDENT = re.compile(r"(^|\.)(class_embed|enc_out_class_embed|label_enc)\.")
 
@@ -326,8 +336,8 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
         fits = [n for n in list_models() if model_info(n).model_class.__name__ == fmt.model_class]
         raise CheckpointError(f"{conv.file} is a {fmt.source} {fmt.model_class} checkpoint (layout {fmt.name}); "
                               f"{name} is not a {fmt.model_class} preset. Presets that fit: {', '.join(fits)}")
-    args = {**fmt.model_args, **(conv.meta or {}).get("model_args", {}), **overrides}
-    ckpt_classes = conv.num_classes(softmax=info.model_class.activation == "softmax")  # DETR: + no-object
+    args = {**fmt.model_args, **stored_model_args(conv.meta), **overrides}
+    ckpt_classes = conv.num_classes(softmax=info.model_class.score_activation == "softmax")  # DETR: + no-object
     n = num_classes or ckpt_classes or 91
     model = info.builder(num_classes=n, **args)
     reinit = load_converted(model, conv, reinit_classes=ckpt_classes is not None and n != ckpt_classes)
@@ -351,6 +361,6 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model a detrkit checkpoint describes and load its weights. Returns (model, meta)."""
     meta = read_meta(path)
-    model = model_info(meta["model"]).builder(num_classes=meta["num_classes"], **meta.get("model_args", {}))
+    model = model_info(meta["model"]).builder(num_classes=meta["num_classes"], **stored_model_args(meta))
     load_weights(model, path)
     return model, meta
