@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from detrkit.registry import list_models, model_info
+from detrkit.registry import DEFAULT_NUM_CLASSES, list_models, model_info
 from detrkit.weights.formats import load_checkpoint, load_pretrained
 from detrkit.weights.hub import resolve_weights
 
@@ -32,5 +32,5 @@ def create_model(name: str, *, num_classes: int | None = None, weights: str | Pa
         **overrides: builder settings, e.g. ``num_queries=50`` or ``pretrained_backbone=True``.
     """
     if weights is None:
-        return model_info(name).builder(num_classes=91 if num_classes is None else num_classes, **overrides)
+        return model_info(name).builder(num_classes=num_classes or DEFAULT_NUM_CLASSES, **overrides)
     return load_pretrained(name, resolve_weights(name, weights, **overrides), num_classes=num_classes, **overrides)[0]

@@ -53,6 +53,9 @@ class ModelInfo:
 
 
 _MODELS: dict[str, ModelInfo] = {}
+# Classes of a model built without a dataset or a checkpoint to say: COCO's id space (ids 1..90, + 0), which the
+# papers' heads and the released checkpoints use.
+DEFAULT_NUM_CLASSES = 91
 
 
 class UnknownModelError(KeyError):

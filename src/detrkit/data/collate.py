@@ -34,13 +34,10 @@ class Batch:
         return self.images.shape[0]
 
 
-def pad_images(images: list[Tensor], size_divisibility: int = 1) -> tuple[Tensor, Tensor]:
+def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor]:
     """list of (3, h_i, w_i) -> images (B, 3, H, W) and padding mask (B, H, W), True on padding."""
     h = max(img.shape[-2] for img in images)
     w = max(img.shape[-1] for img in images)
-    if size_divisibility > 1:
-        h = -(-h // size_divisibility) * size_divisibility
-        w = -(-w // size_divisibility) * size_divisibility
     batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
     mask = torch.ones(len(images), h, w, dtype=torch.bool)
     for i, img in enumerate(images):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import detrkit.models  # noqa: F401  (importing the models registers their presets)
 from detrkit.data.coco_classes import coco_label_space
-from detrkit.registry import image_size_of, list_models, model_info
+from detrkit.registry import DEFAULT_NUM_CLASSES, image_size_of, list_models, model_info
 from detrkit.weights.detrex import convert_detrex, detrex_family
 from detrkit.weights.files import WEIGHTS_NAME, CheckpointError, read_meta, resolve_weights_file
 from detrkit.weights.hf import convert_hf_dab_detr, convert_hf_deformable_detr, convert_hf_detr
@@ -338,7 +338,7 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
                               f"{name} is not a {fmt.model_class} preset. Presets that fit: {', '.join(fits)}")
     args = {**fmt.model_args, **stored_model_args(conv.meta), **overrides}
     ckpt_classes = conv.num_classes(softmax=info.model_class.score_activation == "softmax")  # DETR: + no-object
-    n = num_classes or ckpt_classes or 91
+    n = num_classes or ckpt_classes or DEFAULT_NUM_CLASSES
     model = info.builder(num_classes=n, **args)
     reinit = load_converted(model, conv, reinit_classes=ckpt_classes is not None and n != ckpt_classes)
     if reinit:
