@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from detrkit.losses import LossConfig, SetCriterion
@@ -58,3 +59,40 @@ def test_images_without_targets():
     losses["loss_class"].backward()
     # everything is trained towards no-object: raising the no-object logit lowers the loss
     assert (logits.grad[..., -1] < 0).all()
+
+
+def _half_iou_output(score: float, num_classes: int = 3):
+    """One object (class 1); query 0 predicts a box of IoU 0.5 with it and class-1 score ``score``; query 1 is far
+    away and sure there is nothing. Returns (outputs with a leaf logits tensor, targets)."""
+    target = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.1], [0.9, 0.9, 0.05, 0.05]]])  # IoU 0.02 / 0.04 = 0.5, and 0
+    logits = torch.full((1, 2, num_classes), -30.0, dtype=torch.float64)
+    logits[0, 0, 1] = torch.logit(torch.tensor(score, dtype=torch.float64))
+    logits.requires_grad_()
+    return DetectionOutput(logits, boxes.double()), target, logits
+
+
+@pytest.mark.parametrize("kind, target", [("varifocal", 0.5), ("mal", 0.5**1.5)])
+def test_iou_aware_losses_train_the_score_towards_the_matched_iou(kind, target):
+    config = LossConfig(focal=True, class_loss=kind, aux_loss=False)
+    out, targets, logits = _half_iou_output(target)
+    loss = SetCriterion(3, config)(out, targets)["loss_class"]
+    (grad,) = torch.autograd.grad(loss, logits)
+    # the formula's fixed point: score = IoU (varifocal) / IoU^1.5 (MAL) on the match, 0 elsewhere -> no gradient
+    # (up to float32 rounding: the criterion computes its losses in float32)
+    assert grad.abs().max() < 1e-6
+    out, targets, logits = _half_iou_output(0.99)  # a confident score on a half-fitting box is pushed down
+    (grad,) = torch.autograd.grad(SetCriterion(3, config)(out, targets)["loss_class"], logits)
+    assert grad[0, 0, 1] > 1e-3
+    # negative control: the focal loss's target is 1 whatever the IoU, so the same score keeps a gradient
+    out, targets, logits = _half_iou_output(target)
+    focal = SetCriterion(3, LossConfig(focal=True, aux_loss=False))(out, targets)["loss_class"]
+    (grad,) = torch.autograd.grad(focal, logits)
+    assert grad[0, 0, 1] < -1e-3
+
+
+def test_class_loss_names_the_valid_choices():
+    with pytest.raises(ValueError, match="class_loss='varifocal' does not fit a softmax model; choose one of ce"):
+        LossConfig(focal=False, class_loss="varifocal")
+    with pytest.raises(ValueError, match="choose one of focal, varifocal, mal"):
+        LossConfig(focal=True, class_loss="vfl")

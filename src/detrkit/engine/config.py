@@ -64,6 +64,9 @@ class TrainConfig:
         check_images: before training, the dataset doctor reads each image's ``header`` (exists, readable,
             size; fast), decodes it (``full``: also finds truncated files) or skips the files (``none``).
             Annotations are always checked; ``detrkit data check DIR`` prints the full report.
+        class_loss: the class term of the loss: None = the family's (focal for sigmoid models, cross-entropy for
+            DETR); ``varifocal`` (RT-DETR) or ``mal`` (DEIM) train a sigmoid model's scores towards the IoU of the
+            matched box, so that they rank boxes by how well they fit.
         skip_invalid: drop the images and annotations the doctor finds errors in (counted in a warning)
             instead of stopping with its report.
     """
@@ -115,6 +118,7 @@ class TrainConfig:
     max_bad_steps: int = 5
     sync_bn: bool = True
     find_unused_parameters: bool = False
+    class_loss: str | None = None
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))

@@ -191,7 +191,8 @@ class Trainer:
         wrapped = self.ddp or model
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.eval_model = self.forward_model if cfg.compile and not self.dist.enabled else model
-        self.criterion = build_criterion(model).to(self.device)
+        losses = {"class_loss": cfg.class_loss} if cfg.class_loss else {}
+        self.criterion = build_criterion(model, **losses).to(self.device)
 
     def _set_lr(self) -> None:
         factor = self.schedule(self.step)

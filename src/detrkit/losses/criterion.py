@@ -8,7 +8,8 @@ term to the sigmoid focal loss (``focal=True``).
 
 Returned losses are already weighted; their sum is the training objective. Keys: ``loss_class``,
 ``loss_bbox``, ``loss_giou``, with ``_aux{i}`` for decoder layer i, ``_enc`` for two-stage proposals,
-``_dn`` / ``_dn_aux{i}`` for the denoising queries of the last / i-th decoder layer (DN-DETR, DINO).
+``_dn`` / ``_dn_aux{i}`` for the denoising queries of the last / i-th decoder layer (DN-DETR, DINO), ``_o2m`` /
+``_o2m_aux{i}`` for hybrid matching's one-to-many queries (H-DETR).
 """
 
 from __future__ import annotations
@@ -22,11 +23,38 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from detrkit.layers.denoising import DenoisingLayout, dn_slots
+from detrkit.layers.one_to_many import repeat_targets
 from detrkit.losses.matcher import HungarianMatcher
-from detrkit.models.outputs import LossConfig
+from detrkit.models.outputs import LayerOutput, LossConfig
 from detrkit.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 LOSS_CLASS, LOSS_BBOX, LOSS_GIOU = "loss_class", "loss_bbox", "loss_giou"
+VARIFOCAL_ALPHA, VARIFOCAL_GAMMA = 0.75, 2.0  # RT-DETR's settings of the varifocal loss
+MAL_GAMMA = 1.5  # DEIM's
+
+
+def iou_aware_class_loss(logits: Tensor, onehot: Tensor, quality: Tensor, kind: str) -> Tensor:
+    """IoU-aware classification, summed: the score of a matched query learns how well its box fits.
+
+    logits, onehot (..., K): the hard class targets; quality (...,): IoU of each query's box with its matched object
+    (ignored where ``onehot`` is 0). With p = sigmoid(logit), q the IoU, and a binary cross-entropy towards a soft
+    target t weighted by w (weights detached, so the gradient w * (p - t) vanishes exactly where p = t):
+
+    - ``"varifocal"`` (VarifocalNet, Zhang et al. CVPR 2021, eq. 2; RT-DETR, Zhao et al. CVPR 2024, section 4.3):
+      t = q at the object's class, 0 elsewhere; w = q there, alpha * p^gamma elsewhere (alpha 0.75, gamma 2).
+    - ``"mal"`` (matchability-aware loss, DEIM, Huang et al. CVPR 2025, section 3.3): t = q^gamma at the object's
+      class (gamma 1.5), w = 1 there, so low-IoU matches still get a loss to learn from; p^gamma elsewhere.
+    """
+    prob = logits.sigmoid().detach()
+    if kind == "varifocal":
+        target = onehot * quality[..., None]
+        weight = VARIFOCAL_ALPHA * prob.pow(VARIFOCAL_GAMMA) * (1 - onehot) + target
+    elif kind == "mal":
+        target = onehot * quality[..., None].pow(MAL_GAMMA)
+        weight = prob.pow(MAL_GAMMA) * (1 - onehot) + onehot
+    else:
+        raise ValueError(f"unknown IoU-aware class loss {kind!r}; choose varifocal or mal")
+    return F.binary_cross_entropy_with_logits(logits, target.detach(), weight=weight.detach(), reduction="sum")
 
 
 class SetCriterion(nn.Module):
@@ -70,9 +98,26 @@ class SetCriterion(nn.Module):
             losses.update(self._layer_losses(enc.pred_logits, enc.pred_boxes, enc_targets, num_boxes, "_enc"))
         if outputs.dn_meta is not None and outputs.dn_outputs is not None:
             losses.update(self._dn_losses(outputs.dn_meta, outputs.dn_outputs, targets, num_boxes))
+        if outputs.o2m_outputs:
+            losses.update(self._o2m_losses(outputs.o2m_outputs, repeat_targets(targets, outputs.o2m_k),
+                                           num_boxes * outputs.o2m_k))
         return losses
 
-    def _dn_losses(self, layout: DenoisingLayout, dn_outputs: list[dict[str, Tensor]], targets: list[dict],
+    def _o2m_losses(self, o2m_outputs: list[LayerOutput], repeated: list[dict], num_boxes: float
+                    ) -> dict[str, Tensor]:
+        """Hybrid matching (H-DETR section 3.2): the one-to-many queries of every decoder layer matched to the
+        ground truth repeated k times, with the same losses, normalised by k times the number of objects."""
+        last = len(o2m_outputs) - 1
+        layers = [(i, out) for i, out in enumerate(o2m_outputs) if i == last or self.config.aux_loss]
+        matches = self.matcher.match_layers([o.pred_logits for _, o in layers], [o.pred_boxes for _, o in layers],
+                                            repeated)
+        losses = {}
+        for (lid, out), indices in zip(layers, matches, strict=True):
+            suffix = "_o2m" if lid == last else f"_o2m_aux{lid}"
+            losses.update(self._layer_losses(out.pred_logits, out.pred_boxes, repeated, num_boxes, suffix, indices))
+        return losses
+
+    def _dn_losses(self, layout: DenoisingLayout, dn_outputs: list[LayerOutput], targets: list[dict],
                    num_boxes: float) -> dict[str, Tensor]:
         """Denoising losses (DN-DETR section 3.1, DINO section 3.3): no matching, slot k of a group reconstructs
         object k. Positives: focal loss towards the true class + L1 + GIoU; DINO's negatives: focal loss towards
@@ -98,11 +143,10 @@ class SetCriterion(nn.Module):
             logits = out.pred_logits[b_idx, slot].float()  # (P, K)
             onehot = torch.zeros_like(logits)
             onehot[positive, labels[positive]] = 1.0  # negatives keep an all-zero target: "no object"
-            c = self.config
-            loss_class = (
-                sigmoid_focal_loss(logits, onehot, alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum") / norm
-            )
             pred = out.pred_boxes[b_idx[positive], slot[positive]].float()
+            quality = torch.zeros_like(logits[:, 0])
+            quality[positive] = _matched_iou(pred, boxes[positive])
+            loss_class = self._class_loss(logits, onehot, quality) / norm
             losses.update(self._weighted(loss_class, pred, boxes[positive], norm, "_dn" if last else f"_dn_aux{lid}"))
         return losses
 
@@ -138,19 +182,23 @@ class SetCriterion(nn.Module):
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
         )  # (B, Q)
         target_classes[batch_idx, src_idx] = matched_labels.to(logits.device)
-        c = self.config
-        if c.focal:
-            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)  # (B, Q, K)
-            loss_class = (
-                sigmoid_focal_loss(
-                    logits.float(), onehot.float(), alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum"
-                )
-                / num_boxes
-            )
+        src_boxes = boxes[batch_idx, src_idx].float()
+        if self.config.focal:
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
+            quality = torch.zeros(logits.shape[:2], device=logits.device)  # (B, Q): IoU of matched queries
+            quality[batch_idx, src_idx] = _matched_iou(src_boxes, matched_tgt_boxes)
+            loss_class = self._class_loss(logits.float(), onehot, quality) / num_boxes
         else:
             loss_class = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=self.class_weights)
 
-        return self._weighted(loss_class, boxes[batch_idx, src_idx].float(), matched_tgt_boxes, num_boxes, suffix)
+        return self._weighted(loss_class, src_boxes, matched_tgt_boxes, num_boxes, suffix)
+
+    def _class_loss(self, logits: Tensor, onehot: Tensor, quality: Tensor) -> Tensor:
+        """The sigmoid models' class term, summed: focal loss towards ``onehot``, or an IoU-aware loss."""
+        c = self.config
+        if c.class_loss_kind == "focal":
+            return sigmoid_focal_loss(logits, onehot, alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum")
+        return iou_aware_class_loss(logits, onehot, quality, c.class_loss_kind)
 
     @staticmethod
     def _num_boxes(targets: list[dict], device: torch.device) -> float:
@@ -160,6 +208,15 @@ class SetCriterion(nn.Module):
             dist.all_reduce(n)
             n = n / dist.get_world_size()
         return max(n.item(), 1.0)
+
+
+def _matched_iou(src_boxes: Tensor, tgt_boxes: Tensor) -> Tensor:
+    """IoU of matched pairs of cxcywh boxes (M, 4) -> (M,), without gradient (a target, not a prediction)."""
+    with torch.no_grad():
+        a, b = box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)
+        inter = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+        union = (a[:, 2:] - a[:, :2]).prod(-1) + (b[:, 2:] - b[:, :2]).prod(-1) - inter
+        return inter / union.clamp(min=1e-12)
 
 
 def build_criterion(model: nn.Module, **overrides) -> SetCriterion:

@@ -25,6 +25,9 @@ class DetectionOutput:
         dn_meta: denoising models in training: how the denoising queries were laid out.
         dn_outputs: denoising models in training: one :class:`LayerOutput` per decoder layer, first to last, of the
             denoising queries (B, N, *), which the criterion supervises without matching.
+        o2m_outputs: hybrid matching in training: one :class:`LayerOutput` per decoder layer, first to last, of the
+            one-to-many queries, which the criterion matches to the ground truth repeated ``o2m_k`` times.
+        o2m_k: how many times the one-to-many branch repeats each object.
     """
 
     pred_logits: Tensor
@@ -33,6 +36,8 @@ class DetectionOutput:
     enc_outputs: LayerOutput | None = None
     dn_meta: DenoisingLayout | None = None
     dn_outputs: list[LayerOutput] | None = None
+    o2m_outputs: list[LayerOutput] | None = None
+    o2m_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,3 +56,16 @@ class LossConfig:
     cost_giou: float | None = None
     aux_loss: bool = True
     enc_class_agnostic: bool = False  # two-stage Deformable DETR: encoder proposals learn objectness (class 0)
+    # The class term: None = "focal" for sigmoid models, "ce" for softmax ones; "varifocal" or "mal" (sigmoid models)
+    # train the score of a matched query towards its box's IoU instead of 1 (see detrkit.losses.criterion).
+    class_loss: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = ("focal", "varifocal", "mal") if self.focal else ("ce",)
+        if self.class_loss is not None and self.class_loss not in kinds:
+            raise ValueError(f"class_loss={self.class_loss!r} does not fit a {'sigmoid' if self.focal else 'softmax'} "
+                             f"model; choose one of {', '.join(kinds)} (or None for {kinds[0]})")
+
+    @property
+    def class_loss_kind(self) -> str:
+        return self.class_loss or ("focal" if self.focal else "ce")

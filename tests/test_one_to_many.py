@@ -1,0 +1,91 @@
+"""Hybrid matching (H-DETR): one-to-many queries in training only, hidden from the one-to-one queries."""
+
+import pytest
+import torch
+
+import detrkit.models.deformable_detr as deformable
+from detrkit import create_model
+from detrkit.layers.one_to_many import repeat_targets
+from detrkit.losses import build_criterion
+
+SMALL = dict(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=64, num_queries=8,
+             backbone="resnet18")
+HYBRID = dict(one_to_many="hybrid", o2m_queries=24, o2m_k=3)
+TARGETS = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.1, 0.3]])},
+           {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+
+
+def _pair(preset: str):
+    """The same weights with and without the one-to-many branch."""
+    torch.manual_seed(0)
+    hybrid = create_model(preset, num_classes=3, **SMALL, **HYBRID)
+    plain = create_model(preset, num_classes=3, **SMALL)
+    missing, unexpected = plain.load_state_dict(hybrid.state_dict(), strict=False)
+    assert not missing and all(k.startswith("query_embed_o2m") for k in unexpected)
+    return hybrid, plain
+
+
+@pytest.mark.parametrize("preset", ["deformable_detr_lite", "deformable_detr_r50_two_stage"])
+def test_the_one_to_many_queries_do_not_exist_at_inference(preset):
+    hybrid, plain = _pair(preset)
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        a, b = hybrid.eval()(images), plain.eval()(images)
+    assert a.o2m_outputs is None
+    assert torch.equal(a.pred_logits, b.pred_logits) and torch.equal(a.pred_boxes, b.pred_boxes)
+
+
+def _train_forward(model, images, *, perturb: bool):
+    torch.manual_seed(1)
+    if perturb:
+        with torch.no_grad():
+            model.query_embed_o2m.weight.add_(torch.randn_like(model.query_embed_o2m.weight))
+    return model.train()(images)
+
+
+def test_the_mask_hides_the_one_to_many_queries_from_the_one_to_one_queries(monkeypatch):
+    hybrid, _ = _pair("deformable_detr_lite")
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        before = _train_forward(hybrid, images, perturb=False)
+        after = _train_forward(hybrid, images, perturb=True)
+    assert len(before.o2m_outputs) == SMALL["num_decoder_layers"] and before.o2m_k == 3
+    assert before.o2m_outputs[-1].pred_logits.shape == (2, 24, 3)
+    assert not torch.allclose(before.o2m_outputs[-1].pred_boxes, after.o2m_outputs[-1].pred_boxes)
+    torch.testing.assert_close(after.pred_logits, before.pred_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after.pred_boxes, before.pred_boxes, rtol=0, atol=1e-6)
+    # negative control: without the mask the one-to-one queries attend to the perturbed ones and change
+    monkeypatch.setattr(deformable, "separated_self_attn_mask", lambda a, b, device: None)
+    with torch.no_grad():
+        before = _train_forward(hybrid, images, perturb=False)
+        after = _train_forward(hybrid, images, perturb=True)
+    assert (after.pred_logits - before.pred_logits).abs().max() > 1e-4
+
+
+def test_each_object_is_matched_k_times_and_every_layer_gets_o2m_losses():
+    hybrid, _ = _pair("deformable_detr_lite")
+    out = hybrid.train()(torch.randn(2, 3, 96, 96))
+    criterion = build_criterion(hybrid)
+    repeated = repeat_targets(TARGETS, out.o2m_k)
+    last = out.o2m_outputs[-1]
+    for image, (src, tgt) in enumerate(criterion.matcher(last.pred_logits, last.pred_boxes, repeated)):
+        n = len(TARGETS[image]["labels"])
+        assert len(src) == len(set(src.tolist())) == 3 * n  # k * n distinct one-to-many queries
+        assert torch.bincount(tgt % n, minlength=n).tolist() == [3] * n  # each object k times
+    losses = criterion(out, TARGETS)
+    expected = {f"{name}{s}" for name in ("loss_class", "loss_bbox", "loss_giou") for s in ("_o2m", "_o2m_aux0",
+                                                                                           "_o2m_aux1")}
+    assert expected <= set(losses)
+    sum(losses.values()).backward()
+    assert hybrid.query_embed_o2m.weight.grad.abs().sum() > 0
+
+
+def test_bad_one_to_many_settings_name_the_option():
+    with pytest.raises(ValueError, match="o2m_k must be >= 1"):
+        create_model("deformable_detr_lite", num_classes=3, **SMALL, one_to_many="hybrid", o2m_k=0)
+    with pytest.raises(ValueError, match="one_to_many must be one of none, hybrid"):
+        create_model("deformable_detr_lite", num_classes=3, **SMALL, one_to_many="many")
+    model = create_model("deformable_detr_r50_two_stage", num_classes=3, **SMALL, one_to_many="hybrid",
+                         o2m_queries=10_000)
+    with pytest.raises(ValueError, match="num_queries \\+ o2m_queries = 10008 exceeds the"):
+        model.train()(torch.randn(2, 3, 64, 64))
