@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+import detrkit.models.dab_detr as dab
 import detrkit.models.deformable_detr as deformable
+import detrkit.models.detr as detr
+import detrkit.models.dino as dino
 from detrkit import create_model
 from detrkit.layers.one_to_many import repeat_targets
 from detrkit.losses import build_criterion
@@ -21,11 +24,15 @@ def _pair(preset: str):
     hybrid = create_model(preset, num_classes=3, **SMALL, **HYBRID)
     plain = create_model(preset, num_classes=3, **SMALL)
     missing, unexpected = plain.load_state_dict(hybrid.state_dict(), strict=False)
-    assert not missing and all(k.startswith("query_embed_o2m") for k in unexpected)
+    assert not missing and all("_o2m." in k for k in unexpected)  # two-stage Deformable DETR adds none
     return hybrid, plain
 
 
-@pytest.mark.parametrize("preset", ["deformable_detr_lite", "deformable_detr_r50_two_stage"])
+PRESETS = ["deformable_detr_lite", "deformable_detr_r50_two_stage", "dino_lite", "dn_deformable_detr_r50",
+           "dab_detr_lite", "dn_dab_detr_lite", "detr_lite"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_the_one_to_many_queries_do_not_exist_at_inference(preset):
     hybrid, plain = _pair(preset)
     images = torch.randn(2, 3, 96, 96)
@@ -36,26 +43,37 @@ def test_the_one_to_many_queries_do_not_exist_at_inference(preset):
 
 
 def _train_forward(model, images, *, perturb: bool):
-    torch.manual_seed(1)
-    if perturb:
+    if perturb:  # the one-to-many queries' own parameters, from a generator of their own (denoising draws the same)
+        g = torch.Generator().manual_seed(2)
         with torch.no_grad():
-            model.query_embed_o2m.weight.add_(torch.randn_like(model.query_embed_o2m.weight))
-    return model.train()(images)
+            for name, p in model.named_parameters():
+                if "_o2m." in name:
+                    p.add_(torch.randn(p.shape, generator=g))
+    torch.manual_seed(1)
+    return model.train()(images, targets=TARGETS)
 
 
-def test_the_mask_hides_the_one_to_many_queries_from_the_one_to_one_queries(monkeypatch):
-    hybrid, _ = _pair("deformable_detr_lite")
+@pytest.mark.parametrize("preset", ["deformable_detr_lite", "dino_lite", "dn_dab_detr_lite", "detr_lite"])
+def test_the_mask_hides_the_one_to_many_queries_from_the_one_to_one_queries(preset, monkeypatch):
+    """Perturbing the one-to-many queries leaves the one-to-one (and denoising) outputs as they were."""
+    hybrid, _ = _pair(preset)
     images = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         before = _train_forward(hybrid, images, perturb=False)
         after = _train_forward(hybrid, images, perturb=True)
     assert len(before.o2m_outputs) == SMALL["num_decoder_layers"] and before.o2m_k == 3
-    assert before.o2m_outputs[-1].pred_logits.shape == (2, 24, 3)
-    assert not torch.allclose(before.o2m_outputs[-1].pred_boxes, after.o2m_outputs[-1].pred_boxes)
+    assert before.o2m_outputs[-1].pred_logits.shape[:2] == (2, 24)
+    assert not torch.allclose(before.o2m_outputs[-1].pred_logits, after.o2m_outputs[-1].pred_logits)
     torch.testing.assert_close(after.pred_logits, before.pred_logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(after.pred_boxes, before.pred_boxes, rtol=0, atol=1e-6)
+    if before.dn_outputs is not None:
+        torch.testing.assert_close(after.dn_outputs[-1].pred_logits, before.dn_outputs[-1].pred_logits, rtol=0,
+                                   atol=1e-6)
     # negative control: without the mask the one-to-one queries attend to the perturbed ones and change
     monkeypatch.setattr(deformable, "separated_self_attn_mask", lambda a, b, device: None)
+    monkeypatch.setattr(dino, "hide_one_to_many", lambda mask, start, n: mask)
+    monkeypatch.setattr(dab, "hide_one_to_many", lambda mask, start, n: mask)
+    monkeypatch.setattr(detr, "separated_self_attn_mask", lambda a, b, device: None)
     with torch.no_grad():
         before = _train_forward(hybrid, images, perturb=False)
         after = _train_forward(hybrid, images, perturb=True)

@@ -52,9 +52,18 @@ def separated_self_attn_mask(num_one2one: int, num_one2many: int, device: torch.
     """(N, N) bool self-attention mask, True = may not attend, over [one-to-one queries, one-to-many queries]:
     each set sees only itself."""
     n = num_one2one + num_one2many
-    mask = torch.ones(n, n, dtype=torch.bool, device=device)
-    mask[:num_one2one, :num_one2one] = False
-    mask[num_one2one:, num_one2one:] = False
+    return hide_one_to_many(torch.zeros(n, n, dtype=torch.bool, device=device), 0, num_one2one)
+
+
+def hide_one_to_many(attn_mask: Tensor, start: int, num_one2one: int) -> Tensor:
+    """``attn_mask`` (N, N, True = may not attend) with the one-to-one queries (``num_one2one`` from ``start``) and
+    the one-to-many queries (every one after them) unable to see each other. Queries before ``start`` (denoising)
+    keep seeing the one-to-one queries and do not see the one-to-many ones: they compute what they would without
+    the branch."""
+    mask = attn_mask.clone()
+    split = start + num_one2one
+    mask[:split, split:] = True
+    mask[split:, start:split] = True
     return mask
 
 

@@ -24,7 +24,8 @@ from detrkit.layers.denoising import (
     prepend_dn_queries,
     split_dn_outputs,
 )
-from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
+from detrkit.layers.heads import LayerOutput, aux_outputs, focal_class_head, zero_box_head
+from detrkit.layers.one_to_many import HybridMatching, hide_one_to_many, hybrid_matching
 from detrkit.models.encode import encode_single_scale
 from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.ops import inverse_sigmoid
@@ -54,7 +55,7 @@ class DABDETR(nn.Module):
 
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DABEncoder, decoder: DABDecoder, *,
                  num_classes: int, num_queries: int = 300, d_model: int = 256,
-                 denoising: DenoisingConfig | None = None) -> None:
+                 denoising: DenoisingConfig | None = None, hybrid: HybridMatching | None = None) -> None:
         super().__init__()
         self.eps = decoder.eps  # inverse-sigmoid clamp of the anchors, the decoder's (official: 1e-3)
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
@@ -63,6 +64,9 @@ class DABDETR(nn.Module):
         self.input_proj = nn.Conv2d(in_channels, d_model, kernel_size=1)
         self.encoder, self.decoder = encoder, decoder
         self.refpoint_embed = nn.Embedding(num_queries, 4)  # anchors (x, y, w, h) before the sigmoid
+        self.hybrid = hybrid
+        if hybrid is not None:  # hybrid matching's one-to-many anchors, used in training only
+            self.refpoint_embed_o2m = nn.Embedding(hybrid.queries, 4)
         self.class_embed = focal_class_head(d_model, num_classes)
         self.bbox_embed = zero_box_head(d_model)
         decoder.bbox_embed = self.bbox_embed  # one box head for the final boxes and the anchor updates
@@ -75,9 +79,14 @@ class DABDETR(nn.Module):
     ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising."""
         memory, mask, pos = self._encode(images, padding_mask)
-        tgt, anchors, attn_mask, dn_meta = self._build_queries(images.shape[0], targets)
+        extra = self.hybrid.queries if self.training and self.hybrid is not None else 0  # one-to-many queries
+        tgt, anchors, attn_mask, dn_meta = self._build_queries(images.shape[0], targets, extra)
+        if extra:  # hybrid matching: [denoising, one-to-one, one-to-many], the last two unable to see each other
+            n = dn_meta.num_dn if dn_meta is not None else 0
+            full = attn_mask if attn_mask is not None else tgt.new_zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool)
+            attn_mask = hide_one_to_many(full, n, self.num_queries)
         hidden, refs = self.decoder(tgt, memory, pos, anchors, mask, attn_mask)
-        return self._heads(hidden, refs, dn_meta)
+        return self._heads(hidden, refs, dn_meta, extra)
 
     def _encode(self, images: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """DETR's encode step: backbone -> projection -> encoder. Returns memory, mask (B, S), pos."""
@@ -90,16 +99,21 @@ class DABDETR(nn.Module):
         emb = self.label_enc(labels)
         return torch.cat([emb, emb.new_full((*labels.shape, 1), indicator)], -1)
 
-    def _build_queries(self, batch: int, targets: list[dict] | None):
+    def _build_queries(self, batch: int, targets: list[dict] | None, extra: int = 0):
         """Content queries (B, N, C), anchors (B, N, 4) before the sigmoid, self-attention mask and denoising
-        layout; N = Q matching queries, preceded in DN training by the denoising ones."""
-        anchors = self.refpoint_embed.weight[None].expand(batch, -1, -1)
+        layout; N = Q matching queries (then ``extra`` one-to-many ones), preceded in DN training by the denoising
+        ones."""
+        anchors = self.refpoint_embed.weight
+        if extra:
+            anchors = torch.cat([anchors, self.refpoint_embed_o2m.weight])
+        anchors = anchors[None].expand(batch, -1, -1)
+        num = self.num_queries + extra
         if self.denoising is None:
-            return anchors.new_zeros(batch, self.num_queries, self.d_model), anchors, None, None
-        unknown = torch.full((batch, self.num_queries), self.num_classes, dtype=torch.int64, device=anchors.device)
+            return anchors.new_zeros(batch, num, self.d_model), anchors, None, None
+        unknown = torch.full((batch, num), self.num_classes, dtype=torch.int64, device=anchors.device)
         tgt = self._embed_labels(unknown, 0.0)
         dn = (
-            build_dn_queries(targets, self.num_classes, self.num_queries, self.denoising)
+            build_dn_queries(targets, self.num_classes, num, self.denoising)
             if self.training and targets
             else None
         )
@@ -109,14 +123,20 @@ class DABDETR(nn.Module):
         tgt, anchors = prepend_dn_queries(tgt, anchors, self._embed_labels(labels, 1.0), boxes, self.eps)
         return tgt, anchors, attn_mask, meta
 
-    def _heads(self, hidden: Tensor, refs: Tensor, dn_meta: DenoisingLayout | None) -> DetectionOutput:
-        """hidden (L, B, N, C), anchors each layer received (L, B, N, 4) -> logits and boxes per layer."""
+    def _heads(self, hidden: Tensor, refs: Tensor, dn_meta: DenoisingLayout | None, extra: int = 0
+               ) -> DetectionOutput:
+        """hidden (L, B, N, C), anchors each layer received (L, B, N, 4) -> logits and boxes per layer; the last
+        ``extra`` queries are hybrid matching's one-to-many ones."""
         logits = self.class_embed(hidden)  # (L, B, N, K)
         boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs, self.eps)).sigmoid()  # (L, B, N, 4)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
-        aux = aux_outputs(logits, boxes)
-        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, dn_meta=dn_meta,
-                               dn_outputs=dn_outputs)
+        o2m = None
+        if extra:
+            o2m = [LayerOutput(lg, bx) for lg, bx in zip(logits[:, :, -extra:], boxes[:, :, -extra:], strict=True)]
+            logits, boxes = logits[:, :, :-extra], boxes[:, :, :-extra]
+        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
+                               dn_meta=dn_meta, dn_outputs=dn_outputs, o2m_outputs=o2m,
+                               o2m_k=self.hybrid.k if extra else 0)
 
 
 def build_dab_detr(
@@ -139,8 +159,12 @@ def build_dab_detr(
     pe_temperature: float = 20.0,
     denoising: DenoisingConfig | dict | None = None,
     inverse_sigmoid_eps: float = 1e-3,
+    one_to_many: str = "none",
+    o2m_queries: int | None = None,
+    o2m_k: int = 6,
 ) -> DABDETR:
-    """Wire a DAB-DETR (DN-DETR with ``denoising``) from plain settings; the presets pass the papers' values."""
+    """Wire a DAB-DETR (DN-DETR with ``denoising``) from plain settings; the presets pass the papers' values.
+    ``one_to_many="hybrid"``: H-DETR's one-to-many queries in training (see ``build_deformable_detr``)."""
     body = ResNetBackbone(backbone, return_layers=(feature_stage,), dilation=dilation, pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
     pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
@@ -153,7 +177,8 @@ def build_dab_detr(
         if p.dim() > 1:  # the official transformer's init: Xavier on every matrix
             nn.init.xavier_uniform_(p)
     return DABDETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
-                   denoising=as_denoising_config(denoising))
+                   denoising=as_denoising_config(denoising),
+                   hybrid=hybrid_matching(one_to_many, num_queries, o2m_queries, o2m_k))
 
 
 _RECIPE = {"epochs": 50, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 40}  # DAB-DETR / DN-DETR: 50 epochs

@@ -41,6 +41,7 @@ from detrkit.layers.denoising import (
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
+from detrkit.layers.one_to_many import HybridMatching, hide_one_to_many, hybrid_matching
 from detrkit.models.deformable_detr import (
     gather_queries,
     init_deformable_transformer,
@@ -82,10 +83,10 @@ class DINO(nn.Module):
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
                  decoder: DeformableAnchorDecoder, *, num_classes: int, num_queries: int = 900, d_model: int = 256,
                  num_feature_levels: int = 4, two_stage: bool = True, denoising: DenoisingConfig | None = None,
-                 share_heads: bool = True) -> None:
+                 share_heads: bool = True, hybrid: HybridMatching | None = None) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
-        self.two_stage, self.denoising = two_stage, denoising
+        self.two_stage, self.denoising, self.hybrid = two_stage, denoising, hybrid
         self.eps = decoder.eps  # inverse-sigmoid clamp of the boxes, the decoder's (official: 1e-3)
         self.backbone, self.position_encoding = backbone, position_encoding
         channels = list(backbone.channels.values())
@@ -94,6 +95,11 @@ class DINO(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.tgt_embed = nn.Embedding(num_queries, d_model)  # learned content queries
         nn.init.normal_(self.tgt_embed.weight)
+        if hybrid is not None:  # hybrid matching's one-to-many queries, used in training only
+            self.tgt_embed_o2m = nn.Embedding(hybrid.queries, d_model)
+            nn.init.normal_(self.tgt_embed_o2m.weight)
+            if not two_stage:
+                self.refpoint_embed_o2m = nn.Embedding(hybrid.queries, 4)
         class_head, box_head = focal_class_head(d_model, num_classes), zero_box_head(d_model)
         num_layers = len(decoder.layers)
         if share_heads:  # the same module at every index
@@ -124,27 +130,39 @@ class DINO(nn.Module):
     ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising."""
         memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
-        tgt, anchors, enc_outputs = self._select_queries(memory, mask, shapes)
+        extra = self.hybrid.queries if self.training and self.hybrid is not None else 0  # one-to-many queries
+        tgt, anchors, enc_outputs = self._select_queries(memory, mask, shapes, extra)
         tgt, anchors, attn_mask, dn_meta = self._add_dn_queries(tgt, anchors, targets)
+        if extra:  # hybrid matching: [denoising, one-to-one, one-to-many], the last two unable to see each other
+            n = dn_meta.num_dn if dn_meta is not None else 0
+            full = attn_mask if attn_mask is not None else tgt.new_zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool)
+            attn_mask = hide_one_to_many(full, n, tgt.shape[1] - n - extra)
         hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, ratios, mask, attn_mask)
-        return self._heads(hidden, refs, enc_outputs, dn_meta)
+        return self._heads(hidden, refs, enc_outputs, dn_meta, extra)
 
-    def _select_queries(self, memory: Tensor, mask: Tensor, shapes: Tensor):
+    def _select_queries(self, memory: Tensor, mask: Tensor, shapes: Tensor, extra: int = 0):
         """Mixed query selection (section 3.2): anchors = the top-k encoder proposals (by best class score),
         detached; content = the learned ``tgt_embed``. Returns tgt (B, Q, C), anchors (B, Q, 4) before the
-        sigmoid and the encoder outputs of the selected proposals for the two-stage loss."""
+        sigmoid and the encoder outputs of the selected proposals for the two-stage loss. With ``extra``
+        one-to-many queries (hybrid matching) they follow: the next proposals, their own content embeddings."""
         b = memory.shape[0]
+        tgt_embed = torch.cat([self.tgt_embed.weight, self.tgt_embed_o2m.weight]) if extra else self.tgt_embed.weight
         if not self.two_stage:
-            return (self.tgt_embed.weight[None].expand(b, -1, -1), self.refpoint_embed.weight[None].expand(b, -1, -1),
-                    None)
+            anchors = self.refpoint_embed.weight
+            if extra:
+                anchors = torch.cat([anchors, self.refpoint_embed_o2m.weight])
+            return tgt_embed[None].expand(b, -1, -1), anchors[None].expand(b, -1, -1), None
         enc_logits, enc_coords = score_proposals(memory, mask, shapes, enc_output=self.enc_output,
                                                  enc_output_norm=self.enc_output_norm,
                                                  class_head=self.enc_out_class_embed, box_head=self.enc_out_bbox_embed)
+        if extra and self.num_queries + extra > memory.shape[1]:
+            raise ValueError(f"num_queries + o2m_queries = {self.num_queries + extra} exceeds the {memory.shape[1]} "
+                             f"encoder proposals of this image size; lower o2m_queries (or train on larger images)")
         k = min(self.num_queries, memory.shape[1])
-        topk = enc_logits.max(-1).values.topk(k, dim=1).indices  # (B, k): by the best class score
+        topk = enc_logits.max(-1).values.topk(k + extra, dim=1).indices  # (B, k): by the best class score
         coords, logits = gather_queries(enc_coords, topk), gather_queries(enc_logits, topk)  # (B, k, 4), (B, k, K)
-        tgt = self.tgt_embed.weight[None, :k].expand(b, -1, -1)
-        return tgt, coords.detach(), LayerOutput(logits, coords.sigmoid())
+        tgt = torch.cat([tgt_embed[:k], tgt_embed[self.num_queries:]])[None].expand(b, -1, -1)
+        return tgt, coords.detach(), LayerOutput(logits[:, :k], coords[:, :k].sigmoid())
 
     def _add_dn_queries(self, tgt: Tensor, anchors: Tensor, targets: list[dict] | None):
         """In training, prepend the denoising queries (label embeddings at noised boxes) and build the mask."""
@@ -158,15 +176,20 @@ class DINO(nn.Module):
         return tgt, anchors, attn_mask, meta
 
     def _heads(self, hidden: Tensor, refs: list[Tensor], enc_outputs: LayerOutput | None,
-               dn_meta: DenoisingLayout | None) -> DetectionOutput:
-        """hidden (L, B, N, C), boxes each layer refines (L, B, N, 4) -> logits and boxes per layer."""
+               dn_meta: DenoisingLayout | None, extra: int = 0) -> DetectionOutput:
+        """hidden (L, B, N, C), boxes each layer refines (L, B, N, 4) -> logits and boxes per layer; the last
+        ``extra`` queries are hybrid matching's one-to-many ones."""
         logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hidden)])  # (L, B, N, K)
         boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
                              for i, h in enumerate(hidden)])  # (L, B, N, 4)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
-        aux = aux_outputs(logits, boxes)
-        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux, enc_outputs=enc_outputs,
-                               dn_meta=dn_meta, dn_outputs=dn_outputs)
+        o2m = None
+        if extra:
+            o2m = [LayerOutput(lg, bx) for lg, bx in zip(logits[:, :, -extra:], boxes[:, :, -extra:], strict=True)]
+            logits, boxes = logits[:, :, :-extra], boxes[:, :, :-extra]
+        return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
+                               enc_outputs=enc_outputs, dn_meta=dn_meta, dn_outputs=dn_outputs, o2m_outputs=o2m,
+                               o2m_k=self.hybrid.k if extra else 0)
 
 
 def build_dino(
@@ -193,11 +216,15 @@ def build_dino(
     denoising: DenoisingConfig | dict | None = None,
     share_heads: bool = True,
     inverse_sigmoid_eps: float = 1e-3,
+    one_to_many: str = "none",
+    o2m_queries: int | None = None,
+    o2m_k: int = 6,
 ) -> DINO:
     """Wire a DINO (or, with the flags off, DN-Deformable-DETR) from plain settings.
 
     The official DINO encodes positions with temperature 20 and no offset; detrex's DINO with 10000 and -0.5
     (``pe_temperature=10000, pe_offset=-0.5, share_heads=False`` reproduce a detrex model).
+    ``one_to_many="hybrid"``: H-DETR's one-to-many queries in training (see :func:`build_deformable_detr`).
     """
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
@@ -210,7 +237,7 @@ def build_dino(
     init_deformable_transformer(encoder, decoder)
     return DINO(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                 num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=as_denoising_config(denoising),
-                share_heads=share_heads)
+                share_heads=share_heads, hybrid=hybrid_matching(one_to_many, num_queries, o2m_queries, o2m_k))
 
 
 _PAPER = "DINO (Zhang et al. 2022)"
