@@ -18,6 +18,7 @@ from torchvision import tv_tensors
 
 from detrkit.data.check import check_dataset, drop_invalid
 from detrkit.data.image import open_rgb
+from detrkit.data.mosaic import mosaic
 from detrkit.ops import box_xyxy_to_cxcywh
 
 
@@ -89,6 +90,9 @@ class CocoDetection(torch.utils.data.Dataset):
             header, size), ``full`` (decode each), ``none``. Annotations are always checked.
         skip_invalid: drop the images and annotations with errors (with a warning counting them) instead of
             raising a :class:`DatasetError` with the report.
+        mosaic: probability that a training sample (:meth:`sample`) is a mosaic of four images, before the
+            transforms; ``mosaic_epochs``: the epoch from which mosaics stop (None: never), so that the last
+            epochs train on images as they are (DEIM's schedule).
 
     Each sample is ``(image (3, h, w) float, target)`` with target ``labels`` (n,) contiguous int64,
     ``boxes`` (n, 4) normalized cxcywh of the transformed image, ``image_id``, ``orig_size``, ``size``.
@@ -97,7 +101,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, images_dir: str | Path, ann_file: str | Path | dict, transforms: Callable | None = None,
                  *, drop_crowd: bool = True, check_images: str = "header", skip_invalid: bool = False,
-                 source: str | None = None, progress: bool = False) -> None:
+                 source: str | None = None, progress: bool = False, mosaic: float = 0.0,
+                 mosaic_epochs: int | None = None) -> None:
         self.images_dir = Path(images_dir)
         if isinstance(ann_file, dict):  # a dataset read from another format (YOLO, VOC)
             self.ann_file, self.coco = Path(source or "annotations"), validate_coco(ann_file, source or "annotations")
@@ -122,6 +127,7 @@ class CocoDetection(torch.utils.data.Dataset):
                           f"{dropped['annotations']} annotation(s) with errors "
                           f"({len(self.report.errors)} problems; `detrkit data check` lists them)", stacklevel=2)
         self.transforms = transforms
+        self.mosaic, self.mosaic_epochs = mosaic, mosaic_epochs
         self.drop_crowd, self.skip_invalid = drop_crowd, skip_invalid
         self.images = sorted(self.coco["images"], key=lambda im: im["id"])
         self.cat_ids = sorted(c["id"] for c in self.coco["categories"])
@@ -160,7 +166,24 @@ class CocoDetection(torch.utils.data.Dataset):
                 warnings.warn(f"{e} --skip_invalid: the next image is used in its place.", stacklevel=2)
         raise DatasetError(f"no image of {self.ann_file} can be read")
 
-    def _sample(self, index: int):
+    def sample(self, index: int, epoch: int):
+        """``self[index]`` in training epoch ``epoch``: with probability ``mosaic`` (before ``mosaic_epochs``), the
+        image and three others drawn at random, as one mosaic (:mod:`detrkit.data.mosaic`)."""
+        if not (self.mosaic and (self.mosaic_epochs is None or epoch < self.mosaic_epochs)
+                and torch.rand(()).item() < self.mosaic):
+            return self[index]
+        others = torch.randint(len(self), (3,)).tolist()
+        try:
+            raw = [self._raw(i) for i in [index, *others]]
+        except DatasetError:
+            if not self.skip_invalid:
+                raise
+            return self[index]  # an unreadable image among the four: this sample without mosaic (and its warning)
+        img, target = mosaic(raw, max(raw[0][0].shape[-2:]))
+        return self._finish(img, target, self.images[index], raw[0][0].shape[-2:])
+
+    def _raw(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """Image ``index`` (3, h, w) uint8 and its {"boxes": BoundingBoxes xyxy, "labels"}, before any transform."""
         info = self.images[index]
         image = self.load_image(index)
         w, h = image.size
@@ -174,7 +197,15 @@ class CocoDetection(torch.utils.data.Dataset):
             "boxes": tv_tensors.BoundingBoxes(xyxy[keep], format="XYXY", canvas_size=(h, w)),
             "labels": labels[keep],
         }
-        img = tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))  # (3, h, w) uint8
+        return tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)), target  # (3, h, w)
+
+    def _sample(self, index: int):
+        img, target = self._raw(index)
+        return self._finish(img, target, self.images[index], img.shape[-2:])
+
+    def _finish(self, img: tv_tensors.Image, target: dict, info: dict, orig_size) -> tuple[torch.Tensor, dict]:
+        """The transforms, then the model's target: cxcywh boxes normalized by the transformed size."""
+        h, w = orig_size
         if self.transforms is not None:
             img, target = self.transforms(img, target)
         th, tw = img.shape[-2:]

@@ -11,7 +11,7 @@ Together: resuming at batch k of epoch e sees exactly the batches an uninterrupt
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, Subset
 
 
 class EpochSampler(Sampler):
@@ -56,4 +56,9 @@ class SeededSamples(Dataset):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63)
-            return self.dataset[index]
+            dataset = self.dataset
+            if isinstance(dataset, Subset):  # --max_train_images
+                dataset, index = dataset.dataset, dataset.indices[index]
+            if hasattr(dataset, "sample"):  # samples that depend on the epoch (a mosaic schedule)
+                return dataset.sample(index, epoch)
+            return dataset[index]

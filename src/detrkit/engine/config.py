@@ -67,6 +67,8 @@ class TrainConfig:
         class_loss: the class term of the loss: None = the family's (focal for sigmoid models, cross-entropy for
             DETR); ``varifocal`` (RT-DETR) or ``mal`` (DEIM) train a sigmoid model's scores towards the IoU of the
             matched box, so that they rank boxes by how well they fit.
+        mosaic: probability that a training image is a mosaic of four (DEIM's dense one-to-one: more objects per
+            image and step); ``mosaic_epochs``: mosaics in the first N epochs only (None: all but the last).
         skip_invalid: drop the images and annotations the doctor finds errors in (counted in a warning)
             instead of stopping with its report.
     """
@@ -119,6 +121,8 @@ class TrainConfig:
     sync_bn: bool = True
     find_unused_parameters: bool = False
     class_loss: str | None = None
+    mosaic: float = 0.0
+    mosaic_epochs: int | None = None
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
