@@ -94,6 +94,17 @@ def test_cli_errors_are_readable(tmp_path, capsys):
     assert "pass --data DIR" in capsys.readouterr().err
 
 
+def test_bad_one_to_many_and_class_loss_options_are_one_line_errors(synth_dir, tmp_path, capsys):
+    common = ["train", "--data", str(synth_dir), "--output_dir", str(tmp_path / "o"), "--progress", "false",
+              "--model", "detr_lite", "--check_images", "none"]
+    assert main([*common, "--model_args", "{one_to_many: hybrid, o2m_k: 0}"]) == 2
+    err = capsys.readouterr().err
+    assert "o2m_k must be >= 1" in err and "do not fit detr_lite" in err and "Traceback" not in err
+    assert main([*common, "--class_loss", "varifocal"]) == 2
+    err = capsys.readouterr().err
+    assert "--class_loss: class_loss='varifocal' does not fit a softmax model" in err and "Traceback" not in err
+
+
 def test_detector_accepts_paths_pil_arrays_and_tensors(synth_dir, tmp_path):
     import numpy as np
     from PIL import Image

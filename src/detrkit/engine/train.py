@@ -174,7 +174,10 @@ class Trainer:
                                             num_classes=self.train_set.num_classes, **model_args)
             model_args = loaded["model_args"]
         else:
-            model = model_info(cfg.model).builder(num_classes=self.train_set.num_classes, **model_args)
+            try:
+                model = model_info(cfg.model).builder(num_classes=self.train_set.num_classes, **model_args)
+            except (TypeError, ValueError) as e:  # a setting the builder does not take, or a value out of range
+                raise TrainingError(f"--model_args {model_args} do not fit {cfg.model}: {e}") from None
         self.model_args = model_args
         model.to(self.device)
         # channels-last convolutions: ~20% faster backbone steps on CPU (oneDNN) and with AMP on GPU
@@ -194,7 +197,10 @@ class Trainer:
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.eval_model = self.forward_model if cfg.compile and not self.dist.enabled else model
         losses = {"class_loss": cfg.class_loss} if cfg.class_loss else {}
-        self.criterion = build_criterion(model, **losses).to(self.device)
+        try:
+            self.criterion = build_criterion(model, **losses).to(self.device)
+        except ValueError as e:
+            raise TrainingError(f"--class_loss: {e}") from None
 
     def _set_lr(self) -> None:
         factor = self.schedule(self.step)
