@@ -8,7 +8,7 @@ import detrkit.models.deformable_detr as deformable
 import detrkit.models.detr as detr
 import detrkit.models.dino as dino
 from detrkit import create_model
-from detrkit.layers.one_to_many import repeat_targets
+from detrkit.layers.one_to_many import hide_one_to_many, repeat_targets
 from detrkit.losses import build_criterion
 
 SMALL = dict(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=64, num_queries=8,
@@ -70,10 +70,10 @@ def test_the_mask_hides_the_one_to_many_queries_from_the_one_to_one_queries(pres
         torch.testing.assert_close(after.dn_outputs[-1].pred_logits, before.dn_outputs[-1].pred_logits, rtol=0,
                                    atol=1e-6)
     # negative control: without the mask the one-to-one queries attend to the perturbed ones and change
-    monkeypatch.setattr(deformable, "separated_self_attn_mask", lambda a, b, device: None)
-    monkeypatch.setattr(dino, "hide_one_to_many", lambda mask, start, n: mask)
-    monkeypatch.setattr(dab, "hide_one_to_many", lambda mask, start, n: mask)
-    monkeypatch.setattr(detr, "separated_self_attn_mask", lambda a, b, device: None)
+    monkeypatch.setattr(deformable, "separated_self_attn_mask", lambda *args: None)
+    monkeypatch.setattr(dino, "hide_one_to_many", lambda mask, *args: mask)
+    monkeypatch.setattr(dab, "hide_one_to_many", lambda mask, *args: mask)
+    monkeypatch.setattr(detr, "separated_self_attn_mask", lambda *args: None)
     with torch.no_grad():
         before = _train_forward(hybrid, images, perturb=False)
         after = _train_forward(hybrid, images, perturb=True)
@@ -107,3 +107,53 @@ def test_bad_one_to_many_settings_name_the_option():
                          o2m_queries=10_000)
     with pytest.raises(ValueError, match="num_queries \\+ o2m_queries = 10008 exceeds the"):
         model.train()(torch.randn(2, 3, 64, 64))
+
+
+GROUP = dict(one_to_many="group", o2m_groups=3)
+
+
+def test_group_detr_groups_see_only_themselves_and_match_one_to_one(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("deformable_detr_lite", num_classes=3, **SMALL, **GROUP)
+    plain = create_model("deformable_detr_lite", num_classes=3, **SMALL)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images).pred_logits, plain.eval()(images).pred_logits, rtol=0, atol=0)
+    n = SMALL["num_queries"]
+
+    def forward(perturb_last_group: bool):
+        if perturb_last_group:  # the second extra group only
+            with torch.no_grad():
+                model.query_embed_o2m.weight[n:] += torch.randn(n, model.query_embed_o2m.weight.shape[1])
+        return model.train()(images)
+
+    with torch.no_grad():
+        before, after = forward(False), forward(True)
+    assert before.o2m_groups == 2 and before.o2m_k == 1 and before.o2m_outputs[-1].pred_logits.shape[1] == 2 * n
+    first = slice(0, n)  # the first extra group, and the one-to-one queries, do not see the perturbed group
+    a, b = after.o2m_outputs[-1].pred_logits[:, first], before.o2m_outputs[-1].pred_logits[:, first]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after.pred_logits, before.pred_logits, rtol=0, atol=1e-6)
+    criterion = build_criterion(model)
+    last = before.o2m_outputs[-1]
+    (indices,) = criterion._match_groups([last.pred_logits], [last.pred_boxes], TARGETS, groups=2)
+    for (src, tgt), t in zip(indices, TARGETS, strict=True):
+        m = len(t["labels"])
+        assert sorted((src // n).tolist()) == [0] * m + [1] * m  # each group matched on its own
+        for g in range(2):
+            assert sorted(tgt[src // n == g].tolist()) == list(range(m))  # one-to-one within the group
+    assert {"loss_class_o2m", "loss_giou_o2m_aux0"} <= set(criterion(before, TARGETS))
+    # negative control: without the group-wise mask, the first group sees the perturbed second one
+    monkeypatch.setattr(deformable, "separated_self_attn_mask",
+                        lambda q, extra, device, groups: hide_one_to_many(
+                            torch.zeros(q + extra, q + extra, dtype=torch.bool), 0, q, groups=1))
+    with torch.no_grad():
+        before, after = forward(False), forward(True)
+    a, b = after.o2m_outputs[-1].pred_logits[:, first], before.o2m_outputs[-1].pred_logits[:, first]
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_group_needs_two_groups():
+    with pytest.raises(ValueError, match="o2m_groups must be >= 2 with one_to_many='group'"):
+        create_model("deformable_detr_lite", num_classes=3, **SMALL, one_to_many="group", o2m_groups=1)

@@ -99,23 +99,40 @@ class SetCriterion(nn.Module):
         if outputs.dn_meta is not None and outputs.dn_outputs is not None:
             losses.update(self._dn_losses(outputs.dn_meta, outputs.dn_outputs, targets, num_boxes))
         if outputs.o2m_outputs:
-            losses.update(self._o2m_losses(outputs.o2m_outputs, repeat_targets(targets, outputs.o2m_k),
-                                           num_boxes * outputs.o2m_k))
+            losses.update(self._o2m_losses(outputs.o2m_outputs, targets, outputs.o2m_k, outputs.o2m_groups,
+                                           num_boxes))
         return losses
 
-    def _o2m_losses(self, o2m_outputs: list[LayerOutput], repeated: list[dict], num_boxes: float
-                    ) -> dict[str, Tensor]:
-        """Hybrid matching (H-DETR section 3.2): the one-to-many queries of every decoder layer matched to the
-        ground truth repeated k times, with the same losses, normalised by k times the number of objects."""
+    def _o2m_losses(self, o2m_outputs: list[LayerOutput], targets: list[dict], k: int, groups: int,
+                    num_boxes: float) -> dict[str, Tensor]:
+        """One-to-many supervision of the extra queries of every decoder layer, with the same losses. Hybrid
+        matching (H-DETR section 3.2): matched to the ground truth repeated k times. Group DETR (section 3): each
+        of the groups matched one-to-one on its own. Normalised by the number of objects times k x groups."""
         last = len(o2m_outputs) - 1
         layers = [(i, out) for i, out in enumerate(o2m_outputs) if i == last or self.config.aux_loss]
-        matches = self.matcher.match_layers([o.pred_logits for _, o in layers], [o.pred_boxes for _, o in layers],
-                                            repeated)
+        repeated = repeat_targets(targets, k) if k > 1 else targets
+        matches = self._match_groups([o.pred_logits for _, o in layers], [o.pred_boxes for _, o in layers],
+                                     repeated, groups)
+        num_boxes = num_boxes * k * groups
         losses = {}
         for (lid, out), indices in zip(layers, matches, strict=True):
             suffix = "_o2m" if lid == last else f"_o2m_aux{lid}"
             losses.update(self._layer_losses(out.pred_logits, out.pred_boxes, repeated, num_boxes, suffix, indices))
         return losses
+
+    def _match_groups(self, logits: list[Tensor], boxes: list[Tensor], targets: list[dict], groups: int
+                      ) -> list[list[tuple[Tensor, Tensor]]]:
+        """Each layer's queries (B, G * n, *) matched group by group (G = ``groups``), one-to-one within each;
+        indices[layer][image] over all G * n queries, as :meth:`HungarianMatcher.match_layers` returns them."""
+        if groups == 1:
+            return self.matcher.match_layers(logits, boxes, targets)
+        n = logits[0].shape[1] // groups
+        per_group = [self.matcher.match_layers([lg[:, g * n:(g + 1) * n] for lg in logits],
+                                               [bx[:, g * n:(g + 1) * n] for bx in boxes], targets)
+                     for g in range(groups)]
+        return [[(torch.cat([per_group[g][layer][i][0] + g * n for g in range(groups)]),
+                  torch.cat([per_group[g][layer][i][1] for g in range(groups)])) for i in range(len(targets))]
+                for layer in range(len(logits))]
 
     def _dn_losses(self, layout: DenoisingLayout, dn_outputs: list[LayerOutput], targets: list[dict],
                    num_boxes: float) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from detrkit.layers.denoising import (
     split_dn_outputs,
 )
 from detrkit.layers.heads import LayerOutput, aux_outputs, focal_class_head, zero_box_head
-from detrkit.layers.one_to_many import HybridMatching, hide_one_to_many, hybrid_matching
+from detrkit.layers.one_to_many import OneToMany, hide_one_to_many, one_to_many_branch
 from detrkit.models.encode import encode_single_scale
 from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.ops import inverse_sigmoid
@@ -55,7 +55,7 @@ class DABDETR(nn.Module):
 
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DABEncoder, decoder: DABDecoder, *,
                  num_classes: int, num_queries: int = 300, d_model: int = 256,
-                 denoising: DenoisingConfig | None = None, hybrid: HybridMatching | None = None) -> None:
+                 denoising: DenoisingConfig | None = None, o2m: OneToMany | None = None) -> None:
         super().__init__()
         self.eps = decoder.eps  # inverse-sigmoid clamp of the anchors, the decoder's (official: 1e-3)
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
@@ -64,9 +64,9 @@ class DABDETR(nn.Module):
         self.input_proj = nn.Conv2d(in_channels, d_model, kernel_size=1)
         self.encoder, self.decoder = encoder, decoder
         self.refpoint_embed = nn.Embedding(num_queries, 4)  # anchors (x, y, w, h) before the sigmoid
-        self.hybrid = hybrid
-        if hybrid is not None:  # hybrid matching's one-to-many anchors, used in training only
-            self.refpoint_embed_o2m = nn.Embedding(hybrid.queries, 4)
+        self.o2m = o2m
+        if o2m is not None:  # one-to-many anchors (hybrid / group), training only
+            self.refpoint_embed_o2m = nn.Embedding(o2m.queries, 4)
         self.class_embed = focal_class_head(d_model, num_classes)
         self.bbox_embed = zero_box_head(d_model)
         decoder.bbox_embed = self.bbox_embed  # one box head for the final boxes and the anchor updates
@@ -79,12 +79,12 @@ class DABDETR(nn.Module):
     ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising."""
         memory, mask, pos = self._encode(images, padding_mask)
-        extra = self.hybrid.queries if self.training and self.hybrid is not None else 0  # one-to-many queries
+        extra = self.o2m.queries if self.training and self.o2m is not None else 0  # one-to-many queries
         tgt, anchors, attn_mask, dn_meta = self._build_queries(images.shape[0], targets, extra)
-        if extra:  # hybrid matching: [denoising, one-to-one, one-to-many], the last two unable to see each other
+        if extra:  # [denoising, one-to-one, one-to-many]: the last two (and the groups) unable to see each other
             n = dn_meta.num_dn if dn_meta is not None else 0
             full = attn_mask if attn_mask is not None else tgt.new_zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool)
-            attn_mask = hide_one_to_many(full, n, self.num_queries)
+            attn_mask = hide_one_to_many(full, n, self.num_queries, self.o2m.groups)
         hidden, refs = self.decoder(tgt, memory, pos, anchors, mask, attn_mask)
         return self._heads(hidden, refs, dn_meta, extra)
 
@@ -126,7 +126,7 @@ class DABDETR(nn.Module):
     def _heads(self, hidden: Tensor, refs: Tensor, dn_meta: DenoisingLayout | None, extra: int = 0
                ) -> DetectionOutput:
         """hidden (L, B, N, C), anchors each layer received (L, B, N, 4) -> logits and boxes per layer; the last
-        ``extra`` queries are hybrid matching's one-to-many ones."""
+        ``extra`` queries are the one-to-many ones (hybrid matching, Group DETR)."""
         logits = self.class_embed(hidden)  # (L, B, N, K)
         boxes = (self.bbox_embed(hidden) + inverse_sigmoid(refs, self.eps)).sigmoid()  # (L, B, N, 4)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
@@ -136,7 +136,7 @@ class DABDETR(nn.Module):
             logits, boxes = logits[:, :, :-extra], boxes[:, :, :-extra]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
                                dn_meta=dn_meta, dn_outputs=dn_outputs, o2m_outputs=o2m,
-                               o2m_k=self.hybrid.k if extra else 0)
+                               **(self.o2m.output_fields() if extra else {}))
 
 
 def build_dab_detr(
@@ -162,9 +162,10 @@ def build_dab_detr(
     one_to_many: str = "none",
     o2m_queries: int | None = None,
     o2m_k: int = 6,
+    o2m_groups: int = 11,
 ) -> DABDETR:
     """Wire a DAB-DETR (DN-DETR with ``denoising``) from plain settings; the presets pass the papers' values.
-    ``one_to_many="hybrid"``: H-DETR's one-to-many queries in training (see ``build_deformable_detr``)."""
+    ``one_to_many="hybrid"`` / ``"group"``: one-to-many queries in training (see ``build_deformable_detr``)."""
     body = ResNetBackbone(backbone, return_layers=(feature_stage,), dilation=dilation, pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
     pos = PositionEmbeddingSine(d_model // 2, temperature=pe_temperature, normalize=True)
@@ -178,7 +179,7 @@ def build_dab_detr(
             nn.init.xavier_uniform_(p)
     return DABDETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                    denoising=as_denoising_config(denoising),
-                   hybrid=hybrid_matching(one_to_many, num_queries, o2m_queries, o2m_k))
+                   o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups))
 
 
 _RECIPE = {"epochs": 50, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 40}  # DAB-DETR / DN-DETR: 50 epochs

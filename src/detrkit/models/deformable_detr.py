@@ -27,7 +27,7 @@ from detrkit.layers import (
     PositionEmbeddingSine,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
-from detrkit.layers.one_to_many import HybridMatching, hybrid_matching, separated_self_attn_mask
+from detrkit.layers.one_to_many import OneToMany, one_to_many_branch, separated_self_attn_mask
 from detrkit.layers.position_encoding import sine_encode
 from detrkit.models.encode import encode_multi_scale
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
@@ -102,7 +102,7 @@ class DeformableDETR(nn.Module):
         num_feature_levels: backbone levels + extra stride-2 levels (4 = strides 8, 16, 32, 64).
         refine: iterative bounding box refinement.
         two_stage: encoder proposals as queries (implies per-layer heads plus one for the encoder).
-        hybrid: hybrid matching's one-to-many queries in training (H-DETR; :mod:`detrkit.layers.one_to_many`).
+        o2m: one-to-many queries in training (hybrid matching, Group DETR; :mod:`detrkit.layers.one_to_many`).
     """
 
     score_activation = "sigmoid"
@@ -113,10 +113,10 @@ class DeformableDETR(nn.Module):
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
                  decoder: DeformableDecoder, *, num_classes: int, num_queries: int = 300, d_model: int = 256,
                  num_feature_levels: int = 4, refine: bool = False, two_stage: bool = False,
-                 hybrid: HybridMatching | None = None) -> None:
+                 o2m: OneToMany | None = None) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
-        self.refine, self.two_stage, self.hybrid = refine, two_stage, hybrid
+        self.refine, self.two_stage, self.o2m = refine, two_stage, o2m
         self.eps = decoder.eps  # inverse-sigmoid clamp of the references, the decoder's (official: 1e-5)
         self.backbone = backbone
         self.position_encoding = position_encoding
@@ -131,8 +131,8 @@ class DeformableDETR(nn.Module):
             self.pos_trans_norm = nn.LayerNorm(2 * d_model)
         else:
             self.query_embed = nn.Embedding(num_queries, 2 * d_model)  # positional half + content half
-            if hybrid is not None:  # the one-to-many queries, used in training only
-                self.query_embed_o2m = nn.Embedding(hybrid.queries, 2 * d_model)
+            if o2m is not None:  # the one-to-many queries, used in training only
+                self.query_embed_o2m = nn.Embedding(o2m.queries, 2 * d_model)
             self.reference_points = nn.Linear(d_model, 2)
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
@@ -154,7 +154,7 @@ class DeformableDETR(nn.Module):
     ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets unused."""
         memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
-        extra = self.hybrid.queries if self.training and self.hybrid is not None else 0  # one-to-many queries
+        extra = self.o2m.queries if self.training and self.o2m is not None else 0  # one-to-many queries
         if self.two_stage:
             tgt, query_pos, reference, enc_outputs = self._select_topk_proposals(memory, mask, shapes, extra)
         else:
@@ -163,15 +163,15 @@ class DeformableDETR(nn.Module):
                 embed = torch.cat([embed, self.query_embed_o2m.weight])
             query_pos, tgt = embed[None].expand(images.shape[0], -1, -1).split(self.d_model, -1)
             reference, enc_outputs = self.reference_points(query_pos).sigmoid(), None  # (B, Q, 2)
-        attn_mask = separated_self_attn_mask(self.num_queries, extra, images.device) if extra else None
+        attn_mask = separated_self_attn_mask(self.num_queries, extra, images.device, self.o2m.groups) if extra else None
         hidden, references = self.decoder(tgt, reference, memory, shapes, starts, ratios, query_pos, mask, attn_mask)
         if not extra:
             return self._heads(hidden, references, enc_outputs)
-        q = self.num_queries  # hybrid matching: the first q queries are the one-to-one ones
+        q = self.num_queries  # the first q queries are the one-to-one ones
         out = self._heads(hidden[:, :, :q], [r[:, :q] for r in references], enc_outputs)
         o2m = self._heads(hidden[:, :, q:], [r[:, q:] for r in references], None)
         return replace(out, o2m_outputs=[*o2m.aux_outputs, LayerOutput(o2m.pred_logits, o2m.pred_boxes)],
-                       o2m_k=self.hybrid.k)
+                       **self.o2m.output_fields())
 
     def _encode(self, images: Tensor, padding_mask: Tensor | None):
         """Backbone -> neck -> flattened levels with position + level embeddings -> deformable encoder."""
@@ -181,7 +181,7 @@ class DeformableDETR(nn.Module):
 
     def _select_topk_proposals(self, memory: Tensor, mask: Tensor, shapes: Tensor, extra: int = 0):
         """Two-stage: score every encoder proposal with the extra head, keep the top-k as reference boxes (and the
-        next ``extra`` for the one-to-many queries of hybrid matching)."""
+        next ``extra`` for the one-to-many queries)."""
         enc_logits, enc_coords = score_proposals(memory, mask, shapes, enc_output=self.enc_output,
                                                  enc_output_norm=self.enc_output_norm,
                                                  class_head=self.class_embed[-1], box_head=self.bbox_embed[-1])
@@ -242,11 +242,13 @@ def build_deformable_detr(
     one_to_many: str = "none",
     o2m_queries: int | None = None,
     o2m_k: int = 6,
+    o2m_groups: int = 11,
 ) -> DeformableDETR:
     """Wire a Deformable DETR from plain settings; the presets call this with the paper's values.
 
     ``one_to_many="hybrid"`` adds H-DETR's one-to-many queries in training: ``o2m_queries`` of them (default five
-    times ``num_queries``, the paper's 1500 beside 300), matched to the ground truth repeated ``o2m_k`` times."""
+    times ``num_queries``, the paper's 1500 beside 300), matched to the ground truth repeated ``o2m_k`` times;
+    ``"group"`` adds Group DETR's ``o2m_groups`` - 1 extra copies of the queries (:mod:`detrkit.layers.one_to_many`)."""
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
     pos = PositionEmbeddingSine(d_model // 2, normalize=True, offset=-0.5)
@@ -266,7 +268,7 @@ def build_deformable_detr(
         num_feature_levels=num_feature_levels,
         refine=refine,
         two_stage=two_stage,
-        hybrid=hybrid_matching(one_to_many, num_queries, o2m_queries, o2m_k),
+        o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups),
     )
 
 

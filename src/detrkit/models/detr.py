@@ -22,7 +22,7 @@ from detrkit.layers import (
     TransformerEncoderLayer,
 )
 from detrkit.layers.heads import LayerOutput, aux_outputs
-from detrkit.layers.one_to_many import HybridMatching, hybrid_matching, separated_self_attn_mask
+from detrkit.layers.one_to_many import OneToMany, one_to_many_branch, separated_self_attn_mask
 from detrkit.models.encode import encode_single_scale
 from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.registry import Weights, register_model
@@ -58,7 +58,7 @@ class DETR(nn.Module):
         num_classes: int,
         num_queries: int = 100,
         d_model: int = 256,
-        hybrid: HybridMatching | None = None,
+        o2m: OneToMany | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -70,9 +70,9 @@ class DETR(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.query_embed = nn.Embedding(num_queries, d_model)
-        self.hybrid = hybrid
-        if hybrid is not None:  # hybrid matching's one-to-many queries, used in training only
-            self.query_embed_o2m = nn.Embedding(hybrid.queries, d_model)
+        self.o2m = o2m
+        if o2m is not None:  # one-to-many queries (hybrid / group), training only
+            self.query_embed_o2m = nn.Embedding(o2m.queries, d_model)
         self.class_embed = nn.Linear(d_model, num_classes + 1)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
         for p in [*encoder.parameters(), *decoder.parameters()]:
@@ -84,11 +84,11 @@ class DETR(nn.Module):
     ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets unused by DETR."""
         memory, mask, pos = self._encode(images, padding_mask)
-        extra = self.hybrid.queries if self.training and self.hybrid is not None else 0  # one-to-many queries
+        extra = self.o2m.queries if self.training and self.o2m is not None else 0  # one-to-many queries
         embed = torch.cat([self.query_embed.weight, self.query_embed_o2m.weight]) if extra else self.query_embed.weight
         query_pos = embed[None].expand(images.shape[0], -1, -1)  # (B, Q, C)
         tgt = torch.zeros_like(query_pos)  # object queries enter as positions; content starts empty
-        attn_mask = separated_self_attn_mask(self.num_queries, extra, images.device) if extra else None
+        attn_mask = separated_self_attn_mask(self.num_queries, extra, images.device, self.o2m.groups) if extra else None
         hidden = self.decoder(tgt, memory, pos=pos, query_pos=query_pos, memory_key_padding_mask=mask,
                               self_attn_mask=attn_mask)  # (L, B, Q, C)
         return self._heads(hidden, extra)
@@ -101,7 +101,7 @@ class DETR(nn.Module):
 
     def _heads(self, hidden: Tensor, extra: int = 0) -> DetectionOutput:
         """hidden (L, B, Q, C) -> class logits and sigmoid boxes for every decoder layer; the last ``extra``
-        queries are hybrid matching's one-to-many ones."""
+        queries are the one-to-many ones (hybrid matching, Group DETR)."""
         logits = self.class_embed(hidden)  # (L, B, Q, K+1)
         boxes = self.bbox_embed(hidden).sigmoid()  # (L, B, Q, 4)
         o2m = None
@@ -109,7 +109,7 @@ class DETR(nn.Module):
             o2m = [LayerOutput(lg, bx) for lg, bx in zip(logits[:, :, -extra:], boxes[:, :, -extra:], strict=True)]
             logits, boxes = logits[:, :, :-extra], boxes[:, :, :-extra]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
-                               o2m_outputs=o2m, o2m_k=self.hybrid.k if extra else 0)
+                               o2m_outputs=o2m, **(self.o2m.output_fields() if extra else {}))
 
 
 def build_detr(
@@ -132,9 +132,10 @@ def build_detr(
     one_to_many: str = "none",
     o2m_queries: int | None = None,
     o2m_k: int = 6,
+    o2m_groups: int = 11,
 ) -> DETR:
     """Wire a DETR from plain settings; the presets below call this with the paper's values.
-    ``one_to_many="hybrid"``: H-DETR's one-to-many queries in training (see ``build_deformable_detr``)."""
+    ``one_to_many="hybrid"`` / ``"group"``: one-to-many queries in training (see ``build_deformable_detr``)."""
     body = ResNetBackbone(
         backbone, return_layers=(feature_stage,), dilation=dilation, pretrained=pretrained_backbone,
         norm=backbone_norm, trainable_layers=trainable_layers,
@@ -150,7 +151,7 @@ def build_detr(
         TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout), num_decoder_layers, d_model
     )
     return DETR(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
-                hybrid=hybrid_matching(one_to_many, num_queries, o2m_queries, o2m_k))
+                o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups))
 
 
 # the paper's schedule (section 4): 500 epochs, lr drop after 400, backbone at 1e-5

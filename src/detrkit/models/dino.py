@@ -41,7 +41,7 @@ from detrkit.layers.denoising import (
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
-from detrkit.layers.one_to_many import HybridMatching, hide_one_to_many, hybrid_matching
+from detrkit.layers.one_to_many import OneToMany, hide_one_to_many, one_to_many_branch
 from detrkit.models.deformable_detr import (
     gather_queries,
     init_deformable_transformer,
@@ -83,10 +83,10 @@ class DINO(nn.Module):
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
                  decoder: DeformableAnchorDecoder, *, num_classes: int, num_queries: int = 900, d_model: int = 256,
                  num_feature_levels: int = 4, two_stage: bool = True, denoising: DenoisingConfig | None = None,
-                 share_heads: bool = True, hybrid: HybridMatching | None = None) -> None:
+                 share_heads: bool = True, o2m: OneToMany | None = None) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
-        self.two_stage, self.denoising, self.hybrid = two_stage, denoising, hybrid
+        self.two_stage, self.denoising, self.o2m = two_stage, denoising, o2m
         self.eps = decoder.eps  # inverse-sigmoid clamp of the boxes, the decoder's (official: 1e-3)
         self.backbone, self.position_encoding = backbone, position_encoding
         channels = list(backbone.channels.values())
@@ -95,11 +95,11 @@ class DINO(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.tgt_embed = nn.Embedding(num_queries, d_model)  # learned content queries
         nn.init.normal_(self.tgt_embed.weight)
-        if hybrid is not None:  # hybrid matching's one-to-many queries, used in training only
-            self.tgt_embed_o2m = nn.Embedding(hybrid.queries, d_model)
+        if o2m is not None:  # one-to-many queries (hybrid / group), training only
+            self.tgt_embed_o2m = nn.Embedding(o2m.queries, d_model)
             nn.init.normal_(self.tgt_embed_o2m.weight)
             if not two_stage:
-                self.refpoint_embed_o2m = nn.Embedding(hybrid.queries, 4)
+                self.refpoint_embed_o2m = nn.Embedding(o2m.queries, 4)
         class_head, box_head = focal_class_head(d_model, num_classes), zero_box_head(d_model)
         num_layers = len(decoder.layers)
         if share_heads:  # the same module at every index
@@ -130,13 +130,13 @@ class DINO(nn.Module):
     ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising."""
         memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
-        extra = self.hybrid.queries if self.training and self.hybrid is not None else 0  # one-to-many queries
+        extra = self.o2m.queries if self.training and self.o2m is not None else 0  # one-to-many queries
         tgt, anchors, enc_outputs = self._select_queries(memory, mask, shapes, extra)
         tgt, anchors, attn_mask, dn_meta = self._add_dn_queries(tgt, anchors, targets)
-        if extra:  # hybrid matching: [denoising, one-to-one, one-to-many], the last two unable to see each other
+        if extra:  # [denoising, one-to-one, one-to-many]: the last two (and the groups) unable to see each other
             n = dn_meta.num_dn if dn_meta is not None else 0
             full = attn_mask if attn_mask is not None else tgt.new_zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool)
-            attn_mask = hide_one_to_many(full, n, tgt.shape[1] - n - extra)
+            attn_mask = hide_one_to_many(full, n, tgt.shape[1] - n - extra, self.o2m.groups)
         hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, ratios, mask, attn_mask)
         return self._heads(hidden, refs, enc_outputs, dn_meta, extra)
 
@@ -144,7 +144,7 @@ class DINO(nn.Module):
         """Mixed query selection (section 3.2): anchors = the top-k encoder proposals (by best class score),
         detached; content = the learned ``tgt_embed``. Returns tgt (B, Q, C), anchors (B, Q, 4) before the
         sigmoid and the encoder outputs of the selected proposals for the two-stage loss. With ``extra``
-        one-to-many queries (hybrid matching) they follow: the next proposals, their own content embeddings."""
+        one-to-many queries they follow: the next proposals, their own content embeddings."""
         b = memory.shape[0]
         tgt_embed = torch.cat([self.tgt_embed.weight, self.tgt_embed_o2m.weight]) if extra else self.tgt_embed.weight
         if not self.two_stage:
@@ -178,7 +178,7 @@ class DINO(nn.Module):
     def _heads(self, hidden: Tensor, refs: list[Tensor], enc_outputs: LayerOutput | None,
                dn_meta: DenoisingLayout | None, extra: int = 0) -> DetectionOutput:
         """hidden (L, B, N, C), boxes each layer refines (L, B, N, 4) -> logits and boxes per layer; the last
-        ``extra`` queries are hybrid matching's one-to-many ones."""
+        ``extra`` queries are the one-to-many ones (hybrid matching, Group DETR)."""
         logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hidden)])  # (L, B, N, K)
         boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
                              for i, h in enumerate(hidden)])  # (L, B, N, 4)
@@ -189,7 +189,7 @@ class DINO(nn.Module):
             logits, boxes = logits[:, :, :-extra], boxes[:, :, :-extra]
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
                                enc_outputs=enc_outputs, dn_meta=dn_meta, dn_outputs=dn_outputs, o2m_outputs=o2m,
-                               o2m_k=self.hybrid.k if extra else 0)
+                               **(self.o2m.output_fields() if extra else {}))
 
 
 def build_dino(
@@ -219,12 +219,13 @@ def build_dino(
     one_to_many: str = "none",
     o2m_queries: int | None = None,
     o2m_k: int = 6,
+    o2m_groups: int = 11,
 ) -> DINO:
     """Wire a DINO (or, with the flags off, DN-Deformable-DETR) from plain settings.
 
     The official DINO encodes positions with temperature 20 and no offset; detrex's DINO with 10000 and -0.5
     (``pe_temperature=10000, pe_offset=-0.5, share_heads=False`` reproduce a detrex model).
-    ``one_to_many="hybrid"``: H-DETR's one-to-many queries in training (see :func:`build_deformable_detr`).
+    ``one_to_many="hybrid"`` / ``"group"``: one-to-many queries in training (see :func:`build_deformable_detr`).
     """
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
@@ -237,7 +238,8 @@ def build_dino(
     init_deformable_transformer(encoder, decoder)
     return DINO(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                 num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=as_denoising_config(denoising),
-                share_heads=share_heads, hybrid=hybrid_matching(one_to_many, num_queries, o2m_queries, o2m_k))
+                share_heads=share_heads,
+                o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups))
 
 
 _PAPER = "DINO (Zhang et al. 2022)"

@@ -25,9 +25,10 @@ class DetectionOutput:
         dn_meta: denoising models in training: how the denoising queries were laid out.
         dn_outputs: denoising models in training: one :class:`LayerOutput` per decoder layer, first to last, of the
             denoising queries (B, N, *), which the criterion supervises without matching.
-        o2m_outputs: hybrid matching in training: one :class:`LayerOutput` per decoder layer, first to last, of the
-            one-to-many queries, which the criterion matches to the ground truth repeated ``o2m_k`` times.
-        o2m_k: how many times the one-to-many branch repeats each object.
+        o2m_outputs: one-to-many supervision in training (hybrid matching, Group DETR): one :class:`LayerOutput`
+            per decoder layer, first to last, of the extra queries.
+        o2m_k: how many times their targets repeat each object (hybrid matching; 1 for groups).
+        o2m_groups: how many groups they form, each matched one-to-one on its own (Group DETR; 1 for hybrid).
     """
 
     pred_logits: Tensor
@@ -38,6 +39,7 @@ class DetectionOutput:
     dn_outputs: list[LayerOutput] | None = None
     o2m_outputs: list[LayerOutput] | None = None
     o2m_k: int = 0
+    o2m_groups: int = 1
 
 
 @dataclass(frozen=True)
