@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from detrkit.layers.heads import LayerOutput
+
 ONE_TO_MANY = ("none", "hybrid", "group")
 
 
@@ -89,6 +91,16 @@ def hide_one_to_many(attn_mask: Tensor, start: int, num_one2one: int, groups: in
     group = torch.arange(mask.shape[0] - split, device=mask.device) // size
     mask[split:, split:] |= group[:, None] != group[None, :]
     return mask
+
+
+def split_o2m_outputs(logits: Tensor, boxes: Tensor, extra: int
+                      ) -> tuple[Tensor, Tensor, list[LayerOutput] | None]:
+    """Per-layer outputs (L, B, Q + extra, *) -> the one-to-one queries' (L, B, Q, *) and, per layer, the last
+    ``extra`` (one-to-many) queries' :class:`LayerOutput` (None when ``extra`` is 0)."""
+    if not extra:
+        return logits, boxes, None
+    o2m = [LayerOutput(lg, bx) for lg, bx in zip(logits[:, :, -extra:], boxes[:, :, -extra:], strict=True)]
+    return logits[:, :, :-extra], boxes[:, :, :-extra], o2m
 
 
 def repeat_targets(targets: list[dict[str, Tensor]], k: int) -> list[dict[str, Tensor]]:

@@ -21,8 +21,8 @@ from detrkit.layers import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
-from detrkit.layers.heads import LayerOutput, aux_outputs
-from detrkit.layers.one_to_many import OneToMany, one_to_many_branch, separated_self_attn_mask
+from detrkit.layers.heads import aux_outputs
+from detrkit.layers.one_to_many import OneToMany, one_to_many_branch, separated_self_attn_mask, split_o2m_outputs
 from detrkit.models.encode import encode_single_scale
 from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.registry import Weights, register_model
@@ -104,10 +104,7 @@ class DETR(nn.Module):
         queries are the one-to-many ones (hybrid matching, Group DETR)."""
         logits = self.class_embed(hidden)  # (L, B, Q, K+1)
         boxes = self.bbox_embed(hidden).sigmoid()  # (L, B, Q, 4)
-        o2m = None
-        if extra:
-            o2m = [LayerOutput(lg, bx) for lg, bx in zip(logits[:, :, -extra:], boxes[:, :, -extra:], strict=True)]
-            logits, boxes = logits[:, :, :-extra], boxes[:, :, :-extra]
+        logits, boxes, o2m = split_o2m_outputs(logits, boxes, extra)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
                                o2m_outputs=o2m, **(self.o2m.output_fields() if extra else {}))
 

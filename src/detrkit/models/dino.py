@@ -41,7 +41,7 @@ from detrkit.layers.denoising import (
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
-from detrkit.layers.one_to_many import OneToMany, hide_one_to_many, one_to_many_branch
+from detrkit.layers.one_to_many import OneToMany, hide_one_to_many, one_to_many_branch, split_o2m_outputs
 from detrkit.models.deformable_detr import (
     gather_queries,
     init_deformable_transformer,
@@ -183,10 +183,7 @@ class DINO(nn.Module):
         boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
                              for i, h in enumerate(hidden)])  # (L, B, N, 4)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
-        o2m = None
-        if extra:
-            o2m = [LayerOutput(lg, bx) for lg, bx in zip(logits[:, :, -extra:], boxes[:, :, -extra:], strict=True)]
-            logits, boxes = logits[:, :, :-extra], boxes[:, :, :-extra]
+        logits, boxes, o2m = split_o2m_outputs(logits, boxes, extra)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
                                enc_outputs=enc_outputs, dn_meta=dn_meta, dn_outputs=dn_outputs, o2m_outputs=o2m,
                                **(self.o2m.output_fields() if extra else {}))
