@@ -161,9 +161,7 @@ class SetCriterion(nn.Module):
             onehot = torch.zeros_like(logits)
             onehot[positive, labels[positive]] = 1.0  # negatives keep an all-zero target: "no object"
             pred = out.pred_boxes[b_idx[positive], slot[positive]].float()
-            quality = torch.zeros_like(logits[:, 0])
-            quality[positive] = _matched_iou(pred, boxes[positive])
-            loss_class = self._class_loss(logits, onehot, quality) / norm
+            loss_class = self._class_loss(logits, onehot, positive, pred, boxes[positive]) / norm
             losses.update(self._weighted(loss_class, pred, boxes[positive], norm, "_dn" if last else f"_dn_aux{lid}"))
         return losses
 
@@ -202,19 +200,22 @@ class SetCriterion(nn.Module):
         src_boxes = boxes[batch_idx, src_idx].float()
         if self.config.focal:
             onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].float()  # (B, Q, K)
-            quality = torch.zeros(logits.shape[:2], device=logits.device)  # (B, Q): IoU of matched queries
-            quality[batch_idx, src_idx] = _matched_iou(src_boxes, matched_tgt_boxes)
-            loss_class = self._class_loss(logits.float(), onehot, quality) / num_boxes
+            loss_class = self._class_loss(logits.float(), onehot, (batch_idx, src_idx), src_boxes,
+                                          matched_tgt_boxes) / num_boxes
         else:
             loss_class = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=self.class_weights)
 
         return self._weighted(loss_class, src_boxes, matched_tgt_boxes, num_boxes, suffix)
 
-    def _class_loss(self, logits: Tensor, onehot: Tensor, quality: Tensor) -> Tensor:
-        """The sigmoid models' class term, summed: focal loss towards ``onehot``, or an IoU-aware loss."""
+    def _class_loss(self, logits: Tensor, onehot: Tensor, matched, src_boxes: Tensor, tgt_boxes: Tensor) -> Tensor:
+        """The sigmoid models' class term, summed: focal loss towards ``onehot``, or an IoU-aware loss whose targets
+        are the IoUs of the matched pairs (``src_boxes`` at ``matched`` positions of ``logits[..., 0]``), computed
+        only then."""
         c = self.config
         if c.class_loss_kind == "focal":
             return sigmoid_focal_loss(logits, onehot, alpha=c.focal_alpha, gamma=c.focal_gamma, reduction="sum")
+        quality = logits.new_zeros(logits.shape[:-1])  # IoU of each matched query, 0 for the rest
+        quality[matched] = _matched_iou(src_boxes, tgt_boxes).to(quality.dtype)
         return iou_aware_class_loss(logits, onehot, quality, c.class_loss_kind)
 
     @staticmethod
