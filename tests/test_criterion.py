@@ -96,3 +96,15 @@ def test_class_loss_names_the_valid_choices():
         LossConfig(focal=False, class_loss="varifocal")
     with pytest.raises(ValueError, match="choose one of focal, varifocal, mal"):
         LossConfig(focal=True, class_loss="vfl")
+
+
+def test_build_criterion_follows_the_model_device():
+    """A criterion built for a model on a device keeps its class weights there (first seen on CUDA: cross-entropy
+    complained that its weight was on the CPU). The meta device stands in for CUDA on CPU-only machines."""
+    from detrkit import create_model
+    from detrkit.losses import build_criterion
+
+    model = create_model("detr_lite", num_classes=3).to("meta")
+    assert build_criterion(model).class_weights.device.type == "meta"
+    # negative control: a bare SetCriterion stays on the CPU, which is what the CUDA step tripped on
+    assert SetCriterion(3, model.loss_config).class_weights.device.type == "cpu"

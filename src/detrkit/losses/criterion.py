@@ -238,6 +238,8 @@ def _matched_iou(src_boxes: Tensor, tgt_boxes: Tensor) -> Tensor:
 
 
 def build_criterion(model: nn.Module, **overrides) -> SetCriterion:
-    """The criterion with ``model``'s family defaults (``model.loss_config``), optionally overridden."""
+    """The criterion with ``model``'s family defaults (``model.loss_config``), optionally overridden, on the device
+    of ``model``'s parameters (its class-weight buffer must sit with the logits)."""
     config = replace(model.loss_config, **overrides)
-    return SetCriterion(model.num_classes, config)
+    device = next(model.parameters()).device
+    return SetCriterion(model.num_classes, config).to(device)
