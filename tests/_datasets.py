@@ -1,4 +1,5 @@
-"""Test helpers: write a COCO-format dataset out as YOLO or Pascal VOC files, and break datasets on purpose."""
+"""Test helpers: write a COCO-format dataset out as YOLO, Pascal VOC or per-split COCO (Roboflow) files, and
+break datasets on purpose."""
 
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def write_yolo(coco_root: Path, out: Path, splits=("train", "val")) -> Path:
                      for a in coco["annotations"] if a["image_id"] == img["id"]]
             (out / "labels" / split / Path(img["file_name"]).with_suffix(".txt")).write_text("\n".join(lines) + "\n")
     (out / "data.yaml").write_text(f"path: .\ntrain: images/train\nval: images/val\nnames: {json.dumps(names)}\n")
+    return out
+
+
+def write_coco_per_split(coco_root: Path, out: Path, json_name: str = "_annotations.coco.json",
+                         val_dir: str = "valid") -> Path:
+    """``coco_root`` laid out as Roboflow's COCO export: ``train/`` and ``valid/``, each with its images and json."""
+    for split, folder in (("train", "train"), ("val", val_dir)):
+        shutil.copytree(coco_root / split, out / folder)
+        (out / folder / json_name).write_text(json.dumps(read_coco(coco_root, split)))
     return out
 
 

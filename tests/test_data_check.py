@@ -1,11 +1,12 @@
 """Robust data: image modes, the dataset doctor, --skip_invalid, YOLO / Pascal VOC datasets and their conversion."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from _datasets import read_coco, write_voc, write_yolo
+from _datasets import read_coco, write_coco_per_split, write_voc, write_yolo
 from PIL import Image
 
 from detrkit.cli import main
@@ -181,3 +182,26 @@ def test_cli_data_convert_writes_a_coco_folder_training_reads(synth_dir, tmp_pat
     ds = CocoDetection(images, ann)
     assert len(ds) == 12 and isinstance(ds[0][0], torch.Tensor)
     assert main(["data", "check", str(tmp_path / "coco"), "--images-check", "header"]) == 0  # dashes work too
+
+
+@pytest.mark.parametrize("json_name,val_dir", [("_annotations.coco.json", "valid"), ("annotations.json", "val")])
+def test_coco_per_split_folders_are_found_by_data(synth_dir, tmp_path, capsys, json_name, val_dir):
+    """Roboflow's COCO export (train/ valid/ test/, each with _annotations.coco.json beside its images) and the
+    plain per-split layout read as the COCO folder they came from; `data check` and `data convert` take them."""
+    root = write_coco_per_split(synth_dir, tmp_path / "rf", json_name, val_dir)
+    for split in ("train", "val"):
+        images, ann, _ = dataset_split(TrainConfig(data=str(root)), split)
+        assert ann == root / ("train" if split == "train" else val_dir) / json_name and images == ann.parent
+        ds = CocoDetection(images, ann)
+        assert len(ds) == len(read_coco(synth_dir, split)["images"]) and ds.report.ok
+    assert main(["data", "check", str(root)]) == 0
+    assert "OK: 0 errors" in capsys.readouterr().out
+    assert main(["data", "convert", str(root), "-o", str(tmp_path / "coco")]) == 0
+    assert read_coco(tmp_path / "coco", "val")["annotations"] == read_coco(synth_dir, "val")["annotations"]
+
+
+def test_coco_per_split_without_a_val_folder_names_what_it_looked_for(synth_dir, tmp_path):
+    root = write_coco_per_split(synth_dir, tmp_path / "rf")
+    shutil.rmtree(root / "valid")
+    with pytest.raises(DatasetError, match=r"no val split: expected valid/ or val/ or validation/"):
+        dataset_split(TrainConfig(data=str(root)), "val")

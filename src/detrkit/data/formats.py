@@ -4,6 +4,9 @@
   each image ``.../images/x.jpg`` has ``.../labels/x.txt`` with one ``class cx cy w h`` line per object,
   normalized to the image size (a segmentation line's polygon becomes its bounding box). Category ids are
   YOLO's class indices.
+* COCO per split (Roboflow's COCO export and similar): ``{train,valid|val,test}/`` each holding its images and one
+  COCO json (``_annotations.coco.json``, ``annotations.json``, ``instances_*.json``, or the folder's only json);
+  ``file_name`` is relative to that folder.
 * Pascal VOC: ``Annotations/*.xml`` + ``JPEGImages/`` + ``ImageSets/Main/{train,val,test}.txt`` (a
   ``VOCdevkit/VOC2007`` folder, or one containing such folders). VOC pixel boxes are 1-based and inclusive:
   ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`` in COCO terms, as detectron2 and mmdet read them.
@@ -33,18 +36,22 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 # -- layout detection --------------------------------------------------------------------------------------
 def detect_layout(root: str | Path) -> str:
-    """``coco``, ``yolo`` or ``voc`` for a dataset folder (or a YOLO ``data.yaml``)."""
+    """``coco``, ``coco_split``, ``yolo`` or ``voc`` for a dataset folder (or a YOLO ``data.yaml``)."""
     root = Path(root)
     if root.is_file() and root.suffix in (".yaml", ".yml"):
         return "yolo"
     if (root / "annotations").is_dir() and any((root / "annotations").glob("*.json")):
         return "coco"
+    if _coco_split_ann(root, "train") is not None:
+        return "coco_split"
     if _yolo_yaml(root) is not None:
         return "yolo"
     if _voc_root(root) is not None:
         return "voc"
     raise DatasetError(f"{root}: not a dataset folder detrkit knows. Expected COCO (annotations/instances_train.json + "
-                       "train/), YOLO (data.yaml + images/ + labels/) or Pascal VOC (Annotations/ + JPEGImages/ + "
+                       "train/), COCO per split (train/ and valid/ or val/, each with its images and "
+                       "_annotations.coco.json or annotations.json: Roboflow's COCO export), "
+                       "YOLO (data.yaml + images/ + labels/) or Pascal VOC (Annotations/ + JPEGImages/ + "
                        "ImageSets/Main/).")
 
 
@@ -64,7 +71,14 @@ def resolve_split(data: str | Path | None, split: str, *, images: str | Path | N
     root = Path(data)
     if not root.exists():
         raise DatasetError(f"dataset not found: {root}")
-    if not ann and detect_layout(root) != "coco":
+    layout = None if ann else detect_layout(root)
+    if layout == "coco_split":
+        found = _coco_split_ann(root, split)
+        if found is None:
+            raise DatasetError(f"{root}: no {split} split: expected {' or '.join(f'{d}/' for d in _SPLIT_DIRS[split])} "
+                               "with its images and a COCO json (_annotations.coco.json or annotations.json)")
+        return found.parent, found, None
+    if layout not in (None, "coco"):
         return read_split(root, split)
     if not ann:
         found = sorted((root / "annotations").glob(f"instances_{split}*.json"))
@@ -83,7 +97,33 @@ def read_split(root: str | Path, split: str) -> tuple[Path, dict, str]:
         return read_yolo(root, split)
     if layout == "voc":
         return read_voc(root, split)
+    if layout == "coco_split":
+        images, ann, _ = resolve_split(root, split)
+        try:
+            return images, json.loads(ann.read_text()), str(ann)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{ann}: not valid JSON ({e})") from None
     raise DatasetError(f"{root} is a COCO dataset: read it with load_coco_json")
+
+
+# -- COCO per split ----------------------------------------------------------------------------------------
+_SPLIT_DIRS = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
+_SPLIT_JSONS = ("_annotations.coco.json", "annotations.json")
+
+
+def _coco_split_ann(root: Path, split: str) -> Path | None:
+    """The COCO json of ``split`` in a per-split layout (``root/{split folder}/...json``), or None."""
+    for name in _SPLIT_DIRS.get(split, (split,)):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for candidate in _SPLIT_JSONS:
+            if (folder / candidate).is_file():
+                return folder / candidate
+        jsons = sorted(folder.glob("instances_*.json")) or sorted(folder.glob("*.json"))
+        if len(jsons) == 1 or (jsons and jsons[0].name.startswith("instances_")):
+            return jsons[0]
+    return None
 
 
 # -- YOLO --------------------------------------------------------------------------------------------------
