@@ -205,3 +205,23 @@ def test_coco_per_split_without_a_val_folder_names_what_it_looked_for(synth_dir,
     shutil.rmtree(root / "valid")
     with pytest.raises(DatasetError, match=r"no val split: expected valid/ or val/ or validation/"):
         dataset_split(TrainConfig(data=str(root)), "val")
+
+
+def test_flat_voc_folder_and_xml_names_that_lie(synth_dir, tmp_path):
+    """Images and their .xml side by side (LabelImg's layout) read as VOC; an XML <filename> naming a file that does
+    not exist (the original .tif of a .jpg) finds the image by the XML's stem, with one warning counting them."""
+    voc = write_voc(synth_dir, tmp_path / "voc", splits=("train",)) / "VOCdevkit" / "VOC2007"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in [*(voc / "JPEGImages").iterdir(), *(voc / "Annotations").iterdir()]:
+        shutil.move(f, flat / f.name)
+    xmls = sorted(flat.glob("*.xml"))
+    for xml in xmls[:3]:
+        xml.write_text(xml.read_text().replace(f"<filename>{xml.stem}.jpg<", f"<filename>{xml.stem}.tif<"))
+    with pytest.warns(UserWarning, match=r"3 of 12 XML files .*\(e\.g\. \S+\.tif -> \S+\.jpg\)"):
+        images, ann, source = dataset_split(TrainConfig(data=str(flat)), "train")
+    assert images == flat and len(ann["images"]) == 12
+    assert len(ann["annotations"]) == len(read_coco(synth_dir, "train")["annotations"])
+    assert CocoDetection(images, ann, source=source).report.ok  # every image found
+    with pytest.raises(DatasetError, match=r"no ImageSets/Main/val.txt .*--val_images --val_ann"):
+        dataset_split(TrainConfig(data=str(flat)), "val")

@@ -8,7 +8,9 @@
   COCO json (``_annotations.coco.json``, ``annotations.json``, ``instances_*.json``, or the folder's only json);
   ``file_name`` is relative to that folder.
 * Pascal VOC: ``Annotations/*.xml`` + ``JPEGImages/`` + ``ImageSets/Main/{train,val,test}.txt`` (a
-  ``VOCdevkit/VOC2007`` folder, or one containing such folders). VOC pixel boxes are 1-based and inclusive:
+  ``VOCdevkit/VOC2007`` folder, or one containing such folders), or flat: images with their .xml beside them (no
+  split lists: all of it is the train split). An XML file whose ``<filename>`` does not exist names the image with
+  its stem (any image extension), with one warning counting such files. VOC pixel boxes are 1-based and inclusive:
   ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`` in COCO terms, as detectron2 and mmdet read them.
   ``difficult`` objects become ``iscrowd`` 1: left out of training and ignored by COCO evaluation, as VOC's
   own evaluation ignores them.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -230,11 +233,36 @@ def _yolo_annotations(labels: Path, image_id: int, w: int, h: int, first_id: int
 
 
 # -- Pascal VOC --------------------------------------------------------------------------------------------
+def _voc_dirs(root: Path) -> tuple[Path, Path] | None:
+    """(XML folder, image folder) of a Pascal VOC dataset: ``Annotations/`` + ``JPEGImages/`` (in ``root``, a
+    ``VOC*`` folder or ``VOCdevkit/VOC*``), or flat: images and their .xml side by side in ``root``, as LabelImg and
+    most annotation tools write them."""
+    candidates = [root, *sorted(root.glob("VOC*")), *sorted(root.glob("VOCdevkit/VOC*"))]
+    for c in candidates:
+        if (c / "Annotations").is_dir() and (c / "JPEGImages").is_dir():
+            return c / "Annotations", c / "JPEGImages"
+    if root.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in root.iterdir()) and any(root.glob("*.xml")):
+        return root, root
+    return None
+
+
 def _voc_root(root: Path) -> Path | None:
-    if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
-        return root
-    candidates = sorted(root.glob("VOC*")) + sorted(root.glob("VOCdevkit/VOC*"))
-    return next((c for c in candidates if (c / "Annotations").is_dir() and (c / "JPEGImages").is_dir()), None)
+    dirs = _voc_dirs(root)
+    return None if dirs is None else dirs[0].parent if dirs[0].name == "Annotations" else dirs[0]
+
+
+def _voc_image_name(images: Path, file_name: str | None, stem: str, renamed: list[str]) -> str:
+    """The image an XML file belongs to: its <filename> when that exists, else the file with the XML's stem and any
+    image extension (annotation tools keep the original name, often another format: OSBS_029.tif -> .png)."""
+    if file_name and (images / file_name).is_file():
+        return file_name
+    for suffix in (".jpg", *sorted(IMAGE_SUFFIXES - {".jpg"})):
+        for name in (stem + suffix, stem + suffix.upper()):
+            if (images / name).is_file():
+                if file_name and file_name != name:
+                    renamed.append(f"{file_name} -> {name}")
+                return name
+    return file_name or f"{stem}.jpg"  # missing for real: the doctor reports it with the XML file
 
 
 def _voc_text(node, tag: str):
@@ -245,28 +273,30 @@ def _voc_text(node, tag: str):
 def read_voc(root: str | Path, split: str) -> tuple[Path, dict, str]:
     """A Pascal VOC dataset's ``split`` as (JPEGImages, COCO dict, source). The categories are the object
     names of all the XML files (sorted), so every split of one dataset gets the same ids."""
+    dirs = _voc_dirs(Path(root))
+    if dirs is None:
+        raise DatasetError(f"{root}: no Annotations/ and JPEGImages/ folders of a Pascal VOC dataset, nor images "
+                           "with their .xml files side by side")
+    ann_dir, img_dir = dirs
     voc = _voc_root(Path(root))
-    if voc is None:
-        raise DatasetError(f"{root}: no Annotations/ and JPEGImages/ folders of a Pascal VOC dataset")
     sets = voc / "ImageSets" / "Main"
     key = split if (sets / f"{split}.txt").is_file() else {"val": "test"}.get(split, split)
-    xml_files = sorted((voc / "Annotations").glob("*.xml"))
+    xml_files = sorted(ann_dir.glob("*.xml"))
     if (sets / f"{key}.txt").is_file():
         stems = [s.split()[0] for s in (sets / f"{key}.txt").read_text().splitlines() if s.strip()]
     elif split == "train" and not sets.is_dir():
         stems = [f.stem for f in xml_files]  # no split lists: everything is training data
     else:
-        raise DatasetError(f"{voc}: no ImageSets/Main/{split}.txt listing the {split} images")
+        raise DatasetError(f"{voc}: no ImageSets/Main/{split}.txt listing the {split} images; write that list (one "
+                           f"file stem per line), or give the {split} data explicitly (--{split}_images --{split}_ann)")
     parsed = {f.stem: _parse_voc_xml(f) for f in xml_files}
     names = sorted({o["name"] for p in parsed.values() if p for o in p["objects"] if o.get("name")})
     cat_ids = {n: i + 1 for i, n in enumerate(names)}
-    images, anns = [], []
+    images, anns, renamed = [], [], []
     for image_id, stem in enumerate(stems, start=1):
-        xml = voc / "Annotations" / f"{stem}.xml"
+        xml = ann_dir / f"{stem}.xml"
         doc = parsed.get(stem)
-        file_name = (doc or {}).get("filename") or f"{stem}.jpg"
-        if not (voc / "JPEGImages" / file_name).is_file() and (voc / "JPEGImages" / f"{stem}.jpg").is_file():
-            file_name = f"{stem}.jpg"  # some XML files name another extension / path
+        file_name = _voc_image_name(img_dir, (doc or {}).get("filename"), stem, renamed)
         info = {"id": image_id, "file_name": file_name}
         if doc and doc["width"] and doc["height"]:
             info["width"], info["height"] = doc["width"], doc["height"]
@@ -285,8 +315,12 @@ def read_voc(root: str | Path, split: str) -> tuple[Path, dict, str]:
             anns.append(ann)
     coco = {"images": images, "annotations": anns, "categories": [{"id": i, "name": n} for n, i in cat_ids.items()]}
     if not coco["categories"]:
-        raise DatasetError(f"{voc}/Annotations: no <object><name> in any XML file")
-    return voc / "JPEGImages", coco, f"{voc} [{key}]"
+        raise DatasetError(f"{ann_dir}: no <object><name> in any XML file")
+    if renamed:
+        warnings.warn(f"{ann_dir}: {len(renamed)} of {len(stems)} XML files of the {split} split name an image that "
+                      f"does not exist; using the image with the XML file's stem instead (e.g. {renamed[0]})",
+                      stacklevel=2)
+    return img_dir, coco, f"{voc} [{key}]"
 
 
 def _parse_voc_xml(file: Path) -> dict | None:
