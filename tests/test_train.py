@@ -59,6 +59,14 @@ def test_cli_train_eval_predict(synth_dir, tmp_path, capsys):
     assert "AP50" in capsys.readouterr().out
     rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "m.json")])
     assert rc == 0 and set(json.loads((tmp_path / "m.json").read_text())) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    (tmp_path / "metrics").mkdir()  # --output FOLDER: metrics.json inside it (was an IsADirectoryError traceback)
+    rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "metrics")])
+    assert rc == 0
+    assert (tmp_path / "metrics" / "metrics.json").is_file()
+    capsys.readouterr()
+    rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "m.json" / "x")])
+    err = capsys.readouterr().err  # under a file: one line naming it, before any evaluation; exit status 2
+    assert rc == 2 and "m.json is a file, not a folder" in err and "Traceback" not in err and "batch/s" not in err
     rc = main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--output", str(tmp_path / "pred"),
                "--threshold", "0.0", "--max_detections", "3"])
     assert rc == 0

@@ -29,7 +29,9 @@ SUBCOMMANDS = {  # name: (parser, command, one-line help)
     "convert": (weights.convert_parser, weights.cmd_convert, "convert official / detrex / HF checkpoints to detrkit"),
 }
 # What a command may raise that the user can fix: printed as one line, exit status 2.
-USER_ERRORS = (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError, TrainingError)
+# A folder where a file was expected (or the reverse), or a path the user may not write, is one too.
+USER_ERRORS = (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError, TrainingError,
+               IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
 
 
 def parser() -> ArgumentParser:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from detrkit.cli.common import CommandError
 from detrkit.data.formats import resolve_split
 from detrkit.data.synthetic import make_synthetic_dataset
 from detrkit.engine.config import TrainConfig
@@ -70,7 +71,7 @@ def eval_parser() -> ArgumentParser:
     ev.add_argument("--ann", help="COCO annotation json (instead of --data)")
     ev.add_argument("--batch_size", type=int, default=4)
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--output", help="where to write metrics.json (default: next to the checkpoint)")
+    ev.add_argument("--output", help="file or folder to write metrics.json to (default: next to the checkpoint)")
     return ev
 
 
@@ -81,6 +82,12 @@ def cmd_train(args: Namespace) -> dict:
 
 def cmd_eval(args: Namespace) -> dict:
     images, ann, source = resolve_split(args.data, "val", images=args.images, ann=args.ann)
+    out = Path(args.output) if args.output else resolve_weights_file(args.checkpoint).parent / "metrics.json"
+    if out.is_dir():  # --output FOLDER: the metrics go inside it
+        out = out / "metrics.json"
+    blocking = next((p for p in out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # said before the evaluation, not after it
+        raise CommandError(f"--output {out}: {blocking} is a file, not a folder; give a file name or a folder")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnpredictedCategoriesWarning)
         metrics = evaluate_checkpoint(args.checkpoint, images, ann, source=source, device=args.device,
@@ -90,7 +97,6 @@ def cmd_eval(args: Namespace) -> dict:
             print(f"warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    out = Path(args.output) if args.output else resolve_weights_file(args.checkpoint).parent / "metrics.json"
     write_metrics(metrics, out)
     print(format_metrics(metrics))
     print(f"metrics written to {out}")
