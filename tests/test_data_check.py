@@ -225,3 +225,19 @@ def test_flat_voc_folder_and_xml_names_that_lie(synth_dir, tmp_path):
     assert CocoDetection(images, ann, source=source).report.ok  # every image found
     with pytest.raises(DatasetError, match=r"no ImageSets/Main/val.txt .*--val_images --val_ann"):
         dataset_split(TrainConfig(data=str(flat)), "val")
+
+
+def test_split_coco_is_seeded_disjoint_and_order_free(synth_dir):
+    from detrkit.data.formats import split_coco
+
+    coco = read_coco(synth_dir, "train")
+    train, val = split_coco(coco, 0.25, seed=3)
+    ids = lambda c: {img["id"] for img in c["images"]}  # noqa: E731
+    assert len(val["images"]) == 3 and ids(train) | ids(val) == ids(coco) and not ids(train) & ids(val)
+    assert all(a["image_id"] in ids(val) for a in val["annotations"])
+    assert len(train["annotations"]) + len(val["annotations"]) == len(coco["annotations"])
+    shuffled = {**coco, "images": coco["images"][::-1]}
+    assert ids(split_coco(shuffled, 0.25, seed=3)[1]) == ids(val)  # the file's order does not matter
+    assert ids(split_coco(coco, 0.25, seed=4)[1]) != ids(val)  # the seed does
+    with pytest.raises(DatasetError, match="must be in"):
+        split_coco(coco, 1.5)

@@ -197,3 +197,30 @@ def test_evaluate_checkpoint_warns_about_categories_it_never_predicts(synth_dir,
     assert main(["eval", "--checkpoint", str(tmp_path / "m.safetensors"), "--images", str(val[0]), "--ann",
                  str(val[1]), "--output", str(tmp_path / "m.json")]) == 0
     assert "warning: " in capsys.readouterr().err
+
+
+def test_val_split_trains_a_dataset_without_one_and_eval_finds_the_held_out_images(synth_dir, tmp_path, capsys):
+    """A flat VOC folder has no validation split: training refuses and names --val_split; with it the run holds out a
+    seeded share of the images, writes which, and `detrkit eval` evaluates on exactly those."""
+    from _datasets import write_voc
+
+    voc = write_voc(synth_dir, tmp_path / "voc", splits=("train",)) / "VOCdevkit" / "VOC2007"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in [*(voc / "JPEGImages").iterdir(), *(voc / "Annotations").iterdir()]:
+        f.rename(flat / f.name)
+    common = ["train", "--data", str(flat), "--output_dir", str(tmp_path / "run"), "--epochs", "1", "--image_size",
+              "96", "--batch_size", "2", "--num_workers", "0", "--progress", "false", "--model_args",
+              json.dumps(TINY)]
+    assert main(common) == 2
+    assert "--val_split 0.1" in capsys.readouterr().err
+    assert main([*common, "--val_split", "0.25"]) == 0
+    held = json.loads((tmp_path / "run" / "val_split.json").read_text())
+    assert len(held["val_image_ids"]) == 3 and held["seed"] == 42
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(flat)]) == 0
+    assert "held out" in capsys.readouterr().out
+    from detrkit.engine.config import read_val_split
+
+    _, coco, _ = read_val_split(tmp_path / "run" / "val_split.json")
+    assert sorted(img["id"] for img in coco["images"]) == held["val_image_ids"]

@@ -10,9 +10,10 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from detrkit.cli.common import CommandError
+from detrkit.data.coco import DatasetError
 from detrkit.data.formats import resolve_split
 from detrkit.data.synthetic import make_synthetic_dataset
-from detrkit.engine.config import TrainConfig
+from detrkit.engine.config import TrainConfig, read_val_split
 from detrkit.engine.evaluate import UnpredictedCategoriesWarning, evaluate_checkpoint, format_metrics, write_metrics
 from detrkit.engine.train import train
 from detrkit.inference.detector import Detector
@@ -66,7 +67,8 @@ def train_parser() -> ArgumentParser:
 def eval_parser() -> ArgumentParser:
     ev = ArgumentParser(description="COCO box AP of a checkpoint on a COCO-format split.")
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder, model.safetensors or training run folder")
-    ev.add_argument("--data", help="dataset folder (as for train); evaluates its val split")
+    ev.add_argument("--data", help="dataset folder (as for train); evaluates its val split, or, where it has none, "
+                                   "the images a --val_split run held out")
     ev.add_argument("--images", help="image folder (instead of --data)")
     ev.add_argument("--ann", help="COCO annotation json (instead of --data)")
     ev.add_argument("--batch_size", type=int, default=4)
@@ -80,8 +82,24 @@ def cmd_train(args: Namespace) -> dict:
     return train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
+def _held_out_split(checkpoint: str) -> Path | None:
+    """The ``val_split.json`` of the run a checkpoint belongs to (a ``--val_split`` run), if any."""
+    start = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    return next((d / "val_split.json" for d in (start, *list(start.parents)[:3]) if (d / "val_split.json").is_file()),
+                None)
+
+
 def cmd_eval(args: Namespace) -> dict:
-    images, ann, source = resolve_split(args.data, "val", images=args.images, ann=args.ann)
+    held_out = None if args.images or args.ann else _held_out_split(args.checkpoint)
+    try:
+        images, ann, source = resolve_split(args.data, "val", images=args.images, ann=args.ann)
+        if held_out and isinstance(ann, Path) and not ann.is_file():
+            raise DatasetError(f"{ann} does not exist")
+    except DatasetError:
+        if held_out is None:
+            raise
+        images, ann, source = read_val_split(held_out)  # the images the run held out with --val_split
+        print(f"evaluating on the validation images the run held out ({held_out})")
     out = Path(args.output) if args.output else resolve_weights_file(args.checkpoint).parent / "metrics.json"
     if out.is_dir():  # --output FOLDER: the metrics go inside it
         out = out / "metrics.json"

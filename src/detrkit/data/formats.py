@@ -28,6 +28,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import UnidentifiedImageError
 
@@ -288,7 +289,8 @@ def read_voc(root: str | Path, split: str) -> tuple[Path, dict, str]:
         stems = [f.stem for f in xml_files]  # no split lists: everything is training data
     else:
         raise DatasetError(f"{voc}: no ImageSets/Main/{split}.txt listing the {split} images; write that list (one "
-                           f"file stem per line), or give the {split} data explicitly (--{split}_images --{split}_ann)")
+                           f"file stem per line), give the {split} data explicitly (--{split}_images --{split}_ann), "
+                           "or hold out part of the training images (--val_split 0.1)")
     parsed = {f.stem: _parse_voc_xml(f) for f in xml_files}
     names = sorted({o["name"] for p in parsed.values() if p for o in p["objects"] if o.get("name")})
     cat_ids = {n: i + 1 for i, n in enumerate(names)}
@@ -345,6 +347,26 @@ def _parse_voc_xml(file: Path) -> dict | None:
     return {"filename": _voc_text(tree, "filename"), "objects": objects,
             "width": int(num(size, "width") or 0) if size is not None else 0,
             "height": int(num(size, "height") or 0) if size is not None else 0}
+
+
+# -- a validation split where the dataset has none ---------------------------------------------------------
+def split_coco(coco: dict, fraction: float, seed: int = 0) -> tuple[dict, dict]:
+    """``coco``'s images in two parts, (train, val): ``fraction`` of them (at least one) drawn at random with
+    ``seed``, the same for the same images whatever their order in the file; categories shared."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--val_split {fraction}: the share of images held out for validation must be in (0, 1)")
+    ids = sorted(img["id"] for img in coco["images"])
+    if len(ids) < 2:
+        raise DatasetError(f"--val_split: {len(ids)} image(s) cannot be split into training and validation")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val_ids = {ids[i] for i in order[:min(len(ids) - 1, max(1, round(fraction * len(ids))))]}
+
+    def part(keep) -> dict:
+        images = [img for img in coco["images"] if keep(img["id"])]
+        kept = {img["id"] for img in images}
+        return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in kept]}
+
+    return part(lambda i: i not in val_ids), part(lambda i: i in val_ids)
 
 
 # -- conversion --------------------------------------------------------------------------------------------

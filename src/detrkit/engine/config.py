@@ -7,12 +7,14 @@ folder so that it can be repeated exactly.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
-from detrkit.data.formats import resolve_split
+from detrkit.data.coco import DatasetError, load_coco_json
+from detrkit.data.formats import resolve_split, split_coco
 from detrkit.registry import model_info
 
 
@@ -69,6 +71,9 @@ class TrainConfig:
             matched box, so that they rank boxes by how well they fit.
         mosaic: probability that a training image is a mosaic of four (DEIM's dense one-to-one: more objects per
             image and step); ``mosaic_epochs``: mosaics in the first N epochs only (None: all but the last).
+        val_split: hold out this share of the training images (e.g. 0.1) as the validation split, for a dataset
+            that has none: drawn with ``seed``, the same on resume; the held-out image ids are written to
+            ``output_dir/val_split.json`` (``detrkit eval --checkpoint RUN --data DIR`` uses them again).
         skip_invalid: drop the images and annotations the doctor finds errors in (counted in a warning)
             instead of stopping with its report.
     """
@@ -123,6 +128,7 @@ class TrainConfig:
     class_loss: str | None = None
     mosaic: float = 0.0
     mosaic_epochs: int | None = None
+    val_split: float = 0.0
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
@@ -137,5 +143,39 @@ def apply_recipe(cfg: TrainConfig) -> TrainConfig:
 
 
 def dataset_split(cfg: TrainConfig, split: str) -> tuple[Path, Path | dict, str | None]:
-    """(images folder, annotations, source name) of ``split`` ("train" / "val") of ``cfg`` (see ``resolve_split``)."""
-    return resolve_split(cfg.data, split, images=getattr(cfg, f"{split}_images"), ann=getattr(cfg, f"{split}_ann"))
+    """(images folder, annotations, source name) of ``split`` ("train" / "val") of ``cfg`` (see ``resolve_split``).
+
+    With ``cfg.val_split`` both come from the training split: the held-out share is "val", the rest "train"."""
+    if not cfg.val_split:
+        found = resolve_split(cfg.data, split, images=getattr(cfg, f"{split}_images"),
+                              ann=getattr(cfg, f"{split}_ann"))
+        if split == "val" and isinstance(found[1], Path) and not found[1].is_file():
+            raise DatasetError(f"no validation split: {found[1]} does not exist. Give one (--val_images --val_ann), "
+                               "or hold out part of the training images: --val_split 0.1")
+        return found
+    images, ann, source = resolve_split(cfg.data, "train", images=cfg.train_images, ann=cfg.train_ann)
+    coco = ann if isinstance(ann, dict) else load_coco_json(ann)
+    train_part, val_part = split_coco(coco, cfg.val_split, cfg.seed)
+    source = f"{source or ann} ({split} part of --val_split {cfg.val_split})"
+    return images, train_part if split == "train" else val_part, source
+
+
+def write_val_split(cfg: TrainConfig, val_image_ids: list[int], path: Path) -> None:
+    """What ``--val_split`` held out, so that ``detrkit eval`` can find the same images again."""
+    path.write_text(json.dumps({"val_split": cfg.val_split, "seed": cfg.seed, "data": cfg.data,
+                                "train_images": cfg.train_images, "train_ann": cfg.train_ann,
+                                "val_image_ids": sorted(val_image_ids)}, indent=1))
+
+
+def read_val_split(path: Path) -> tuple[Path, dict, str]:
+    """(images folder, COCO dict, source) of the validation images a ``--val_split`` run held out."""
+    info = json.loads(path.read_text())
+    images, ann, source = resolve_split(info["data"], "train", images=info["train_images"], ann=info["train_ann"])
+    coco = ann if isinstance(ann, dict) else load_coco_json(ann)
+    keep = set(info["val_image_ids"])
+    chosen = [img for img in coco["images"] if img["id"] in keep]
+    if len(chosen) != len(keep):
+        raise DatasetError(f"{path}: {len(keep) - len(chosen)} of the held-out validation images are no longer in "
+                           f"{source or ann}; the dataset changed since training")
+    return images, {**coco, "images": chosen, "annotations": [a for a in coco["annotations"]
+                                                               if a["image_id"] in keep]}, f"{path}"

@@ -26,7 +26,7 @@ from detrkit.data.sampler import EpochSampler, SeededSamples
 from detrkit.data.transforms import scales_for, val_transforms
 from detrkit.engine import distributed as D
 from detrkit.engine.checkpoint import latest_checkpoint, load_state, save_checkpoint, save_step_checkpoint
-from detrkit.engine.config import TrainConfig, apply_recipe, dataset_split
+from detrkit.engine.config import TrainConfig, apply_recipe, dataset_split, write_val_split
 from detrkit.engine.ema import ModelEMA
 from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
 from detrkit.engine.schedule import LRSchedule
@@ -103,6 +103,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.out / "config.yaml")
         self.train_set, self.val_set = build_datasets(cfg, progress=self.main)
+        if cfg.val_split and self.main:
+            write_val_split(cfg, [img["id"] for img in self.val_set.coco["images"]], self.out / "val_split.json")
         self._build_loaders()
         self._build_model()
         self.optimizer = torch.optim.AdamW(
