@@ -207,7 +207,7 @@ def test_coco_per_split_without_a_val_folder_names_what_it_looked_for(synth_dir,
         dataset_split(TrainConfig(data=str(root)), "val")
 
 
-def test_flat_voc_folder_and_xml_names_that_lie(synth_dir, tmp_path):
+def test_flat_voc_folder_and_xml_names_that_lie(synth_dir, tmp_path, capsys):
     """Images and their .xml side by side (LabelImg's layout) read as VOC; an XML <filename> naming a file that does
     not exist (the original .tif of a .jpg) finds the image by the XML's stem, with one warning counting them."""
     voc = write_voc(synth_dir, tmp_path / "voc", splits=("train",)) / "VOCdevkit" / "VOC2007"
@@ -225,6 +225,13 @@ def test_flat_voc_folder_and_xml_names_that_lie(synth_dir, tmp_path):
     assert CocoDetection(images, ann, source=source).report.ok  # every image found
     with pytest.raises(DatasetError, match=r"no ImageSets/Main/val.txt .*--val_images --val_ann"):
         dataset_split(TrainConfig(data=str(flat)), "val")
+    # convert, then the check command convert suggests works (it failed on the missing val json)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="3 of 12"):
+        assert main(["data", "convert", str(flat), "-o", str(tmp_path / "coco")]) == 0
+    out = capsys.readouterr().out
+    assert "--val_split 0.1" in out and f"detrkit data check {tmp_path / 'coco'}" in out
+    assert main(["data", "check", str(tmp_path / "coco")]) == 0
 
 
 def test_split_coco_is_seeded_disjoint_and_order_free(synth_dir):

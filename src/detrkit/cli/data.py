@@ -72,7 +72,11 @@ def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
     targets = []
     for split in args.splits:
         try:
-            targets.append(resolve_split(path, split))
+            found = resolve_split(path, split)
+            if split != args.splits[0] and isinstance(found[1], Path) and not found[1].is_file():
+                raise DatasetError(f"no {split} split ({found[1]} does not exist); training can hold out part of "
+                                   "the train images: --val_split 0.1")
+            targets.append(found)
         except DatasetError as e:
             if split == args.splits[0]:
                 raise
@@ -102,6 +106,8 @@ def cmd_data_convert(args: Namespace) -> None:
     out = Path(args.output)
     for split, n in written.items():
         print(f"{split}: {n} images -> {out / 'annotations' / f'instances_{split}.json'}")
+    if "val" not in written:
+        print("no val split in the source: train with --val_split 0.1 to hold out part of the train images")
     print(f"check it with: detrkit data check {out}")
 
 
