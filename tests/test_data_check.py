@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from _datasets import read_coco, write_coco_per_split, write_voc, write_yolo
 from PIL import Image
 
@@ -248,3 +249,27 @@ def test_split_coco_is_seeded_disjoint_and_order_free(synth_dir):
     assert ids(split_coco(coco, 0.25, seed=4)[1]) != ids(val)  # the seed does
     with pytest.raises(DatasetError, match="must be in"):
         split_coco(coco, 1.5)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_yolo_export_with_classes_txt_instead_of_data_yaml(synth_dir, tmp_path, flat):
+    """LabelImg's YOLO mode and many exporters write classes.txt, not data.yaml: images/{train,val} + labels/, or
+    every image with its .txt side by side (then all of it is the train split)."""
+    root = write_yolo(synth_dir, tmp_path / "y")
+    names = yaml.safe_load((root / "data.yaml").read_text())["names"]
+    (root / "data.yaml").unlink()
+    if flat:
+        for f in [*(root / "images" / "train").iterdir(), *(root / "labels" / "train").iterdir()]:
+            f.rename(root / f.name)
+        shutil.rmtree(root / "images"), shutil.rmtree(root / "labels")
+    (root / "classes.txt").write_text("\n".join(names) + "\n")
+    images, ann, source = dataset_split(TrainConfig(data=str(root)), "train")
+    coco = read_coco(synth_dir, "train")
+    assert [c["name"] for c in ann["categories"]] == names
+    assert len(ann["images"]) == 12 and len(ann["annotations"]) == len(coco["annotations"])
+    assert CocoDetection(images, ann, source=source).report.ok
+    if flat:
+        with pytest.raises(DatasetError, match=r"classes.txt: no 'val' images; .*--val_split 0.1"):
+            dataset_split(TrainConfig(data=str(root)), "val")
+    else:
+        assert len(dataset_split(TrainConfig(data=str(root)), "val")[1]["images"]) == 4

@@ -3,7 +3,8 @@
 * YOLO (Ultralytics): ``data.yaml`` with ``names`` and ``train`` / ``val`` image folders (or list files);
   each image ``.../images/x.jpg`` has ``.../labels/x.txt`` with one ``class cx cy w h`` line per object,
   normalized to the image size (a segmentation line's polygon becomes its bounding box). Category ids are
-  YOLO's class indices.
+  YOLO's class indices. Without a data.yaml, a ``classes.txt`` (one name per line) names the classes, and the
+  images are ``images/{train,val}``, ``images/`` or the folder itself, each image's .txt beside it.
 * COCO per split (Roboflow's COCO export and similar): ``{train,valid|val,test}/`` each holding its images and one
   COCO json (``_annotations.coco.json``, ``annotations.json``, ``instances_*.json``, or the folder's only json);
   ``file_name`` is relative to that folder.
@@ -48,7 +49,7 @@ def detect_layout(root: str | Path) -> str:
         return "coco"
     if _coco_split_ann(root, "train") is not None:
         return "coco_split"
-    if _yolo_yaml(root) is not None:
+    if _yolo_yaml(root) is not None or (root / "classes.txt").is_file():
         return "yolo"
     if _voc_root(root) is not None:
         return "voc"
@@ -140,6 +141,23 @@ def _yolo_yaml(root: Path) -> Path | None:
     return None
 
 
+def _yolo_spec_from_classes(root: Path) -> dict | None:
+    """A data.yaml's content for a YOLO export without one: ``classes.txt`` (one name per line, as LabelImg and
+    many exporters write it) and ``images/{train,val}``, ``images/``, or images with their .txt beside them."""
+    classes = root / "classes.txt"
+    if not classes.is_file():
+        return None
+    spec = {"names": [line.strip() for line in classes.read_text().splitlines() if line.strip()], "path": str(root)}
+    if (root / "images" / "train").is_dir():
+        spec["train"] = "images/train"
+        val = next((d for d in ("val", "valid", "test") if (root / "images" / d).is_dir()), None)
+        if val:
+            spec["val"] = f"images/{val}"
+    else:
+        spec["train"] = "images" if (root / "images").is_dir() else "."
+    return spec
+
+
 def _yolo_images(spec, base: Path) -> list[Path]:
     """Image files of a data.yaml split entry: a folder, a .txt list of files, or a list of either."""
     files = []
@@ -171,9 +189,14 @@ def _yolo_label_file(image: Path) -> Path:
 def read_yolo(root: str | Path, split: str) -> tuple[Path, dict, str]:
     """A YOLO dataset's ``split`` as (images root, COCO dict, source). Boxes use each image's displayed size."""
     yaml_file = _yolo_yaml(Path(root))
-    if yaml_file is None:
-        raise DatasetError(f"{root}: no data.yaml (a YOLO dataset lists 'names' and its 'train' / 'val' folders there)")
-    spec = yaml.safe_load(yaml_file.read_text()) or {}
+    spec = None if yaml_file is not None else _yolo_spec_from_classes(Path(root))
+    if yaml_file is None and spec is None:
+        raise DatasetError(f"{root}: no data.yaml (a YOLO dataset lists 'names' and its 'train' / 'val' folders there) "
+                           "and no classes.txt")
+    if spec is None:
+        spec = yaml.safe_load(yaml_file.read_text()) or {}
+    else:
+        yaml_file = Path(root) / "classes.txt"  # named in messages
     names = spec.get("names")
     if isinstance(names, dict):
         names = [names[k] for k in sorted(names)]
@@ -183,7 +206,8 @@ def read_yolo(root: str | Path, split: str) -> tuple[Path, dict, str]:
     base = base if base.is_absolute() else (yaml_file.parent / base)
     key = split if split in spec else {"val": "test"}.get(split, split)
     if key not in spec:
-        raise DatasetError(f"{yaml_file}: no '{split}' entry; give the folder of the {split} images")
+        raise DatasetError(f"{yaml_file}: no '{split}' images; give their folder (a '{split}' entry in data.yaml), "
+                           "or hold out part of the training images (--val_split 0.1)")
     files = _yolo_images(spec[key], base)
     if not files:
         raise DatasetError(f"{yaml_file}: the '{key}' entry ({spec[key]}) holds no images")
