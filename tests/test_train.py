@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import TINY
+from PIL import Image
 
 from detrkit import Detector
 from detrkit.cli import main
@@ -87,6 +88,15 @@ def test_cli_train_eval_predict(synth_dir, tmp_path, capsys):
                "--threshold", "0.0", "--max_detections", "2", "--batch_size", "3", "--ann", str(ann)])
     results = json.loads((tmp_path / "g" / "results.json").read_text())
     assert rc == 0 and len(results) == 8
+    # tiled: ~140-px images in 64-px tiles (9 per image at overlap 0.25), detections in image coordinates
+    rc = main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--output", str(tmp_path / "t"),
+               "--threshold", "0.0", "--max_detections", "5", "--tile", "64", "--overlap", "0.25"])
+    dets = json.loads((tmp_path / "t" / "detections.json").read_text())
+    assert rc == 0 and all(0 < len(d) <= 5 for d in dets.values())
+    for name, found in dets.items():
+        w, h = Image.open(synth_dir / "val" / name).size
+        assert all(0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h for x0, y0, x1, y1 in (d["box"] for d in found))
+    assert main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--tile", "0"]) == 2
     assert {r["image_id"] for r in results} == {im["id"] for im in json.loads(ann.read_text())["images"]}
 
 

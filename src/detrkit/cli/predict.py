@@ -33,6 +33,10 @@ def predict_parser() -> ArgumentParser:
     pr.add_argument("--ann", help="COCO annotation json whose image ids results.json should use (matched by file "
                                   "name); default: digit-only file names are the ids (COCO's naming), others "
                                   "numbered from 1")
+    pr.add_argument("--tile", type=int, help="predict large images by overlapping square tiles of this many pixels "
+                                             "(e.g. the size the model was trained on), merged in image coordinates")
+    pr.add_argument("--overlap", type=float, default=0.2, help="with --tile: the share of a tile its neighbours "
+                                                               "overlap; keep it above the largest object's size")
     pr.add_argument("--device", default="auto")
     return pr
 
@@ -83,8 +87,11 @@ def cmd_predict(args: Namespace) -> None:
               f"and results.json (COCO results, image_id = frame number from 1) in {out}")
         return
     files = image_files(args.source)
+    if args.tile is not None and (args.tile < 1 or not 0 <= args.overlap < 1):
+        raise CommandError(f"--tile {args.tile} --overlap {args.overlap}: need a tile of at least 1 pixel and an "
+                           "overlap in [0, 1)")
     found = predict_files(detector(args), files, out, batch_size=args.batch_size, max_detections=args.max_detections,
-                          ann=args.ann)
+                          ann=args.ann, tile=args.tile, overlap=args.overlap)
     print(f"{found} detections in {len(files)} image(s); annotated images, detections.json (per image) "
           f"and results.json (COCO results format) in {out}")
 

@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 from detrkit.data.collate import pad_images
 from detrkit.data.image import to_pil
 from detrkit.data.transforms import val_transforms
+from detrkit.inference.tiles import cut_by_tile_border, merge_tiles, tile_windows
 from detrkit.models.postprocess import postprocess
 from detrkit.registry import image_size_of
 from detrkit.runtime import amp_dtype, resolve_device
@@ -84,10 +85,18 @@ class Detector:
         self.transform = val_transforms(image_size_of(self.meta), with_boxes=False)
 
     @torch.no_grad()
-    def predict(self, images, *, threshold: float | None = None, max_detections: int = 100):
-        """Detect objects in one image (returns :class:`Detections`) or a list of images (returns a list)."""
+    def predict(self, images, *, threshold: float | None = None, max_detections: int = 100, tile: int | None = None,
+                overlap: float = 0.2, batch_size: int = 8):
+        """Detect objects in one image (returns :class:`Detections`) or a list of images (returns a list).
+
+        ``tile``: cut each image into overlapping squares of that many pixels (``overlap``: the share neighbours
+        have in common), predict them ``batch_size`` at a time and merge the detections in image coordinates
+        (:mod:`detrkit.inference.tiles`); for images far larger than the model's input."""
         single = not isinstance(images, (list, tuple))
         pils = [to_pil(img) for img in ([images] if single else images)]
+        if tile:
+            results = [self._predict_tiled(p, tile, overlap, batch_size, threshold, max_detections) for p in pils]
+            return results[0] if single else results
         outputs = self.forward_pil(pils)
         sizes = [(p.height, p.width) for p in pils]
         dets = postprocess(outputs, sizes, score_activation=self.model.score_activation, top_k=max_detections,
@@ -95,6 +104,26 @@ class Detector:
         results = [Detections(d["boxes"].cpu(), d["scores"].cpu(), d["labels"].cpu(),
                               [self.cat_to_name[int(c)] for c in d["labels"]]) for d in dets]
         return results[0] if single else results
+
+    def _predict_tiled(self, pil: Image.Image, tile: int, overlap: float, batch_size: int,
+                       threshold: float | None, max_detections: int) -> Detections:
+        windows = tile_windows(pil.width, pil.height, tile, overlap)
+        found = []
+        for start in range(0, len(windows), max(1, batch_size)):
+            chunk = windows[start:start + max(1, batch_size)]
+            found += self.predict([pil.crop(w) for w in chunk], threshold=threshold, max_detections=max_detections)
+        offsets = torch.tensor([[w[0], w[1], w[0], w[1]] for w in windows], dtype=torch.float32)
+        counts = torch.tensor([len(d) for d in found])
+        boxes = torch.cat([d.boxes.float() + offsets[i] for i, d in enumerate(found)]).reshape(-1, 4)
+        scores = torch.cat([d.scores for d in found])
+        labels = torch.cat([d.labels for d in found])
+        tile_ids = torch.arange(len(windows)).repeat_interleave(counts)
+        where = torch.tensor(windows, dtype=torch.float32)[tile_ids]
+        boxes = torch.max(torch.min(boxes, where[:, [2, 3, 2, 3]]), where[:, [0, 1, 0, 1]])  # inside what it saw
+        cut = cut_by_tile_border(boxes, where, pil.width, pil.height)
+        keep = merge_tiles(boxes, scores, labels, tile_ids, cut)[:max_detections]
+        names = [n for d in found for n in d.names]
+        return Detections(boxes[keep], scores[keep], labels[keep], [names[i] for i in keep.tolist()])
 
     @torch.no_grad()
     def forward_pil(self, pils: list[Image.Image], *, compiled: bool = True):

@@ -60,9 +60,11 @@ def image_ids(files: list[Path], ann: str | Path | None) -> list[int]:
 
 
 def predict_files(detector: Detector, files: list[Path], out: str | Path, *, batch_size: int = 1,
-                  max_detections: int = 100, ann: str | Path | None = None) -> int:
+                  max_detections: int = 100, ann: str | Path | None = None, tile: int | None = None,
+                  overlap: float = 0.2) -> int:
     """Annotated images (``<stem>.jpg``), ``detections.json`` (per image) and ``results.json`` (COCO results, image ids
-    from ``ann`` or the file names) in ``out``. Returns the number of detections."""
+    from ``ann`` or the file names) in ``out``; ``tile`` / ``overlap``: predict by tiles (``Detector.predict``).
+    Returns the number of detections."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = dict(zip(detector.label_to_cat, detector.class_names, strict=False))
@@ -72,7 +74,8 @@ def predict_files(detector: Detector, files: list[Path], out: str | Path, *, bat
         for start in range(0, len(files), batch):
             chunk = files[start : start + batch]
             images = [to_pil(f) for f in chunk]
-            found = detector.predict(images, max_detections=max_detections)
+            found = detector.predict(images, max_detections=max_detections, tile=tile, overlap=overlap,
+                                     batch_size=batch)
             for i, (f, image, det) in enumerate(zip(chunk, images, found, strict=True)):
                 draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(
                     out / f"{f.stem}.jpg")
