@@ -196,7 +196,8 @@ def test_coco_per_split_folders_are_found_by_data(synth_dir, tmp_path, capsys, j
         ds = CocoDetection(images, ann)
         assert len(ds) == len(read_coco(synth_dir, split)["images"]) and ds.report.ok
     assert main(["data", "check", str(root)]) == 0
-    assert "OK: 0 errors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK: 0 errors" in out and f"COCO dataset per split (train/{json_name}, {val_dir}/{json_name})" in out
     assert main(["data", "convert", str(root), "-o", str(tmp_path / "coco")]) == 0
     assert read_coco(tmp_path / "coco", "val")["annotations"] == read_coco(synth_dir, "val")["annotations"]
 
@@ -226,8 +227,11 @@ def test_flat_voc_folder_and_xml_names_that_lie(synth_dir, tmp_path, capsys):
     assert CocoDetection(images, ann, source=source).report.ok  # every image found
     with pytest.raises(DatasetError, match=r"no ImageSets/Main/val.txt .*--val_images --val_ann"):
         dataset_split(TrainConfig(data=str(flat)), "val")
-    # convert, then the check command convert suggests works (it failed on the missing val json)
     capsys.readouterr()
+    with pytest.warns(UserWarning, match="3 of 12"):
+        assert main(["data", "check", str(flat)]) == 0
+    assert "Pascal VOC dataset, flat: 12 .xml files beside the images" in capsys.readouterr().out
+    # convert, then the check command convert suggests works (it failed on the missing val json)
     with pytest.warns(UserWarning, match="3 of 12"):
         assert main(["data", "convert", str(flat), "-o", str(tmp_path / "coco")]) == 0
     out = capsys.readouterr().out

@@ -9,7 +9,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from detrkit.data.check import check_dataset
 from detrkit.data.coco import DatasetError, load_coco_json, validate_coco
-from detrkit.data.formats import convert_dataset, resolve_split
+from detrkit.data.formats import convert_dataset, describe_layout, resolve_split
 from detrkit.data.synthetic import make_synthetic_dataset
 
 
@@ -70,6 +70,7 @@ def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
             )
         return [(Path(args.images), path, None)]
     targets = []
+    print(f"{path}: {describe_layout(path)}")
     for split in args.splits:
         try:
             found = resolve_split(path, split)

@@ -11,7 +11,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from detrkit.cli.common import CommandError
 from detrkit.data.coco import DatasetError
-from detrkit.data.formats import resolve_split
+from detrkit.data.formats import describe_layout, resolve_split
 from detrkit.data.synthetic import make_synthetic_dataset
 from detrkit.engine.config import TrainConfig, read_val_split
 from detrkit.engine.evaluate import UnpredictedCategoriesWarning, evaluate_checkpoint, format_metrics, write_metrics
@@ -79,6 +79,8 @@ def eval_parser() -> ArgumentParser:
 
 def cmd_train(args: Namespace) -> dict:
     fields = TrainConfig.__dataclass_fields__
+    if args.data and Path(args.data).exists() and not (args.train_ann or args.val_ann):
+        print(f"{args.data}: {describe_layout(args.data)}")
     return train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
 
 

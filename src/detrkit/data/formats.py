@@ -60,6 +60,25 @@ def detect_layout(root: str | Path) -> str:
                        "ImageSets/Main/).")
 
 
+def describe_layout(root: str | Path) -> str:
+    """One line naming the layout found in a dataset folder, for the user to check it is the one they meant."""
+    root = Path(root)
+    layout = detect_layout(root)
+    if layout == "coco":
+        return f"COCO dataset ({', '.join(sorted(p.name for p in (root / 'annotations').glob('*.json')))})"
+    if layout == "coco_split":
+        found = [p for p in (_coco_split_ann(root, s) for s in ("train", "val", "test")) if p is not None]
+        return "COCO dataset per split (" + ", ".join(str(p.relative_to(root)) for p in found) + ")"
+    if layout == "yolo":
+        yaml_file = _yolo_yaml(root)
+        return f"YOLO dataset ({yaml_file.name if yaml_file else 'classes.txt, no data.yaml'})"
+    ann_dir, img_dir = _voc_dirs(root)
+    if ann_dir == img_dir:
+        return f"Pascal VOC dataset, flat: {len(list(ann_dir.glob('*.xml')))} .xml files beside the images"
+    return f"Pascal VOC dataset ({ann_dir.relative_to(root) if ann_dir.is_relative_to(root) else ann_dir}, " \
+           f"{len(list(ann_dir.glob('*.xml')))} .xml files)"
+
+
 def resolve_split(data: str | Path | None, split: str, *, images: str | Path | None = None,
                   ann: str | Path | None = None) -> tuple[Path, Path | dict, str | None]:
     """(images folder, annotations, source name) of ``split`` ("train" / "val"): explicit paths, or from ``data``.
