@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -80,7 +81,8 @@ def eval_parser() -> ArgumentParser:
 def cmd_train(args: Namespace) -> dict:
     fields = TrainConfig.__dataclass_fields__
     if args.data and Path(args.data).exists() and not (args.train_ann or args.val_ann):
-        print(f"{args.data}: {describe_layout(args.data)}")
+        with contextlib.suppress(DatasetError):  # not a dataset: training says so, after the checks before it
+            print(f"{args.data}: {describe_layout(args.data)}")
     return train(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
 
 
