@@ -45,6 +45,9 @@ def detect_layout(root: str | Path) -> str:
     root = Path(root)
     if root.is_file() and root.suffix in (".yaml", ".yml"):
         return "yolo"
+    if root.is_file():
+        raise DatasetError(f"{root} is a file: give the dataset's folder (or a YOLO data.yaml; a COCO json goes with "
+                           "--train_ann / --val_ann and its image folder)")
     if (root / "annotations").is_dir() and any((root / "annotations").glob("*.json")):
         return "coco"
     if _coco_split_ann(root, "train") is not None:
@@ -153,7 +156,7 @@ def _coco_split_ann(root: Path, split: str) -> Path | None:
 # -- YOLO --------------------------------------------------------------------------------------------------
 def _yolo_yaml(root: Path) -> Path | None:
     if root.is_file():
-        return root
+        return root if root.suffix in (".yaml", ".yml") else None
     for name in ("data.yaml", "data.yml", "dataset.yaml"):
         if (root / name).is_file():
             return root / name
@@ -213,7 +216,12 @@ def read_yolo(root: str | Path, split: str) -> tuple[Path, dict, str]:
         raise DatasetError(f"{root}: no data.yaml (a YOLO dataset lists 'names' and its 'train' / 'val' folders there) "
                            "and no classes.txt")
     if spec is None:
-        spec = yaml.safe_load(yaml_file.read_text()) or {}
+        try:
+            spec = yaml.safe_load(yaml_file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DatasetError(f"{yaml_file}: not valid YAML ({e})") from None
+        if not isinstance(spec, dict):
+            raise DatasetError(f"{yaml_file}: expected a YOLO data.yaml mapping (names, train, val)")
     else:
         yaml_file = Path(root) / "classes.txt"  # named in messages
     names = spec.get("names")

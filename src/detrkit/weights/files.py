@@ -77,8 +77,11 @@ def resolve_weights_file(path: str | Path) -> Path:
 def read_meta(path: str | Path) -> dict:
     """The model description stored in a checkpoint's safetensors metadata."""
     file = resolve_weights_file(path)
-    with safe_open(str(file), framework="pt") as f:
-        meta = (f.metadata() or {}).get("detrkit")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = (f.metadata() or {}).get("detrkit")
+    except Exception as e:  # safetensors raises its own error types for files that are not safetensors
+        raise CheckpointError(f"cannot read {file} as a detrkit checkpoint (safetensors): {e}") from None
     if meta is None:
         raise CheckpointError(f"{file} has no detrkit metadata; load it with create_model(NAME, weights=...) instead.")
     return json.loads(meta)
