@@ -237,6 +237,14 @@ def test_flat_voc_folder_and_xml_names_that_lie(synth_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--val_split 0.1" in out and f"detrkit data check {tmp_path / 'coco'}" in out
     assert main(["data", "check", str(tmp_path / "coco")]) == 0
+    with pytest.warns(UserWarning, match="3 of 12"):  # convert can make the split too: the same one training would
+        assert main(["data", "convert", str(flat), "-o", str(tmp_path / "split"), "--val_split", "0.25"]) == 0
+    assert "train: 9 images" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "split")]) == 0
+    with pytest.warns(UserWarning, match="3 of 12"):
+        held = dataset_split(TrainConfig(data=str(flat), val_split=0.25), "val")[1]
+    assert sorted(i["id"] for i in read_coco(tmp_path / "split", "val")["images"]) == sorted(
+        i["id"] for i in held["images"])
 
 
 def test_split_coco_is_seeded_disjoint_and_order_free(synth_dir):

@@ -44,13 +44,17 @@ def add_data_commands(sub) -> None:
     check.add_argument("--examples", type=int, default=10, help="examples printed per kind of problem")
     check.add_argument("--report", help="also write the report as JSON here")
     data_sub.add_subcommand("check", check, help="check a dataset for errors before training")
-    conv = ArgumentParser(description="Convert a YOLO (data.yaml + images/ + labels/) or Pascal VOC (Annotations/ + "
-                                      "JPEGImages/ + ImageSets/Main/) dataset to a COCO folder: "
+    conv = ArgumentParser(description="Convert a YOLO (data.yaml or classes.txt + images/ + labels/), Pascal VOC "
+                                      "(Annotations/ + JPEGImages/ + ImageSets/Main/, or flat) or per-split COCO "
+                                      "(Roboflow) dataset to a COCO folder: "
                                       "OUT/annotations/instances_{train,val}.json and OUT/{train,val}/ images. "
                                       "(Training reads those layouts directly too: --data DIR.)")
-    conv.add_argument("source", help="YOLO dataset folder or data.yaml, or a Pascal VOC folder")
+    conv.add_argument("source", help="YOLO dataset folder or data.yaml, a Pascal VOC folder, or a per-split COCO one")
     conv.add_argument("-o", "--output", required=True, help="output folder")
     conv.add_argument("--images", default="link", help="link (symlink the image folders), copy, or none")
+    conv.add_argument("--val_split", type=float, default=0.0, help="where the source has no val split, hold out "
+                                                                  "this share of the train images as one (e.g. 0.1)")
+    conv.add_argument("--seed", type=int, default=42, help="seed of the --val_split draw")
     data_sub.add_subcommand("convert", conv, help="convert YOLO / Pascal VOC datasets to COCO json")
 
 
@@ -103,12 +107,14 @@ def cmd_data_check(args: Namespace) -> int:
 
 
 def cmd_data_convert(args: Namespace) -> None:
-    written = convert_dataset(args.source, args.output, images=args.images)
+    written = convert_dataset(args.source, args.output, images=args.images, val_split=args.val_split,
+                              seed=args.seed)
     out = Path(args.output)
     for split, n in written.items():
         print(f"{split}: {n} images -> {out / 'annotations' / f'instances_{split}.json'}")
     if "val" not in written:
-        print("no val split in the source: train with --val_split 0.1 to hold out part of the train images")
+        print("no val split in the source: convert with --val_split 0.1, or train with --val_split 0.1, to hold out "
+              "part of the train images")
     print(f"check it with: detrkit data check {out}")
 
 

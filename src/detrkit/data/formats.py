@@ -421,21 +421,28 @@ def split_coco(coco: dict, fraction: float, seed: int = 0) -> tuple[dict, dict]:
 
 
 # -- conversion --------------------------------------------------------------------------------------------
-def convert_dataset(source: str | Path, out: str | Path, *, splits=("train", "val"), images: str = "link") -> dict:
-    """Write a YOLO / VOC dataset as a COCO folder: ``out/annotations/instances_{split}.json`` and ``out/{split}/``
-    (``images``: ``link`` a symlink to the source image folder, ``copy`` the files, ``none`` nothing).
-    Returns {split: number of images}. Annotations that could not be parsed are written out as they are,
-    for ``detrkit data check`` to report."""
+def convert_dataset(source: str | Path, out: str | Path, *, splits=("train", "val"), images: str = "link",
+                    val_split: float = 0.0, seed: int = 42) -> dict:
+    """Write a YOLO / VOC / per-split COCO dataset as a COCO folder: ``out/annotations/instances_{split}.json`` and
+    ``out/{split}/`` (``images``: ``link`` a symlink to the source image folder, ``copy`` the files, ``none``
+    nothing). ``val_split``: where the source has no val split, hold out that share of the train images as one
+    (drawn with ``seed``, as ``detrkit train --val_split`` does). Returns {split: number of images}. Annotations
+    that could not be parsed are written out as they are, for ``detrkit data check`` to report."""
     out = Path(out)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
-    written = {}
+    found = {}
     for split in splits:
         try:
-            images_dir, coco, _ = read_split(source, split)
+            found[split] = read_split(source, split)[:2]
         except DatasetError:
             if split == "train":
                 raise
-            continue  # no val split: fine
+    if val_split and "val" in splits and "val" not in found:
+        images_dir, coco = found["train"]
+        train_part, val_part = split_coco(coco, val_split, seed)
+        found["train"], found["val"] = (images_dir, train_part), (images_dir, val_part)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, (images_dir, coco) in found.items():
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
         target = out / split
         if images != "none" and not target.exists():
