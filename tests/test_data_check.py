@@ -225,6 +225,12 @@ def test_flat_voc_folder_and_xml_names_that_lie(synth_dir, tmp_path, capsys):
     assert images == flat and len(ann["images"]) == 12
     assert len(ann["annotations"]) == len(read_coco(synth_dir, "train")["annotations"])
     assert CocoDetection(images, ann, source=source).report.ok  # every image found
+    (flat / f"{xmls[3].stem}.jpg").unlink()  # truly missing: the doctor's error names the XML file
+    with pytest.warns(UserWarning, match="3 of 12"):
+        images, ann, source = dataset_split(TrainConfig(data=str(flat)), "train")
+    errors = [p.message for p in check_dataset(ann, images, source=source, progress=False).errors]
+    assert len(errors) == 1 and f"named in {xmls[3]}" in errors[0]
+    shutil.copy(synth_dir / "train" / f"{xmls[3].stem.split('_')[-1]}.jpg", flat / f"{xmls[3].stem}.jpg")
     with pytest.raises(DatasetError, match=r"no ImageSets/Main/val.txt .*--val_images --val_ann"):
         dataset_split(TrainConfig(data=str(flat)), "val")
     capsys.readouterr()
@@ -285,3 +291,22 @@ def test_yolo_export_with_classes_txt_instead_of_data_yaml(synth_dir, tmp_path, 
             dataset_split(TrainConfig(data=str(root)), "val")
     else:
         assert len(dataset_split(TrainConfig(data=str(root)), "val")[1]["images"]) == 4
+
+
+def test_voc_xml_and_image_folders_given_explicitly(synth_dir, tmp_path):
+    """--train_ann XML_FOLDER --train_images IMAGE_FOLDER (and the same for val): any two folders are a VOC split."""
+    voc = write_voc(synth_dir, tmp_path / "voc") / "VOCdevkit" / "VOC2007"
+    for split in ("train", "val"):
+        stems = (voc / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+        for sub, suffix in (("xml", ".xml"), ("img", ".jpg")):
+            (tmp_path / split / sub).mkdir(parents=True)
+            for stem in stems:
+                src = voc / ("Annotations" if sub == "xml" else "JPEGImages") / f"{stem}{suffix}"
+                shutil.copy(src, tmp_path / split / sub / src.name)
+    cfg = TrainConfig(train_images=str(tmp_path / "train" / "img"), train_ann=str(tmp_path / "train" / "xml"),
+                      val_images=str(tmp_path / "val" / "img"), val_ann=str(tmp_path / "val" / "xml"))
+    for split, n in (("train", 12), ("val", 4)):
+        images, ann, source = dataset_split(cfg, split)
+        assert images == tmp_path / split / "img" and len(ann["images"]) == n
+        assert len(ann["annotations"]) == len(read_coco(synth_dir, split)["annotations"])
+        assert CocoDetection(images, ann, source=source).report.ok

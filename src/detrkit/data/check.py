@@ -111,7 +111,8 @@ def check_dataset(coco: dict, images_dir: str | Path, *, source: str = "dataset"
 
 
 def _where_image(img: dict) -> str:
-    return f"image id {img.get('id')!r} ({img.get('file_name')!r})"
+    where = f"image id {img.get('id')!r} ({img.get('file_name')!r})"
+    return f"{where}, named in {img['source']}" if img.get("source") else where  # e.g. the VOC XML file
 
 
 def _check_images(coco: dict, images_dir: Path, report: CheckReport, mode: str, progress: bool) -> dict:

@@ -91,6 +91,8 @@ def resolve_split(data: str | Path | None, split: str, *, images: str | Path | N
     Pascal VOC one (annotations are then a COCO dict read from them).
     """
     if images and ann:
+        if Path(ann).is_dir():  # a folder of Pascal VOC XML files and the folder of their images
+            return read_voc(ann, split, dirs=(Path(ann), Path(images)))
         return Path(images), Path(ann), None
     if data is None:
         raise DatasetError(f"no {split} data: pass --data DIR (a COCO, YOLO or VOC dataset folder) or --{split}_images "
@@ -322,22 +324,25 @@ def _voc_text(node, tag: str):
     return None if child is None or child.text is None else child.text.strip()
 
 
-def read_voc(root: str | Path, split: str) -> tuple[Path, dict, str]:
+def read_voc(root: str | Path, split: str, *, dirs: tuple[Path, Path] | None = None) -> tuple[Path, dict, str]:
     """A Pascal VOC dataset's ``split`` as (JPEGImages, COCO dict, source). The categories are the object
-    names of all the XML files (sorted), so every split of one dataset gets the same ids."""
-    dirs = _voc_dirs(Path(root))
+    names of all the XML files (sorted), so every split of one dataset gets the same ids. ``dirs``: an XML folder
+    and an image folder given explicitly (``--train_ann XMLS --train_images IMAGES``): all of its files are the
+    split."""
+    explicit = dirs is not None
+    dirs = dirs or _voc_dirs(Path(root))
     if dirs is None:
         raise DatasetError(f"{root}: no Annotations/ and JPEGImages/ folders of a Pascal VOC dataset, nor images "
                            "with their .xml files side by side")
     ann_dir, img_dir = dirs
-    voc = _voc_root(Path(root))
+    voc = ann_dir if explicit else _voc_root(Path(root))
     sets = voc / "ImageSets" / "Main"
     key = split if (sets / f"{split}.txt").is_file() else {"val": "test"}.get(split, split)
     xml_files = sorted(ann_dir.glob("*.xml"))
     if (sets / f"{key}.txt").is_file():
         stems = [s.split()[0] for s in (sets / f"{key}.txt").read_text().splitlines() if s.strip()]
-    elif split == "train" and not sets.is_dir():
-        stems = [f.stem for f in xml_files]  # no split lists: everything is training data
+    elif explicit or (split == "train" and not sets.is_dir()):
+        stems = [f.stem for f in xml_files]  # no split lists: everything is this split's
     else:
         raise DatasetError(f"{voc}: no ImageSets/Main/{split}.txt listing the {split} images; write that list (one "
                            f"file stem per line), give the {split} data explicitly (--{split}_images --{split}_ann), "
@@ -350,7 +355,7 @@ def read_voc(root: str | Path, split: str) -> tuple[Path, dict, str]:
         xml = ann_dir / f"{stem}.xml"
         doc = parsed.get(stem)
         file_name = _voc_image_name(img_dir, (doc or {}).get("filename"), stem, renamed)
-        info = {"id": image_id, "file_name": file_name}
+        info = {"id": image_id, "file_name": file_name, "source": str(xml)}
         if doc and doc["width"] and doc["height"]:
             info["width"], info["height"] = doc["width"], doc["height"]
         images.append(info)
