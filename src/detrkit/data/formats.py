@@ -417,12 +417,13 @@ def split_coco(coco: dict, fraction: float, seed: int = 0) -> tuple[dict, dict]:
     order = np.random.default_rng(seed).permutation(len(ids))
     val_ids = {ids[i] for i in order[:min(len(ids) - 1, max(1, round(fraction * len(ids))))]}
 
-    def part(keep) -> dict:
-        images = [img for img in coco["images"] if keep(img["id"])]
-        kept = {img["id"] for img in images}
-        return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in kept]}
+    return subset_coco(coco, set(ids) - val_ids), subset_coco(coco, val_ids)
 
-    return part(lambda i: i not in val_ids), part(lambda i: i in val_ids)
+
+def subset_coco(coco: dict, image_ids: set) -> dict:
+    """``coco`` with only the images of ``image_ids`` and their annotations (categories kept)."""
+    return {**coco, "images": [img for img in coco["images"] if img["id"] in image_ids],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}
 
 
 # -- conversion --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from detrkit.data.coco import DatasetError, load_coco_json
-from detrkit.data.formats import resolve_split, split_coco
+from detrkit.data.formats import resolve_split, split_coco, subset_coco
 from detrkit.registry import model_info
 
 
@@ -177,5 +177,4 @@ def read_val_split(path: Path) -> tuple[Path, dict, str]:
     if len(chosen) != len(keep):
         raise DatasetError(f"{path}: {len(keep) - len(chosen)} of the held-out validation images are no longer in "
                            f"{source or ann}; the dataset changed since training")
-    return images, {**coco, "images": chosen, "annotations": [a for a in coco["annotations"]
-                                                               if a["image_id"] in keep]}, f"{path}"
+    return images, subset_coco(coco, keep), f"{path}"
