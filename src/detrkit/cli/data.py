@@ -11,6 +11,7 @@ from detrkit.data.check import check_dataset
 from detrkit.data.coco import DatasetError, load_coco_json, validate_coco
 from detrkit.data.formats import convert_dataset, describe_layout, resolve_split
 from detrkit.data.synthetic import make_synthetic_dataset
+from detrkit.engine.plots import plot_labels
 
 
 def add_data_commands(sub) -> None:
@@ -43,6 +44,8 @@ def add_data_commands(sub) -> None:
     check.add_argument("--images_check", default="full", help="full (decode every image), header (fast) or none")
     check.add_argument("--examples", type=int, default=10, help="examples printed per kind of problem")
     check.add_argument("--report", help="also write the report as JSON here")
+    check.add_argument("--plots", default="detrkit-data-check", help="folder for a labels picture per split "
+                       "(labels_<split>.png: boxes per class, box centres and sizes); 'none' = no pictures")
     data_sub.add_subcommand("check", check, help="check a dataset for errors before training")
     conv = ArgumentParser(description="Convert a YOLO (data.yaml or classes.txt + images/ + labels/), Pascal VOC "
                                       "(Annotations/ + JPEGImages/ + ImageSets/Main/, or flat) or per-split COCO "
@@ -64,15 +67,15 @@ def run_data_command(args: Namespace) -> int:
     return {"synth": cmd_synth, "check": cmd_data_check, "convert": cmd_data_convert}[sub](args[sub]) or 0
 
 
-def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
-    """(images, annotations, source) of each split ``detrkit data check`` should look at."""
+def _check_targets(args: Namespace) -> list[tuple[str | None, Path, object, str | None]]:
+    """(split name, images, annotations, source) of each split ``detrkit data check`` should look at."""
     path = Path(args.path)
     if path.suffix == ".json":
         if not args.images:
             raise DatasetError(
                 f"{path} is a json file: pass --images FOLDER, the folder its file_names are relative to"
             )
-        return [(Path(args.images), path, None)]
+        return [(None, Path(args.images), path, None)]
     targets = []
     print(f"{path}: {describe_layout(path)}")
     for split in args.splits:
@@ -81,7 +84,7 @@ def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
             if split != args.splits[0] and isinstance(found[1], Path) and not found[1].is_file():
                 raise DatasetError(f"no {split} split ({found[1]} does not exist); training can hold out part of "
                                    "the train images: --val_split 0.1")
-            targets.append(found)
+            targets.append((split, *found))
         except DatasetError as e:
             if split == args.splits[0]:
                 raise
@@ -91,13 +94,16 @@ def _check_targets(args: Namespace) -> list[tuple[Path, object, str | None]]:
 
 def cmd_data_check(args: Namespace) -> int:
     reports = []
-    for images, ann, source in _check_targets(args):
+    for split, images, ann, source in _check_targets(args):
         coco = validate_coco(ann, source) if isinstance(ann, dict) else load_coco_json(ann)
         if not images.is_dir():
             raise DatasetError(f"image folder not found: {images} (images of {source or ann})")
         report = check_dataset(coco, images, source=str(source or ann), images=args.images_check)
         print(report.format(examples=args.examples))
         reports.append(report)
+        if args.plots != "none":
+            name = f"labels_{split}.png" if split else "labels.png"
+            print(f"labels picture: {plot_labels(coco, Path(args.plots) / name)}")
     if args.report:
         Path(args.report).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
     errors = sum(len(r.errors) for r in reports)

@@ -15,7 +15,13 @@ from detrkit.data.coco import DatasetError
 from detrkit.data.formats import describe_layout, resolve_split
 from detrkit.data.synthetic import make_synthetic_dataset
 from detrkit.engine.config import TrainConfig, read_val_split
-from detrkit.engine.evaluate import UnpredictedCategoriesWarning, evaluate_checkpoint, format_metrics, write_metrics
+from detrkit.engine.evaluate import (
+    UnpredictedCategoriesWarning,
+    evaluate_checkpoint,
+    format_metrics,
+    format_per_class,
+    write_metrics,
+)
 from detrkit.engine.train import train
 from detrkit.inference.detector import Detector
 from detrkit.inference.predict import predict_files
@@ -113,15 +119,16 @@ def cmd_eval(args: Namespace) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnpredictedCategoriesWarning)
         metrics = evaluate_checkpoint(args.checkpoint, images, ann, source=source, device=args.device,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, report_dir=out.parent)
     for w in caught:  # one plain line for ours; anything else as Python shows warnings
         if issubclass(w.category, UnpredictedCategoriesWarning):
             print(f"warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     write_metrics(metrics, out)
+    print(format_per_class(metrics["per_class"]))
     print(format_metrics(metrics))
-    print(f"metrics written to {out}")
+    print(f"metrics written to {out}; PR curves, per-class AP and the confusion matrix to {out.parent}/*.png")
     return metrics
 
 

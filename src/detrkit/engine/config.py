@@ -74,6 +74,14 @@ class TrainConfig:
         val_split: hold out this share of the training images (e.g. 0.1) as the validation split, for a dataset
             that has none: drawn with ``seed``, the same on resume; the held-out image ids are written to
             ``output_dir/val_split.json`` (``detrkit eval --checkpoint RUN --data DIR`` uses them again).
+        patience: early stopping: end training after this many evaluations in a row without a better val AP
+            (``checkpoints/best/`` keeps the best); None = train all ``epochs``.
+        tensorboard: write TensorBoard event files into ``output_dir/tensorboard`` (losses, lr, images/s, val AP
+            and per-class AP, validation images with their predictions); needs the ``tensorboard`` extra, and
+            training without it says so once and goes on.
+        plots: write pictures into ``output_dir``: ``train_batch.png`` (the first augmented batch, as the model
+            sees it) at the start; at the end ``training_curves.png``, ``pr_curves.png``, ``per_class_ap.png`` and
+            ``confusion_matrix.png``.
         skip_invalid: drop the images and annotations the doctor finds errors in (counted in a warning)
             instead of stopping with its report.
     """
@@ -129,6 +137,9 @@ class TrainConfig:
     mosaic: float = 0.0
     mosaic_epochs: int | None = None
     val_split: float = 0.0
+    patience: int | None = None
+    tensorboard: bool = True
+    plots: bool = True
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))

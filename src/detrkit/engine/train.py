@@ -28,8 +28,10 @@ from detrkit.engine import distributed as D
 from detrkit.engine.checkpoint import latest_checkpoint, load_state, save_checkpoint, save_step_checkpoint
 from detrkit.engine.config import TrainConfig, apply_recipe, dataset_split, write_val_split
 from detrkit.engine.ema import ModelEMA
-from detrkit.engine.evaluate import evaluate, format_metrics, write_metrics
+from detrkit.engine.evaluate import evaluate, format_metrics, format_per_class, write_metrics
+from detrkit.engine.plots import plot_batch, plot_labels, plot_training_curves
 from detrkit.engine.schedule import LRSchedule
+from detrkit.engine.tracking import TensorBoardLogger
 from detrkit.losses import build_criterion
 from detrkit.registry import image_size_of, model_info
 from detrkit.runtime import amp_dtype, resolve_device
@@ -103,6 +105,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.out / "config.yaml")
         self.train_set, self.val_set = build_datasets(cfg, progress=self.main)
+        if cfg.plots and self.main:  # what the boxes of the training split look like
+            plot_labels(self.train_set.coco, self.out / "labels.png")
         if cfg.val_split and self.main:
             write_val_split(cfg, [img["id"] for img in self.val_set.coco["images"]], self.out / "val_split.json")
         self._build_loaders()
@@ -126,6 +130,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)  # bf16: none
         # where the run is: epochs done, batches of the current epoch done, optimizer steps done
         self.epoch, self.batch, self.step, self.best_ap, self.bad_steps, self.running = 0, 0, 0, -1.0, 0, {}
+        self.evals_without_gain = 0  # early stopping (--patience)
         self.meta = {
             "model": cfg.model, "num_classes": self.train_set.num_classes,
             "model_args": {k: v for k, v in self.model_args.items() if k != "pretrained_backbone"},
@@ -135,6 +140,7 @@ class Trainer:
         if cfg.resume:
             self._resume(cfg.resume)
         self._set_lr()
+        self.tb = TensorBoardLogger(self.out / "tensorboard", cfg.tensorboard and self.main)
 
     # -- set-up ------------------------------------------------------------------------------------
     def _build_loaders(self) -> None:
@@ -217,7 +223,7 @@ class Trainer:
         }
         state = {
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "best_ap": self.best_ap,
-            "bad_steps": self.bad_steps, "running": dict(self.running),
+            "bad_steps": self.bad_steps, "running": dict(self.running), "evals_without_gain": self.evals_without_gain,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": D.gather_objects(rng), "world_size": self.dist.world_size, "config": json.dumps(asdict(self.cfg)),
         }
@@ -273,6 +279,7 @@ class Trainer:
             int(state["bad_steps"]),
             dict(state["running"]),
         )
+        self.evals_without_gain = int(state.get("evals_without_gain", 0))
         if self.main:
             _truncate_log(self.out / "metrics.jsonl", "epoch", self.epoch)
             _truncate_log(self.out / "steps.jsonl", "step", self.step)
@@ -322,13 +329,12 @@ class Trainer:
                     if self.main:
                         tqdm.write(f"epoch {self.epoch}: loss {record.get('loss', float('nan')):.3f}  "
                                    f"AP {100 * metrics['AP']:.2f}  AP50 {100 * metrics['AP50']:.2f}")
-                    if metrics["AP"] > self.best_ap:
-                        self.best_ap = metrics["AP"]
-                        if self.main:
-                            saved = self.ema.module if self.ema is not None else self.model
-                            save_checkpoint(self.out / "checkpoints" / "best", saved, {**self.meta, "metrics": metrics})
+                    self._keep_best(metrics)
                 self._log("metrics.jsonl", record)
+                self.tb.scalars("epoch", record, self.step)
                 self._save()
+                if self._patience_spent():
+                    break
             if not metrics:  # resumed after the last epoch: evaluate what we have
                 metrics = self._evaluate()
         finally:
@@ -337,17 +343,50 @@ class Trainer:
             **metrics,
             "epoch": self.epoch,
             "model": cfg.model,
+            "best_AP": max(self.best_ap, 0.0),
             "train_time_s": round(time.perf_counter() - self.started, 1),
         }
         if self.main:
             write_metrics(final, self.out / "metrics.json")
+            if cfg.plots:
+                plot_training_curves(self.out / "metrics.jsonl", self.out / "training_curves.png")
+            self.tb.close()
+            print(format_per_class(metrics["per_class"]))
             print(format_metrics(metrics))
         return final
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self) -> dict:
+        """COCO AP on the val split (with ``--plots``, the PR curves, per-class AP and confusion matrix of this
+        evaluation are written into the run folder), logged to TensorBoard."""
         model = self.ema.module if self.ema is not None else self.eval_model
-        return evaluate(model, self.val_loader, self.val_set, self.device, amp_dtype=self.amp_dtype,
-                        progress=self.cfg.progress and self.main)
+        metrics = evaluate(model, self.val_loader, self.val_set, self.device, amp_dtype=self.amp_dtype,
+                           progress=self.cfg.progress and self.main,
+                           report_dir=self.out if self.cfg.plots and self.main else None)
+        if self.tb.writer is not None:
+            self.tb.evaluation(metrics, self.step)
+            batch = next(iter(self.val_loader)).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                self.tb.predictions(model, batch, self.val_set.class_names, self.step)
+        return metrics
+
+    def _keep_best(self, metrics: dict) -> None:
+        if metrics["AP"] > self.best_ap:
+            self.best_ap, self.evals_without_gain = metrics["AP"], 0
+            if self.main:
+                saved = self.ema.module if self.ema is not None else self.model
+                save_checkpoint(self.out / "checkpoints" / "best", saved, {**self.meta, "metrics": metrics})
+        else:
+            self.evals_without_gain += 1
+
+    def _patience_spent(self) -> bool:
+        """Early stopping: ``patience`` evaluations in a row without a better val AP."""
+        patience = self.cfg.patience
+        if patience is None or self.evals_without_gain < patience or self.epoch >= self.cfg.epochs:
+            return False
+        if self.main:
+            tqdm.write(f"early stopping after epoch {self.epoch}: val AP has not improved for {patience} evaluations "
+                       f"(best {100 * self.best_ap:.2f}, kept in {self.out / 'checkpoints' / 'best'})")
+        return True
 
     def _train_epoch(self) -> None:
         cfg = self.cfg
@@ -366,6 +405,9 @@ class Trainer:
         for batch in bar:
             batch = batch.to(self.device, non_blocking=True)
             batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+            if self.step == 0 and self.batch == 0 and cfg.plots and self.main:  # what the model is fed, at the start
+                plot_batch(batch.images, batch.padding_mask, batch.targets, self.train_set.class_names,
+                           self.out / "train_batch.png")
             losses, stepped = self._train_step(batch, self.batch)
             self.batch, self.images_seen, self.batches_run = (
                 self.batch + 1,
@@ -385,6 +427,8 @@ class Trainer:
             if stepped and cfg.log_every and self.step % cfg.log_every == 0:
                 self._log("steps.jsonl", {"step": self.step, "epoch": self.epoch + 1, "batch": self.batch, **losses,
                                           "lr": self.optimizer.param_groups[0]["lr"]})
+                self.tb.scalars("train", {**losses, "lr": self.optimizer.param_groups[0]["lr"],
+                                          "images_per_s": self.images_seen * self.dist.world_size / elapsed}, self.step)
             if (
                 stepped
                 and cfg.checkpoint_every
