@@ -51,42 +51,64 @@ def _inputs(b=2, lq=5, heads=2, d=3, points=2, dtype=torch.float64, spread=(-0.2
     return value, torch.tensor(SHAPES), loc, attn
 
 
-def test_matches_naive_loop_float64_including_outside_points():
+CPU_BACKENDS = ["reference", "gather"]  # grid_sample, and the same bilinear sampling by gathers (export)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matches_naive_loop_float64_including_outside_points(backend):
     value, shapes, loc, attn = _inputs()
     expected = _naive(value, SHAPES, loc, attn)
-    torch.testing.assert_close(ms_deform_attn(value, shapes, None, loc, attn), expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ms_deform_attn(value, shapes, None, loc, attn, backend=backend), expected, atol=1e-10,
+                               rtol=1e-10)
 
 
-def test_borders_and_far_outside():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_borders_and_far_outside(backend):
     value, shapes, loc, attn = _inputs(spread=(0, 1))
     loc[..., 0, :, :] = 0.0  # the top-left corner of every map: a quarter of the corner pixel
     loc[..., 1, :, :] = 1.0  # bottom-right corner
     loc[:, 0] = 5.0  # query 0 looks far outside: reads zeros
-    out = ms_deform_attn(value, shapes, None, loc, attn)
+    loc[:, 1, :, :, :, 0] = -0.5 / 8  # query 1: half a pixel left of level 0's edge (x = -1 exactly)
+    out = ms_deform_attn(value, shapes, None, loc, attn, backend=backend)
     torch.testing.assert_close(out, _naive(value, SHAPES, loc, attn), atol=1e-10, rtol=1e-10)
     assert out[:, 0].abs().max() == 0
 
 
-def test_gradcheck_value_locations_weights():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_value_locations_weights(backend):
     value, shapes, loc, attn = _inputs(b=1, lq=3, heads=2, d=2, points=2, spread=(0.05, 0.95))
     value.requires_grad_(), loc.requires_grad_(), attn.requires_grad_()
-    assert torch.autograd.gradcheck(lambda v, lo, a: ms_deform_attn(v, shapes, None, lo, a), (value, loc, attn))
+    assert torch.autograd.gradcheck(lambda v, lo, a: ms_deform_attn(v, shapes, None, lo, a, backend=backend),
+                                    (value, loc, attn))
 
 
-def test_levels_of_very_different_sizes():
+def test_gather_gradients_equal_grid_sample_gradients():
+    value, shapes, loc, attn = _inputs(b=2, lq=7, heads=2, d=4, points=3, spread=(-0.1, 1.1))
+    grads = []
+    for backend in CPU_BACKENDS:
+        inputs = [t.clone().requires_grad_() for t in (value, loc, attn)]
+        out = ms_deform_attn(inputs[0], shapes, None, inputs[1], inputs[2], backend=backend)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), inputs))
+    for ref, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_levels_of_very_different_sizes(backend):
     shapes = [(64, 80), (1, 1)]
     value = torch.randn(1, 64 * 80 + 1, 1, 4, dtype=torch.float64)
     loc = torch.rand(1, 3, 1, 2, 2, 2, dtype=torch.float64)
     attn = torch.full((1, 3, 1, 2, 2), 0.25, dtype=torch.float64)
-    out = ms_deform_attn(value, shapes, None, loc, attn)
+    out = ms_deform_attn(value, shapes, None, loc, attn, backend=backend)
     torch.testing.assert_close(out, _naive(value, shapes, loc, attn), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(dtype):
+def test_half_precision_inputs(dtype, backend):
     value, shapes, loc, attn = _inputs(dtype=torch.float32, spread=(0, 1))
     ref = ms_deform_attn(value, shapes, None, loc, attn)
-    out = ms_deform_attn(value.to(dtype), shapes, None, loc.to(dtype), attn.to(dtype))
+    out = ms_deform_attn(value.to(dtype), shapes, None, loc.to(dtype), attn.to(dtype), backend=backend)
     assert out.dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

@@ -31,7 +31,8 @@ def _det(image, cat, xywh, s):
 def test_per_class_ap_and_pr_curves_come_from_the_same_precision_as_the_overall_ap():
     gt = _gt()
     # squares: both found exactly; the circle: only a detection far from it (a miss and a false positive)
-    results = [_det(1, 1, [10, 10, 40, 40], 0.9), _det(2, 1, [100, 100, 50, 50], 0.8), _det(1, 2, [0, 150, 30, 30], 0.7)]
+    results = [_det(1, 1, [10, 10, 40, 40], 0.9), _det(2, 1, [100, 100, 50, 50], 0.8),
+               _det(1, 2, [0, 150, 30, 30], 0.7)]
     ev = coco_eval(gt, results)
     rows = {r["name"]: r for r in per_class_ap(ev, gt)}
     assert rows["square"]["AP"] == pytest.approx(1.0) and rows["square"]["AP50"] == pytest.approx(1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -10,7 +11,15 @@ from jsonargparse import ArgumentParser, Namespace
 
 from detrkit.cli.common import CommandError, add_model_source, detector, model_source
 from detrkit.data.image import to_pil
-from detrkit.export import ExportMismatchError, export_onnx, verify_onnx
+from detrkit.export import (
+    ExportMismatchError,
+    ExportSettingError,
+    export_onnx,
+    export_openvino,
+    verify_onnx,
+    verify_openvino,
+)
+from detrkit.export.openvino import MISSING as OPENVINO_MISSING
 from detrkit.inference.detector import load_for_inference
 from detrkit.inference.explain import draw_explanation, explain
 from detrkit.inference.predict import image_files, is_video, predict_files, predict_video, require_video_support
@@ -62,8 +71,9 @@ def export_parser() -> ArgumentParser:
                                     "on random images and compares it with PyTorch, failing above 1e-3. Needs pip "
                                     "install 'detrkit[onnx]'.")
     add_model_source(ex)
-    ex.add_argument("--format", default="onnx", help="export format (onnx)")
-    ex.add_argument("--output", help="output file (default: <model>.onnx)")
+    ex.add_argument("--format", default="onnx", help="onnx, or openvino (the ONNX file converted to OpenVINO IR, "
+                    "<output>.xml + .bin, checked in OpenVINO's CPU runtime; pip install 'detrkit[openvino]')")
+    ex.add_argument("--output", help="output file (default: <model>.onnx, or <model>.xml for openvino)")
     ex.add_argument("--image_size", type=int, help="side of the square sample image traced (default: the checkpoint's)")
     ex.add_argument("--batch_size", type=int, default=1, help="batch size of the traced sample")
     ex.add_argument("--top_k", type=int, default=100, help="detections per image in the graph's outputs")
@@ -71,6 +81,9 @@ def export_parser() -> ArgumentParser:
     ex.add_argument("--opset", type=int, default=18)
     ex.add_argument("--fp16", type=bool, default=False, help="float16 weights and input (half the file); checked "
                                                              "against the PyTorch model run in float16")
+    ex.add_argument("--sampling", default="grid_sample", help="how deformable attention reads its points: "
+                    "grid_sample (ONNX GridSample) or gather (Gather + arithmetic, no GridSample node: for TensorRT "
+                    "and runtimes without the op); the same numbers either way")
     return ex
 
 
@@ -115,24 +128,37 @@ def cmd_explain(args: Namespace) -> None:
 
 
 def cmd_export(args: Namespace) -> None:
-    if args.format != "onnx":
-        raise CommandError(f"unknown export format {args.format!r}; supported: onnx")
+    if args.format not in ("onnx", "openvino"):
+        raise CommandError(f"unknown export format {args.format!r}; supported: onnx, openvino")
+    openvino = args.format == "openvino"
+    if openvino and importlib.util.find_spec("openvino") is None:
+        raise CommandError(OPENVINO_MISSING)
+    if openvino and args.fp16:
+        raise CommandError("--fp16 is for ONNX; OpenVINO picks its precision when it loads the model "
+                           "(INFERENCE_PRECISION_HINT)")
     model, meta = load_for_inference(*model_source(args))
     size = args.image_size or image_size_of(meta)
     out = Path(args.output or f"{meta['model']}.onnx")
+    out = out.with_suffix(".xml") if openvino else out
     print(f"exporting {meta['model']} ({meta['num_classes']} classes) at {args.batch_size}x3x{size}x{size}"
           f"{', dynamic batch and size' if args.dynamic else ''} to {out}")
     t0 = time.perf_counter()
     options = dict(image_size=(size, size), batch_size=args.batch_size, label_to_cat=meta["label_to_cat"],
                    top_k=args.top_k, dynamic=args.dynamic)
     try:
-        export_onnx(model, out, opset=args.opset, fp16=args.fp16, **options)
-        print(f"exported in {time.perf_counter() - t0:.1f} s ({out.stat().st_size / 2**20:.1f} MiB)")
-        rows = verify_onnx(out, model, **options)
+        if openvino:
+            export_openvino(model, out, opset=args.opset, sampling=args.sampling, **options)
+            size_mib = out.with_suffix(".bin").stat().st_size / 2**20
+        else:
+            export_onnx(model, out, opset=args.opset, fp16=args.fp16, sampling=args.sampling, **options)
+            size_mib = out.stat().st_size / 2**20
+        print(f"exported in {time.perf_counter() - t0:.1f} s ({size_mib:.1f} MiB)")
+        rows = (verify_openvino if openvino else verify_onnx)(out, model, **options)
     except ImportError as e:  # onnx / onnxscript / onnxruntime
         raise CommandError(f"ONNX export needs extra packages ({e}): pip install 'detrkit[onnx]'") from None
-    except ExportMismatchError as e:
-        raise CommandError(str(e)) from None
+    except (ExportMismatchError, ExportSettingError) as e:  # a mismatch; a bad --sampling or --image_size
+        raise CommandError(f"{e}") from None
     for row in rows:
-        print(f"onnxruntime vs PyTorch at {'x'.join(map(str, row['shape']))}: max abs difference scores "
+        print(f"{'OpenVINO' if openvino else 'onnxruntime'} vs PyTorch at {'x'.join(map(str, row['shape']))}: "
+              "max abs difference scores "
               f"{row['scores']:.2e}, boxes {row['boxes']:.2e} (relative to the image size)")

@@ -3,19 +3,28 @@
 The graph takes ``images`` (B, 3, H, W), normalized as in training (ImageNet mean / std), without padding,
 and returns ``boxes`` (B, K, 4) xyxy in pixels of that input, ``scores`` (B, K) and ``labels`` (B, K) int64
 category ids (the checkpoint's, e.g. COCO's), best first. Batch size and image size are dynamic axes.
-Deformable attention exports as its pure-PyTorch form (``grid_sample`` -> ONNX GridSample, opset >= 16).
-After export, :func:`check_onnx` runs the file in onnxruntime and compares it with PyTorch.
+Deformable attention exports as its pure-PyTorch form: ``sampling="grid_sample"`` (ONNX GridSample, opset >= 16)
+or ``sampling="gather"`` (the same bilinear sampling as Gather / GatherElements and arithmetic, for runtimes
+without GridSample or with a wrong one, e.g. TensorRT engines). After export, :func:`check_onnx` runs the file in
+onnxruntime and compares it with PyTorch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from detrkit.layers.deformable import MultiScaleDeformableAttention
 from detrkit.models.postprocess import select_detections
+
+# export option -> ms_deform_attn backend (detrkit.ops.ms_deform_attn)
+SAMPLING = {"grid_sample": "reference", "gather": "gather"}
 
 
 class ExportableDetector(nn.Module):
@@ -38,7 +47,7 @@ class ExportableDetector(nn.Module):
 
 def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, int] = (640, 640), batch_size: int = 1,
                 label_to_cat: list[int] | None = None, top_k: int = 100, opset: int = 18, dynamic: bool = True,
-                fp16: bool = False, verify: bool = False) -> Path:
+                fp16: bool = False, verify: bool = False, sampling: str = "grid_sample") -> Path:
     """Write ``model`` + postprocessing to ``path`` with the dynamo exporter (torch.export -> ONNX).
 
     ``image_size``: the (H, W) traced. With ``dynamic``, choose it so that every feature level is larger than one
@@ -46,7 +55,16 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, in
     constant, and the graph would then accept only images where that level is 1 pixel too.
     ``fp16``: weights and ``images`` in float16 (half the file; scores come out in float32).
     ``verify``: run :func:`verify_onnx` on the written file (onnxruntime against the model; raises on a mismatch).
+    ``sampling``: how deformable attention reads its sampling points, ``"grid_sample"`` or ``"gather"`` (no
+    GridSample node in the graph); the same numbers either way.
     """
+    if sampling not in SAMPLING:
+        raise ExportSettingError(f"sampling must be one of {sorted(SAMPLING)}, got {sampling!r}")
+    stride = largest_stride(model)
+    if dynamic and min(image_size) < 2 * stride:
+        raise ExportSettingError(f"image size {image_size[0]}x{image_size[1]} makes the stride-{stride} feature level "
+                                 f"one pixel, which a dynamic export would freeze: export at {2 * stride} px or more "
+                                 "(or with dynamic axes off)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if fp16 else torch.float32
@@ -57,15 +75,71 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: tuple[int, in
     if dynamic:
         batch, height, width = (torch.export.Dim.AUTO,) * 3
         shapes = {"images": {0: batch, 2: height, 3: width}}
-    with torch.no_grad():
-        program = torch.onnx.export(wrapper, (sample,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                                    input_names=["images"], output_names=["boxes", "scores", "labels"],
-                                    verbose=False)
-    program.save(str(path))
+    for optimize in (True, False):
+        with torch.no_grad(), deformable_sampling(wrapper, sampling):
+            program = torch.onnx.export(wrapper, (sample,), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                                        input_names=["images"], output_names=["boxes", "scores", "labels"],
+                                        verbose=False, optimize=optimize)
+        program.save(str(path))
+        problem = graph_problem(path)
+        if problem is None:
+            break
+        # onnxscript 0.7's optimizer can fuse two clamps of one tensor (DINO's inverse_sigmoid of the same
+        # references twice) into nodes of the same name and leave a dangling input; the unoptimised graph is valid
+        # and onnxruntime / OpenVINO optimise it when they load it
+        warnings.warn(f"the ONNX optimizer produced an invalid graph ({problem}); exported without it", stacklevel=2)
+    else:
+        raise RuntimeError(f"torch.onnx.export wrote an invalid graph to {path}: {problem}")
     if verify:
         verify_onnx(path, model, image_size=image_size, batch_size=batch_size, dynamic=dynamic,
                     label_to_cat=label_to_cat, top_k=top_k)
     return path
+
+
+@contextlib.contextmanager
+def deformable_sampling(model: nn.Module, sampling: str) -> Iterator[None]:
+    """Every deformable-attention layer of ``model`` samples with ``sampling`` inside the block, then as before."""
+    layers = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    before = [m.backend for m in layers]
+    for m in layers:
+        m.backend = SAMPLING[sampling]
+    try:
+        yield
+    finally:
+        for m, backend in zip(layers, before, strict=True):
+            m.backend = backend
+
+
+def largest_stride(model: nn.Module) -> int:
+    """The stride of ``model``'s coarsest feature level: the backbone's last, halved once per extra neck level
+    (32 when the backbone does not say)."""
+    strides = getattr(getattr(model, "backbone", None), "strides", None) or {"?": 32}
+    neck = getattr(model, "neck", None)
+    extra = len(neck.input_proj) - neck.num_backbone_levels if hasattr(neck, "num_backbone_levels") else 0
+    return max(strides.values()) * 2**extra
+
+
+def graph_problem(path: str | Path) -> str | None:
+    """What ``onnx.checker`` finds wrong with the file (None: a valid graph)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as e:
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+def graph_operators(path: str | Path) -> set[str]:
+    """The ONNX operator types in the file's main graph and its functions (onnxscript exports keep some in local
+    functions)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = {node.op_type for node in proto.graph.node}
+    for function in proto.functions:
+        ops |= {node.op_type for node in function.node}
+    return ops
 
 
 def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -107,6 +181,10 @@ def check_onnx(path: str | Path, model: nn.Module, images: Tensor, *, label_to_c
     return detection_difference(expected, got, tuple(images.shape[-2:]))
 
 
+class ExportSettingError(ValueError):
+    """An export option the model cannot be exported with (the message names the option and what would work)."""
+
+
 class ExportMismatchError(RuntimeError):
     """The exported graph's detections differ from the PyTorch model's beyond the tolerance."""
 
@@ -120,18 +198,22 @@ def verify_onnx(path: str | Path, model: nn.Module, *, image_size: tuple[int, in
     Returns one ``{"shape": (B, 3, H, W), "scores": ..., "boxes": ...}`` row per shape (max differences; boxes
     relative to the image size). Raises :class:`ExportMismatchError` beyond ``tolerance``.
     """
-    h, w = image_size
-    shapes = [(batch_size, 3, h, w)]
-    if dynamic:
-        shapes.append((batch_size + 1, 3, max(32, h * 3 // 4 // 32 * 32), w))
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for shape in shapes:
-        diff = check_onnx(path, model, torch.randn(shape, generator=generator), label_to_cat=label_to_cat, top_k=top_k)
-        rows.append({"shape": shape, **diff})
+    rows = [{"shape": tuple(images.shape), **check_onnx(path, model, images, label_to_cat=label_to_cat, top_k=top_k)}
+            for images in verification_images(image_size, batch_size, dynamic)]
     worst = max(max(r["scores"], r["boxes"]) for r in rows)
     if worst > tolerance:
         raise ExportMismatchError(f"the ONNX graph {path} differs from PyTorch by {worst:.2e} > {tolerance:g}; "
                                   "do not use it")
     return rows
+
+
+def verification_images(image_size: tuple[int, int], batch_size: int, dynamic: bool) -> list[Tensor]:
+    """Random images (seeded) at the exported shape and, for a dynamic export, with one more image at a
+    non-square size, so that the dynamic axes are really dynamic."""
+    h, w = image_size
+    shapes = [(batch_size, 3, h, w)]
+    if dynamic:
+        shapes.append((batch_size + 1, 3, max(32, h * 3 // 4 // 32 * 32), w))
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator) for shape in shapes]
 

@@ -9,7 +9,9 @@ weights that sum to one over levels x points. V_h,l(p) is read with bilinear int
 outside the map, pixel centres at (i + 0.5) / size (``align_corners=False``), which is what the
 official CUDA op computes. This module holds the operation itself (the projections around it live
 in :mod:`detrkit.layers.deformable`) with one entry point and a backend switch: the fused Triton kernels of
-:mod:`detrkit.ops.ms_deform_attn_triton` on CUDA, this reference everywhere else.
+:mod:`detrkit.ops.ms_deform_attn_triton` on CUDA, the ``grid_sample`` reference everywhere else, and the same
+bilinear sampling written with gathers (:func:`ms_deform_attn_gather`) for exported graphs that must not hold a
+GridSample node (TensorRT builds GridSample engines that give wrong detections; some runtimes lack the op).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "gather", "triton")
 
 
 LevelShapes = Tensor | Sequence[tuple[int, int]]  # (levels, 2) tensor or list of (h, w)
@@ -83,6 +85,53 @@ def ms_deform_attn_reference(
     return out.to(in_dtype)
 
 
+def ms_deform_attn_gather(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention with the bilinear interpolation written out: the four neighbours of each
+    sampling point are gathered from the flattened level and weighted explicitly (ONNX Gather / GatherElements and
+    arithmetic, no GridSample). Same maths as ``grid_sample(mode="bilinear", padding_mode="zeros",
+    align_corners=False)``: pixel centres at (i + 0.5) / size, and a neighbour outside the map reads zero (its
+    weight is kept, the value is zero), so points near and beyond the border match the reference exactly.
+    """
+    b, s, heads, head_dim = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    shapes = level_shapes(spatial_shapes)
+    in_dtype = value.dtype
+    if in_dtype in (torch.float16, torch.bfloat16):  # as the reference: interpolate and accumulate in fp32
+        value, sampling_locations, attention_weights = (
+            value.float(),
+            sampling_locations.float(),
+            attention_weights.float(),
+        )
+    out = value.new_zeros(b * heads, lq * points, head_dim)
+    for lvl, value_l in enumerate(value.split([h * w for h, w in shapes], dim=1)):
+        h, w = shapes[lvl]
+        value_l = value_l.permute(0, 2, 1, 3).reshape(b * heads * h * w, head_dim)  # (B*heads*h*w, D): one row a pixel
+        loc = sampling_locations[:, :, :, lvl].transpose(1, 2).reshape(b * heads, lq * points, 2)  # (B*heads, LqP, 2)
+        weight = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(b * heads, lq * points)  # (B*heads, LqP)
+        x = loc[..., 0] * w - 0.5  # pixel coordinates, centres at integers (align_corners=False)
+        y = loc[..., 1] * h - 0.5
+        x0, y0 = x.floor(), y.floor()
+        fx, fy = x - x0, y - y0
+        # the four neighbours, in one gather: (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)
+        xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)  # (B*heads, LqP, 4)
+        ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
+        bilinear = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+        inside = (xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)  # outside the map: zero padding
+        index = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).long()  # (B*heads, LqP, 4) pixel in the map
+        index = index + torch.arange(b * heads, device=index.device).view(-1, 1, 1) * (h * w)  # row in value_l
+        # whole rows of D channels (ONNX Gather on axis 0), not element-wise indices expanded over the channels
+        sampled = value_l.index_select(0, index.flatten()).view(b * heads, lq * points, 4, head_dim)
+        corner_weights = bilinear * inside * weight.unsqueeze(-1)  # (B*heads, LqP, 4)
+        out = out + (corner_weights.unsqueeze(-2) @ sampled).squeeze(-2)  # (B*heads, LqP, D)
+    out = out.view(b, heads, lq, points, head_dim).sum(3)  # (B, heads, Lq, D)
+    return out.permute(0, 2, 1, 3).reshape(b, lq, heads * head_dim).to(in_dtype)  # (B, Lq, heads*D)
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor | Sequence[tuple[int, int]],
@@ -103,8 +152,9 @@ def ms_deform_attn(
         attention_weights: (B, Lq, heads, levels, points), normally softmaxed over levels x points.
         backend: ``"auto"`` (the fused Triton kernel on CUDA when Triton is installed, the pure-PyTorch reference
             everywhere else, and for any configuration whose kernel failed to compile or launch: warned once),
-            ``"reference"`` or ``"triton"`` (also on CPU under ``TRITON_INTERPRET=1``, for tests; failures raise).
-            The environment variable ``DETRKIT_MSDA_BACKEND=reference|triton`` overrides ``"auto"``.
+            ``"reference"`` (``grid_sample``), ``"gather"`` (:func:`ms_deform_attn_gather`: no GridSample in an
+            exported graph) or ``"triton"`` (also on CPU under ``TRITON_INTERPRET=1``, for tests; failures raise).
+            The environment variable ``DETRKIT_MSDA_BACKEND=reference|gather|triton`` overrides ``"auto"``.
 
     Returns:
         (B, Lq, heads * head_dim), in the dtype of ``value``.
@@ -117,10 +167,12 @@ def ms_deform_attn(
                                      level_start_index=level_start_index)
     if backend == "auto" and _auto_uses_triton(value):
         return _triton_or_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if backend == "gather":
+        return ms_deform_attn_gather(value, spatial_shapes, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, sampling_locations, attention_weights)
 
 
-ENV_BACKEND = "DETRKIT_MSDA_BACKEND"  # reference | triton: overrides "auto" (benchmarks, debugging a GPU run)
+ENV_BACKEND = "DETRKIT_MSDA_BACKEND"  # reference | gather | triton: overrides "auto" (benchmarks, debugging a GPU run)
 # Configurations whose Triton kernel failed to compile or launch -> the error; "auto" uses the reference for them.
 TRITON_FAILED: dict[tuple, str] = {}
 
