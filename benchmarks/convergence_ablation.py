@@ -39,6 +39,8 @@ ROWS = {  # name: TrainConfig fields that differ from the preset as it is
     "hybrid + varifocal": {"model_args": HYBRID, "class_loss": "varifocal"},
     "hybrid + mal": {"model_args": HYBRID, "class_loss": "mal"},
     "hybrid + varifocal + mosaic": {"model_args": HYBRID, "class_loss": "varifocal", "mosaic": 0.5},
+    # a cheaper step, not a training technique: only the stride-16 map and one extra stride-32 level
+    "no stride-8 level": {"model_args": {"feature_stages": ["layer3"], "num_feature_levels": 2}},
 }
 
 

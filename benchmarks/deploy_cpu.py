@@ -4,7 +4,8 @@ For each preset at its input size: detrkit in PyTorch eager, the ONNX export in 
 as GridSample and as gathers, `detrkit export --sampling`), the same two in OpenVINO's CPU runtime (f32), and HF
 transformers eager where HF has the model (DETR-R50, Deformable-DETR two-stage; same random weights, converted as the
 parity tests do). Every runtime gets the same number of threads (torch's). Each cell: the median of ``--iters``
-timed calls after ``--warmup`` calls; ratios are PyTorch eager's time over the cell's (above 1 = faster than eager).
+timed calls after ``--warmup`` calls, the runtimes taking turns call by call (a slow spell of a shared machine hits
+them alike); ratios are PyTorch eager's time over the cell's (above 1 = faster than eager).
 Random weights: latency does not depend on them.
 
     python benchmarks/deploy_cpu.py                                    # the lite presets at 640 x 640
@@ -31,16 +32,19 @@ from detrkit.export import ExportableDetector, check_onnx, export_onnx
 LITE = ["detr_lite", "deformable_detr_lite", "dab_detr_lite", "dino_lite"]
 
 
-def timed(fn, warmup: int, iters: int) -> float:
-    """Median seconds of ``iters`` calls of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed_interleaved(calls: dict, warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds of ``iters`` calls of each callable in ``calls``, after ``warmup`` calls of each. The calls
+    go round-robin (one of each per round), so that a slow spell of a shared machine hits every runtime alike."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in calls}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def hf_model(name: str):
@@ -63,10 +67,9 @@ def bench(name: str, size: tuple[int, int], warmup: int, iters: int, work: Path,
     images = torch.randn(1, 3, *size)
     wrapper = ExportableDetector(model).eval()
     row = {"model": name, "size": list(size), "threads": threads}
-    with torch.inference_mode():
-        row["pytorch_eager_ms"] = 1000 * timed(lambda: wrapper(images), warmup, iters)
-        if hf is not None:
-            row["hf_eager_ms"] = 1000 * timed(lambda: hf(pixel_values=images), warmup, iters)
+    calls = {"pytorch_eager": lambda: wrapper(images)}
+    if hf is not None:
+        calls["hf_eager"] = lambda: hf(pixel_values=images)
     for sampling in ("grid_sample", "gather"):
         path = export_onnx(model, work / f"{name}-{sampling}.onnx", image_size=size, sampling=sampling)
         row[f"max_diff_{sampling}"] = max(check_onnx(path, model, images).values())
@@ -77,8 +80,7 @@ def bench(name: str, size: tuple[int, int], warmup: int, iters: int, work: Path,
             options.intra_op_num_threads = threads
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             feed = {"images": images.numpy()}
-            row[f"onnxruntime_{sampling}_ms"] = 1000 * timed(lambda s=session, f=feed: s.run(None, f), warmup,
-                                                             iters)
+            calls[f"onnxruntime_{sampling}"] = lambda s=session, f=feed: s.run(None, f)
         if "openvino" in runtimes:
             import openvino as ov
 
@@ -87,10 +89,13 @@ def bench(name: str, size: tuple[int, int], warmup: int, iters: int, work: Path,
             compiled = ov.Core().compile_model(str(ir), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                                 "INFERENCE_NUM_THREADS": threads})
             array = images.numpy()
-            row[f"openvino_{sampling}_ms"] = 1000 * timed(lambda c=compiled, a=array: c(a), warmup, iters)
-    eager = row["pytorch_eager_ms"]
-    for key in [k for k in row if k.endswith("_ms") and k != "pytorch_eager_ms"]:
-        row[key.replace("_ms", "_speedup")] = eager / row[key]
+            calls[f"openvino_{sampling}"] = lambda c=compiled, a=array: c(a)
+    with torch.inference_mode():
+        medians = timed_interleaved(calls, warmup, iters)
+    for key, seconds in medians.items():
+        row[f"{key}_ms"] = 1000 * seconds
+        if key != "pytorch_eager":
+            row[f"{key}_speedup"] = medians["pytorch_eager"] / seconds
     return row
 
 

@@ -59,7 +59,9 @@ def test_cli_train_eval_predict(synth_dir, tmp_path, capsys):
     assert rc == 0
     assert "AP50" in capsys.readouterr().out
     rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "m.json")])
-    assert rc == 0 and set(json.loads((tmp_path / "m.json").read_text())) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert rc == 0 and set(saved) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"}
+    assert len(saved["per_class"]) == 5 and (tmp_path / "confusion_matrix.png").is_file()  # beside the metrics
     (tmp_path / "metrics").mkdir()  # --output FOLDER: metrics.json inside it (was an IsADirectoryError traceback)
     rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "metrics")])
     assert rc == 0
@@ -162,6 +164,8 @@ def test_demo_quick(tmp_path, capsys):
     assert "AP50" in out
     assert (tmp_path / "demo" / "run" / "metrics.json").is_file()
     assert len(list((tmp_path / "demo" / "predictions").glob("*.jpg"))) >= 1
+    for picture in ("training_curves.png", "pr_curves.png", "per_class_ap.png", "confusion_matrix.png"):
+        assert (tmp_path / "demo" / "run" / picture).is_file() and picture in out  # made, and named to the user
 
 
 def test_paper_recipe():

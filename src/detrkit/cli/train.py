@@ -153,6 +153,9 @@ def cmd_demo(args: Namespace) -> dict:
     # A short CPU run gives modest confidences (focal-loss scores near 0.2): draw what clears 0.2.
     detector = Detector(str(out / "run"), device=opts["device"], threshold=0.2)
     predict_files(detector, val_images, out / "predictions", batch_size=4, max_detections=20)
-    print(f"done in {time.perf_counter() - t0:.0f} s: metrics in {out / 'run' / 'metrics.json'}, "
-          f"checkpoint in {out / 'run' / 'checkpoints'}")
+    run = out / "run"
+    print(f"done in {time.perf_counter() - t0:.0f} s: metrics in {run / 'metrics.json'}, checkpoint in "
+          f"{run / 'checkpoints'}; pictures: {run / 'training_curves.png'}, {run / 'pr_curves.png'}, "
+          f"{run / 'per_class_ap.png'}, {run / 'confusion_matrix.png'}, {run / 'train_batch.png'}, predictions in "
+          f"{out / 'predictions'}")
     return metrics
