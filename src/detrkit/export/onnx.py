@@ -200,10 +200,15 @@ def verify_onnx(path: str | Path, model: nn.Module, *, image_size: tuple[int, in
     """
     rows = [{"shape": tuple(images.shape), **check_onnx(path, model, images, label_to_cat=label_to_cat, top_k=top_k)}
             for images in verification_images(image_size, batch_size, dynamic)]
+    return refuse_mismatch(rows, f"the ONNX graph {path}", tolerance)
+
+
+def refuse_mismatch(rows: list[dict], what: str, tolerance: float) -> list[dict]:
+    """``rows`` (differences per checked shape), or :class:`ExportMismatchError` naming ``what`` beyond
+    ``tolerance``."""
     worst = max(max(r["scores"], r["boxes"]) for r in rows)
     if worst > tolerance:
-        raise ExportMismatchError(f"the ONNX graph {path} differs from PyTorch by {worst:.2e} > {tolerance:g}; "
-                                  "do not use it")
+        raise ExportMismatchError(f"{what} differs from PyTorch by {worst:.2e} > {tolerance:g}; do not use it")
     return rows
 
 

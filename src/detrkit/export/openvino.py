@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from detrkit.export.onnx import (
     ExportableDetector,
-    ExportMismatchError,
     detection_difference,
     export_onnx,
+    refuse_mismatch,
     verification_images,
 )
 
@@ -73,8 +73,4 @@ def verify_openvino(path: str | Path, model: nn.Module, *, image_size: tuple[int
     rows = [{"shape": tuple(images.shape), **check_openvino(path, model, images, label_to_cat=label_to_cat,
                                                              top_k=top_k, compiled=compiled)}
             for images in verification_images(image_size, batch_size, dynamic)]
-    worst = max(max(r["scores"], r["boxes"]) for r in rows)
-    if worst > tolerance:
-        raise ExportMismatchError(f"the OpenVINO model {path} differs from PyTorch by {worst:.2e} > {tolerance:g}; "
-                                  "do not use it")
-    return rows
+    return refuse_mismatch(rows, f"the OpenVINO model {path}", tolerance)
