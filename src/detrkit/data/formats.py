@@ -423,7 +423,7 @@ def split_coco(coco: dict, fraction: float, seed: int = 0) -> tuple[dict, dict]:
 def subset_coco(coco: dict, image_ids: set) -> dict:
     """``coco`` with only the images of ``image_ids`` and their annotations (categories kept)."""
     return {**coco, "images": [img for img in coco["images"] if img["id"] in image_ids],
-            "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids]}
+            "annotations": [a for a in coco.get("annotations", []) if a["image_id"] in image_ids]}
 
 
 # -- conversion --------------------------------------------------------------------------------------------

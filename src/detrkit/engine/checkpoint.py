@@ -15,6 +15,7 @@ checkpoints as ``checkpoints/step_<step>/`` (the newest resumes) and the best by
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -83,3 +84,13 @@ def load_state(path: str | Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{Path(path)} has no {STATE_NAME}; it holds weights only and cannot resume training.")
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def truncate_log(file: Path, key: str, upto: int) -> None:
+    """Keep the records of ``file`` up to ``upto`` (what a resumed run will write again comes after)."""
+    if not file.is_file():
+        return
+    keep = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line).get(key, 0) <= upto]
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(file)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from detrkit.data import CocoDetection, build_transforms
 from detrkit.data.coco import DatasetError, load_coco_json
 from detrkit.data.formats import resolve_split, split_coco, subset_coco
-from detrkit.registry import model_info
+from detrkit.data.transforms import scales_for, val_transforms
+from detrkit.registry import image_size_of, model_info
 
 
 @dataclass
@@ -189,3 +191,22 @@ def read_val_split(path: Path) -> tuple[Path, dict, str]:
         raise DatasetError(f"{path}: {len(keep) - len(chosen)} of the held-out validation images are no longer in "
                            f"{source or ann}; the dataset changed since training")
     return images, subset_coco(coco, keep), f"{path}"
+
+
+def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetection, CocoDetection]:
+    """The (train, val) datasets of ``cfg``: its splits, DETR's augmentation at its image size (validation
+    transforms for val, and for train with ``augment`` off), mosaics, the doctor's image check."""
+    size = cfg.image_size or image_size_of(cfg.model)
+    recipe = scales_for(size)
+    val_tf = val_transforms(size)
+    train_tf = build_transforms(True, crop=cfg.crop, **recipe) if cfg.augment else val_tf
+    opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
+    (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
+    mosaic = dict(mosaic=cfg.mosaic, mosaic_epochs=cfg.mosaic_epochs if cfg.mosaic_epochs is not None
+                  else max(1, cfg.epochs - 1)) if cfg.augment else {}
+    train = CocoDetection(ti, ta, transforms=train_tf, source=ts, **opts, **mosaic)
+    val = CocoDetection(vi, va, transforms=val_tf, source=vs, **opts)
+    if train.cat_ids != val.cat_ids:
+        raise DatasetError(f"train and val list different categories ({train.ann_file} vs {val.ann_file}); "
+                         "both splits need the same 'categories'.")
+    return train, val

@@ -14,11 +14,12 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.ops import box_iou
+from torchvision.ops import box_convert, box_iou
 from tqdm import tqdm
 
 from detrkit.data import CocoDetection, collate
 from detrkit.data.coco import to_coco_results
+from detrkit.data.formats import subset_coco
 from detrkit.data.transforms import val_transforms
 from detrkit.engine import plots
 from detrkit.engine.distributed import broadcast_object, gather_objects, rank
@@ -136,7 +137,7 @@ def confusion_matrix(coco_gt: dict, results: list[dict], *, iou_threshold: float
         g, d = gts.get(image_id, []), dets.get(image_id, [])
         g_used, d_used = set(), set()
         if g and d:
-            iou = box_iou(_xyxy([a["bbox"] for a in g]), _xyxy([r["bbox"] for r in d]))  # (G, D)
+            iou = box_iou(_xyxy(g), _xyxy(d))  # (G, D)
             pairs = (iou >= iou_threshold).nonzero().tolist()
             for gi, di in sorted(pairs, key=lambda ij: -float(iou[ij[0], ij[1]])):
                 if gi not in g_used and di not in d_used:
@@ -152,9 +153,9 @@ def confusion_matrix(coco_gt: dict, results: list[dict], *, iou_threshold: float
     return matrix
 
 
-def _xyxy(xywh: list[list[float]]) -> torch.Tensor:
-    b = torch.tensor(xywh, dtype=torch.float64).reshape(-1, 4)
-    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+def _xyxy(entries: list[dict]) -> torch.Tensor:
+    """The COCO ``bbox`` (xywh) of annotations or results as an (N, 4) xyxy tensor."""
+    return box_convert(torch.tensor([e["bbox"] for e in entries], dtype=torch.float64), "xywh", "xyxy")
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -205,9 +206,7 @@ def score(coco_gt: dict, results: list[dict], image_ids: list[int], report_dir: 
     ``confusion_matrix.png``."""
     ev = coco_eval(coco_gt, results, image_ids)
     metrics: dict = _ap_metrics(ev)
-    seen = set(image_ids)
-    gt = {**coco_gt, "images": [i for i in coco_gt["images"] if i["id"] in seen],
-          "annotations": [a for a in coco_gt.get("annotations", []) if a["image_id"] in seen]}
+    gt = subset_coco(coco_gt, set(image_ids))
     metrics["per_class"] = per_class_ap(ev, gt)
     if report_dir is not None:
         names = [c.get("name", str(c["id"])) for c in sorted(gt["categories"], key=lambda c: c["id"])]

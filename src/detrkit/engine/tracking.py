@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from detrkit.engine.plots import batch_figure
 from detrkit.models.postprocess import select_detections
+from detrkit.ops.boxes import box_xyxy_to_cxcywh
 
 MISSING = ("TensorBoard logging is off: the tensorboard package is not installed (pip install 'detrkit[tensorboard]' "
            "to switch it on, or pass --tensorboard false to silence this line)")
@@ -63,7 +64,7 @@ class TensorBoardLogger:
         model.train(was_training)
         scores, labels, xyxy, _ = select_detections(outputs.pred_logits.float(), outputs.pred_boxes.float(),
                                                     model.score_activation, 100)
-        cxcywh = torch.cat([(xyxy[..., :2] + xyxy[..., 2:]) / 2, xyxy[..., 2:] - xyxy[..., :2]], -1)
+        cxcywh = box_xyxy_to_cxcywh(xyxy)
         shown = [{"boxes": b[s >= threshold], "labels": lab[s >= threshold], "scores": s[s >= threshold],
                   "image_id": int(t["image_id"])}
                  for b, lab, s, t in zip(cxcywh.cpu(), labels.cpu(), scores.cpu(), batch.targets, strict=False)]

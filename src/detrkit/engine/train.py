@@ -21,12 +21,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from detrkit.data import CocoDetection, DatasetError, build_transforms, collate
+from detrkit.data import collate
 from detrkit.data.sampler import EpochSampler, SeededSamples
-from detrkit.data.transforms import scales_for, val_transforms
 from detrkit.engine import distributed as D
-from detrkit.engine.checkpoint import latest_checkpoint, load_state, save_checkpoint, save_step_checkpoint
-from detrkit.engine.config import TrainConfig, apply_recipe, dataset_split, write_val_split
+from detrkit.engine.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    save_checkpoint,
+    save_step_checkpoint,
+    truncate_log,
+)
+from detrkit.engine.config import TrainConfig, apply_recipe, build_datasets, write_val_split
 from detrkit.engine.ema import ModelEMA
 from detrkit.engine.evaluate import evaluate, format_metrics, format_per_class, write_metrics
 from detrkit.engine.plots import plot_batch, plot_labels, plot_training_curves
@@ -42,23 +47,6 @@ from detrkit.weights.hub import resolve_weights
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says what to do."""
-
-
-def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetection, CocoDetection]:
-    size = cfg.image_size or image_size_of(cfg.model)
-    recipe = scales_for(size)
-    val_tf = val_transforms(size)
-    train_tf = build_transforms(True, crop=cfg.crop, **recipe) if cfg.augment else val_tf
-    opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
-    (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
-    mosaic = dict(mosaic=cfg.mosaic, mosaic_epochs=cfg.mosaic_epochs if cfg.mosaic_epochs is not None
-                  else max(1, cfg.epochs - 1)) if cfg.augment else {}
-    train = CocoDetection(ti, ta, transforms=train_tf, source=ts, **opts, **mosaic)
-    val = CocoDetection(vi, va, transforms=val_tf, source=vs, **opts)
-    if train.cat_ids != val.cat_ids:
-        raise DatasetError(f"train and val list different categories ({train.ann_file} vs {val.ann_file}); "
-                         "both splits need the same 'categories'.")
-    return train, val
 
 
 def param_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[dict]:
@@ -251,8 +239,8 @@ class Trainer:
             if self.main:
                 warnings.warn(f"--resume {where}: {self.out} has no checkpoint yet; training starts from the beginning",
                               stacklevel=3)
-                _truncate_log(self.out / "metrics.jsonl", "epoch", 0)
-                _truncate_log(self.out / "steps.jsonl", "step", 0)
+                truncate_log(self.out / "metrics.jsonl", "epoch", 0)
+                truncate_log(self.out / "steps.jsonl", "step", 0)
             return
         path, state = found
         if self.ema is not None and "model" in state:
@@ -281,8 +269,8 @@ class Trainer:
         )
         self.evals_without_gain = int(state.get("evals_without_gain", 0))
         if self.main:
-            _truncate_log(self.out / "metrics.jsonl", "epoch", self.epoch)
-            _truncate_log(self.out / "steps.jsonl", "step", self.step)
+            truncate_log(self.out / "metrics.jsonl", "epoch", self.epoch)
+            truncate_log(self.out / "steps.jsonl", "step", self.step)
             tqdm.write(f"resumed from {path} at epoch {self.epoch + 1}, batch {self.batch}, step {self.step}")
 
     def _resumable(self, where: str) -> tuple[Path, dict] | None:
@@ -500,16 +488,6 @@ class Trainer:
                                 f"{self.epoch + 1}, batch {index}, image ids {ids}); training stopped. {last} with a "
                                 "lower --lr, a --warmup_steps ramp, --amp none or --clip_max_norm 0.1, and check the "
                                 "data with `detrkit data check`.")
-
-
-def _truncate_log(file: Path, key: str, upto: int) -> None:
-    """Keep the records of ``file`` up to ``upto`` (what a resumed run will write again comes after)."""
-    if not file.is_file():
-        return
-    keep = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line).get(key, 0) <= upto]
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(file)
 
 
 def _fmt_time(seconds: float) -> str:
