@@ -258,3 +258,91 @@ def test_hub_checkpoint_with_timm_backbone_names(tmp_path):
         out = model(images.double(), mask)
     assert max_abs_diff(out.pred_logits, ref.logits) <= BOUND64
     assert max_abs_diff(out.pred_boxes, ref.pred_boxes) <= BOUND64
+
+
+def _rt_detr_hf(version: str, size: str, **extra):
+    """A random-weight HF RTDetr / RTDetrV2 (ResNet-18-vd or -50-vd), every constant-initialised tensor randomised."""
+    from transformers import RTDetrResNetConfig
+
+    if version == "v2":
+        if not hasattr(transformers, "RTDetrV2ForObjectDetection"):
+            pytest.skip(f"transformers {transformers.__version__} has no RTDetrV2 (added in 4.52)")
+        from transformers import RTDetrV2Config as Config
+        from transformers import RTDetrV2ForObjectDetection as Model
+    else:
+        if not hasattr(transformers, "RTDetrForObjectDetection"):
+            pytest.skip(f"transformers {transformers.__version__} has no RTDetr (added in 4.44)")
+        from transformers import RTDetrConfig as Config
+        from transformers import RTDetrForObjectDetection as Model
+    torch.manual_seed(0)
+    if size == "tiny":
+        backbone = RTDetrResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                                      layer_type="basic", out_features=["stage2", "stage3", "stage4"])
+        dims = dict(encoder_hidden_dim=32, encoder_in_channels=[128, 256, 512], encoder_ffn_dim=64,
+                    encoder_attention_heads=4, d_model=32, decoder_in_channels=[32, 32, 32], decoder_ffn_dim=64,
+                    decoder_layers=2, decoder_attention_heads=4, num_queries=20, hidden_expansion=0.5)
+    else:  # the R18 / R50 presets' own sizes
+        depth = 18 if size == "r18" else 50
+        backbone = RTDetrResNetConfig(
+            **(dict(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic") if depth == 18 else {}),
+            out_features=["stage2", "stage3", "stage4"])
+        dims = dict(encoder_in_channels=[128, 256, 512] if depth == 18 else [512, 1024, 2048],
+                    hidden_expansion=0.5 if depth == 18 else 1.0, decoder_layers=3 if depth == 18 else 6)
+    hf = Model(Config(backbone_config=backbone, num_labels=5, **dims, **extra))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if any(s in name for s in ("sampling_offsets", "attention_weights", "bbox_embed", "bbox_head")):
+                p.normal_(0, 0.1)
+    _randomize_frozen_bn(hf)
+    return hf, dims
+
+
+def _rt_detr_overrides(size: str, dims: dict) -> tuple[str, dict]:
+    if size != "tiny":
+        return ("rtdetr_r18vd" if size == "r18" else "rtdetr_r50vd"), {}
+    return "rtdetr_r18vd", dict(hidden_dim=32, encoder_ffn=64, nhead=4, d_model=32, dim_feedforward=64,
+                                num_decoder_layers=2, num_queries=20, backbone_norm="frozen")
+
+
+RT_DETR_CASES = [("v1", "tiny", (64, 64)), ("v1", "tiny", (64, 96)), ("v2", "tiny", (64, 64)),
+                 ("v2", "tiny", (96, 64)), ("v1", "tiny", (480, 640)), ("v2-discrete", "tiny", (64, 96))]
+
+
+@pytest.mark.parametrize("version,size,hw", [
+    *RT_DETR_CASES,
+    *[pytest.param(v, s, hw, marks=pytest.mark.slow) for v in ("v1", "v2") for s in ("r18", "r50")
+      for hw in ((640, 640), (480, 640))],
+])
+def test_rt_detr_matches_hf(version, size, hw, tmp_path):
+    """RTDetr / RTDetrV2ForObjectDetection, loaded through create_model from the saved HF folder: logits, boxes,
+    every decoder layer and the selected proposals, square and non-square inputs, pixels in [0, 1]."""
+    discrete = version == "v2-discrete"  # RT-DETRv2's discrete sampling: one pixel per point, no grid_sample
+    hf, dims = _rt_detr_hf("v2" if discrete else version, size, **({"decoder_method": "discrete"} if discrete else {}))
+    preset, overrides = _rt_detr_overrides(size, dims)
+    if version != "v1":
+        preset = preset.replace("rtdetr_", "rtdetrv2_")
+    if discrete:
+        overrides["sampling"] = "discrete"
+    pair = Pair(hf, tmp_path, preset, **overrides)
+    images = torch.rand(2, 3, *hw)
+    mask = torch.zeros(2, *hw, dtype=torch.bool)
+    mine32, ref32, mine64, ref64 = pair.run(images, mask)
+    # detrkit never selects an anchor within 0.01 of the border (HF may, on zeroed features): the comparison holds
+    # where HF's top-k has none of them, which this checks rather than assumes.
+    k = pair.model.num_queries
+    assert ref64.init_reference_points.isfinite().all() and (ref64.init_reference_points.abs() < 1e30).all(), (
+        "HF selected an invalid anchor")
+    _assert_parity("selected proposal logits", mine32.enc_outputs.pred_logits, ref32.enc_topk_logits,
+                   mine64.enc_outputs.pred_logits, ref64.enc_topk_logits)
+    _assert_parity("selected proposal boxes", mine32.enc_outputs.pred_boxes, ref32.enc_topk_bboxes,
+                   mine64.enc_outputs.pred_boxes, ref64.enc_topk_bboxes)
+    assert mine64.pred_logits.shape[1] == k
+    _assert_parity("logits", mine32.pred_logits, ref32.logits, mine64.pred_logits, ref64.logits)
+    _assert_parity("boxes", mine32.pred_boxes, ref32.pred_boxes, mine64.pred_boxes, ref64.pred_boxes)
+    for i, (a32, a64) in enumerate(zip(mine32.aux_outputs, mine64.aux_outputs, strict=True)):
+        _assert_parity(f"decoder layer {i} logits", a32.pred_logits, ref32.intermediate_logits[:, i],
+                       a64.pred_logits, ref64.intermediate_logits[:, i])
+        _assert_parity(f"decoder layer {i} boxes", a32.pred_boxes, ref32.intermediate_reference_points[:, i],
+                       a64.pred_boxes, ref64.intermediate_reference_points[:, i])
+    assert max_abs_diff(mine32.pred_logits, ref32.logits) <= 1e-4 and max_abs_diff(mine32.pred_boxes,
+                                                                                    ref32.pred_boxes) <= 1e-4

@@ -48,6 +48,14 @@ class ModelInfo:
     weights: dict[str, Weights] = field(default_factory=dict)  # released weights by tag ("coco")
 
     @property
+    def preprocess(self) -> str:
+        """How images become this model's input, as its class declares it (``preprocess``): ``"detr"`` = ImageNet
+        mean / std, shorter side resized (the DETR family, the default); ``"rtdetr"`` = pixels in [0, 1], resized
+        to a fixed square (RT-DETR's official and HF preprocessing). Training, evaluation, the Detector and export
+        all feed a model this way."""
+        return getattr(self.model_class, "preprocess", "detr")
+
+    @property
     def description(self) -> str:
         return (self.builder.__doc__ or "").strip().splitlines()[0]
 
@@ -104,3 +112,9 @@ def image_size_of(meta_or_name: dict | str) -> int:
             return int(meta_or_name["image_size"])
         meta_or_name = meta_or_name["model"]
     return int(model_info(meta_or_name).input_size[0])
+
+
+def preprocess_of(meta_or_name: dict | str) -> str:
+    """The input preprocessing of a checkpoint (its ``meta``) or preset: ``"detr"`` or ``"rtdetr"``."""
+    name = meta_or_name["model"] if isinstance(meta_or_name, dict) else meta_or_name
+    return model_info(name).preprocess

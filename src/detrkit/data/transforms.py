@@ -4,6 +4,11 @@ DETR (Carion et al. 2020, appendix A.4): horizontal flip; then either a multi-sc
 shorter side to one of 480..800 (longer side at most 1333), or a random crop branch (resize to
 400/500/600, crop a random 384..600 region, resize multi-scale again). Validation resizes the
 shorter side to 800. Every size is a parameter so that lite presets can train at ~640 px or less.
+
+RT-DETR (Zhao et al. 2024, section 5.1, and its official code) preprocesses differently, so each preset declares
+its ``preprocess`` (:mod:`detrkit.registry`) and every transform here takes it: pixels scaled to [0, 1] without
+mean / std, a fixed square input (640 x 640), and in training photometric distortion, zoom-out, IoU crop and
+flip (:func:`rtdetr_train_transforms`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
+from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,11 +60,15 @@ def build_transforms(
     crop_scales: Sequence[int] = (400, 500, 600),
     crop_size: tuple[int, int] = (384, 600),
     with_boxes: bool = True,
+    preprocess: str = "detr",
 ) -> T.Compose:
     """The transform applied to ``(image, target)``; target holds ``boxes`` (BoundingBoxes) and ``labels``.
 
-    ``with_boxes=False`` (validation only) gives the image-only transform used for inference.
+    ``with_boxes=False`` (validation only) gives the image-only transform used for inference. ``preprocess``:
+    the model's (``"detr"`` or ``"rtdetr"``: then ``val_size`` is the side of the square input).
     """
+    if preprocess == "rtdetr":
+        return rtdetr_train_transforms(val_size) if train else _rtdetr_val(val_size, with_boxes)
     to_input = [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     finish = [
         *to_input,
@@ -74,6 +84,38 @@ def build_transforms(
             T.Compose([T.RandomShortestSize(list(crop_scales)), RandomSizeCrop(*crop_size), resize]),
         ])
     return T.Compose([T.RandomHorizontalFlip(), resize, *finish])
+
+
+def rtdetr_train_transforms(size: int = 640) -> T.Compose:
+    """RT-DETR's training augmentation (official code): photometric distortion, zoom-out (up to 4x, black fill),
+    SSD's IoU crop (p = 0.8), horizontal flip, resize to size x size, pixels in [0, 1]."""
+    return T.Compose([
+        T.RandomPhotometricDistort(p=0.5),
+        T.RandomZoomOut(fill=0, p=0.5),
+        T.RandomApply([T.RandomIoUCrop()], p=0.8),
+        T.SanitizeBoundingBoxes(min_size=1),
+        T.RandomHorizontalFlip(),
+        T.Resize((size, size)),
+        T.ToDtype(torch.float32, scale=True),
+        T.ClampBoundingBoxes(),
+        T.SanitizeBoundingBoxes(min_size=1),
+    ])
+
+
+def _rtdetr_val(size: int, with_boxes: bool) -> T.Compose:
+    steps = [T.Resize((size, size)), T.ToDtype(torch.float32, scale=True)]
+    if with_boxes:
+        steps += [T.ClampBoundingBoxes(), T.SanitizeBoundingBoxes(min_size=1)]
+    return T.Compose(steps)
+
+
+def denormalize(images: Tensor, preprocess: str = "detr") -> Tensor:
+    """Model inputs (B, 3, H, W) or (3, H, W) -> pixels in [0, 1] for display."""
+    if preprocess == "rtdetr":
+        return images.clamp(0, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
 
 
 def scales_for(image_size: int) -> dict:
@@ -92,7 +134,9 @@ def scales_for(image_size: int) -> dict:
     }
 
 
-def val_transforms(image_size: int, *, with_boxes: bool = True):
-    """The evaluation / inference resize of a model trained at ``image_size`` (DETR's 800 / 1333 scaled)."""
+def val_transforms(image_size: int, *, with_boxes: bool = True, preprocess: str = "detr"):
+    """The evaluation / inference resize of a model trained at ``image_size`` (DETR's 800 / 1333 scaled; RT-DETR's
+    fixed square)."""
     recipe = scales_for(image_size)
-    return build_transforms(False, val_size=recipe["val_size"], max_size=recipe["max_size"], with_boxes=with_boxes)
+    return build_transforms(False, val_size=recipe["val_size"], max_size=recipe["max_size"], with_boxes=with_boxes,
+                            preprocess=preprocess)

@@ -17,7 +17,7 @@ from detrkit.data import CocoDetection, build_transforms
 from detrkit.data.coco import DatasetError, load_coco_json
 from detrkit.data.formats import resolve_split, split_coco, subset_coco
 from detrkit.data.transforms import scales_for, val_transforms
-from detrkit.registry import image_size_of, model_info
+from detrkit.registry import image_size_of, model_info, preprocess_of
 
 
 @dataclass
@@ -198,8 +198,9 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetecti
     transforms for val, and for train with ``augment`` off), mosaics, the doctor's image check."""
     size = cfg.image_size or image_size_of(cfg.model)
     recipe = scales_for(size)
-    val_tf = val_transforms(size)
-    train_tf = build_transforms(True, crop=cfg.crop, **recipe) if cfg.augment else val_tf
+    preprocess = preprocess_of(cfg.model)  # the model's own input (ImageNet-normalized, or RT-DETR's [0, 1] square)
+    val_tf = val_transforms(size, preprocess=preprocess)
+    train_tf = build_transforms(True, crop=cfg.crop, preprocess=preprocess, **recipe) if cfg.augment else val_tf
     opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
     (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
     mosaic = dict(mosaic=cfg.mosaic, mosaic_epochs=cfg.mosaic_epochs if cfg.mosaic_epochs is not None

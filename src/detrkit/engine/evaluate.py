@@ -24,7 +24,7 @@ from detrkit.data.transforms import val_transforms
 from detrkit.engine import plots
 from detrkit.engine.distributed import broadcast_object, gather_objects, rank
 from detrkit.models.postprocess import postprocess
-from detrkit.registry import image_size_of
+from detrkit.registry import image_size_of, preprocess_of
 from detrkit.runtime import resolve_device
 from detrkit.weights.formats import load_checkpoint
 
@@ -234,7 +234,8 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | Path, ann: str | P
     original annotation file when ``ann`` was converted from YOLO / VOC (for messages).
     """
     model, meta = load_checkpoint(checkpoint)
-    dataset = CocoDetection(images, ann, val_transforms(image_size_of(meta)), source=source)
+    transform = val_transforms(image_size_of(meta), preprocess=preprocess_of(meta))  # the model's own input
+    dataset = CocoDetection(images, ann, transform, source=source)
     unknown = sorted(set(dataset.label_to_cat) - set(meta["label_to_cat"]))
     if unknown:
         warnings.warn(f"{source or ann} has category ids the checkpoint never predicts: {unknown[:10]}; the checkpoint "

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from detrkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detrkit.data.transforms import denormalize
 
 _LOSS_PREFIX = "loss"
 
@@ -147,7 +147,7 @@ def plot_labels(coco: dict, path: str | Path) -> Path:
 
 
 def batch_figure(images: torch.Tensor, padding_mask: torch.Tensor | None, boxes: list[dict], names: list[str], *,
-                 max_images: int = 16, title: str = "image") -> Figure:
+                 max_images: int = 16, title: str = "image", preprocess: str = "detr") -> Figure:
     """A grid of model inputs (un-normalised for display) with boxes: per image a dict of ``boxes`` (n, 4)
     normalised cxcywh of the unpadded image (as targets and predictions are), ``labels`` (n,), optionally
     ``scores`` (n,) and ``image_id``."""
@@ -156,12 +156,11 @@ def batch_figure(images: torch.Tensor, padding_mask: torch.Tensor | None, boxes:
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(4 * cols, 4 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for i, ax in enumerate(axes):
         ax.axis("off")
         if i >= n:
             continue
-        img = (images[i].detach().float().cpu() * std + mean).clamp(0, 1)
+        img = denormalize(images[i].detach().float().cpu(), preprocess)
         h, w = img.shape[-2:]
         if padding_mask is not None:  # the boxes are relative to the unpadded part
             valid = ~padding_mask[i].cpu()
@@ -183,6 +182,7 @@ def batch_figure(images: torch.Tensor, padding_mask: torch.Tensor | None, boxes:
 
 
 def plot_batch(images: torch.Tensor, padding_mask: torch.Tensor | None, targets: list[dict], names: list[str],
-               path: str | Path, *, max_images: int = 16) -> Path:
+               path: str | Path, *, max_images: int = 16, preprocess: str = "detr") -> Path:
     """A grid of training samples as the model gets them (after augmentation) with their target boxes."""
-    return _save(batch_figure(images, padding_mask, targets, names, max_images=max_images), path)
+    return _save(batch_figure(images, padding_mask, targets, names, max_images=max_images, preprocess=preprocess),
+                 path)

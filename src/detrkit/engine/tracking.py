@@ -69,7 +69,7 @@ class TensorBoardLogger:
                   "image_id": int(t["image_id"])}
                  for b, lab, s, t in zip(cxcywh.cpu(), labels.cpu(), scores.cpu(), batch.targets, strict=False)]
         fig = batch_figure(batch.images[:max_images], batch.padding_mask[:max_images], shown, names,
-                           title=f"score >= {threshold}, image")
+                           title=f"score >= {threshold}, image", preprocess=getattr(model, "preprocess", "detr"))
         self.writer.add_figure("val/predictions", fig, step)
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from detrkit.engine.plots import plot_batch, plot_labels, plot_training_curves
 from detrkit.engine.schedule import LRSchedule
 from detrkit.engine.tracking import TensorBoardLogger
 from detrkit.losses import build_criterion
-from detrkit.registry import image_size_of, model_info
+from detrkit.registry import image_size_of, model_info, preprocess_of
 from detrkit.runtime import amp_dtype, resolve_device
 from detrkit.weights.files import CheckpointError, read_meta, step_checkpoints
 from detrkit.weights.formats import load_pretrained, load_weights
@@ -395,7 +395,7 @@ class Trainer:
             batch.images = batch.images.contiguous(memory_format=torch.channels_last)
             if self.step == 0 and self.batch == 0 and cfg.plots and self.main:  # what the model is fed, at the start
                 plot_batch(batch.images, batch.padding_mask, batch.targets, self.train_set.class_names,
-                           self.out / "train_batch.png")
+                           self.out / "train_batch.png", preprocess=preprocess_of(cfg.model))
             losses, stepped = self._train_step(batch, self.batch)
             self.batch, self.images_seen, self.batches_run = (
                 self.batch + 1,

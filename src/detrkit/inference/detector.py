@@ -16,7 +16,7 @@ from detrkit.data.image import to_pil
 from detrkit.data.transforms import val_transforms
 from detrkit.inference.tiles import cut_by_tile_border, merge_tiles, tile_windows
 from detrkit.models.postprocess import postprocess
-from detrkit.registry import image_size_of
+from detrkit.registry import image_size_of, preprocess_of
 from detrkit.runtime import amp_dtype, resolve_device
 from detrkit.weights.formats import load_checkpoint, load_pretrained
 from detrkit.weights.hub import resolve_weights
@@ -82,7 +82,8 @@ class Detector:
         self.class_names = self.meta["class_names"]
         self.label_to_cat = self.meta["label_to_cat"]
         self.cat_to_name = dict(zip(self.label_to_cat, self.class_names, strict=False))
-        self.transform = val_transforms(image_size_of(self.meta), with_boxes=False)
+        self.transform = val_transforms(image_size_of(self.meta), with_boxes=False,
+                                        preprocess=preprocess_of(self.meta))
 
     @torch.no_grad()
     def predict(self, images, *, threshold: float | None = None, max_detections: int = 100, tile: int | None = None,

@@ -7,7 +7,9 @@ from detrkit.layers.deformable import (
     DeformableEncoder,
     DeformableEncoderLayer,
     MultiScaleDeformableAttention,
+    RTDETRDecoder,
 )
+from detrkit.layers.hybrid_encoder import HybridEncoder
 from detrkit.layers.mlp import MLP
 from detrkit.layers.neck import MultiScaleProjection
 from detrkit.layers.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, anchor_sine_embed
@@ -24,11 +26,13 @@ __all__ = [
     "DeformableDecoderLayer",
     "DeformableEncoder",
     "DeformableEncoderLayer",
+    "HybridEncoder",
     "MLP",
     "MultiScaleDeformableAttention",
     "MultiScaleProjection",
     "PositionEmbeddingLearned",
     "PositionEmbeddingSine",
+    "RTDETRDecoder",
     "TransformerDecoder",
     "TransformerDecoderLayer",
     "TransformerEncoder",

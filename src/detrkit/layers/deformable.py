@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from detrkit.layers.mlp import MLP
 from detrkit.layers.position_encoding import anchor_sine_embed
 from detrkit.ops import inverse_sigmoid, level_shapes, level_shapes_tensor
-from detrkit.ops.ms_deform_attn import LevelShapes, ms_deform_attn
+from detrkit.ops.ms_deform_attn import LevelShapes, ms_deform_attn, ms_deform_attn_discrete
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -33,13 +33,21 @@ class MultiScaleDeformableAttention(nn.Module):
         n_levels: number of feature levels.
         n_heads: attention heads.
         n_points: sampling points per head and level.
+        offset_scale: around a box reference, offsets are fractions ``offset_scale / n_points`` of its size (0.5;
+            RT-DETRv2 makes it a setting).
+        sampling: ``"bilinear"`` (the paper's) or ``"discrete"`` (RT-DETRv2's nearest-pixel read,
+            :func:`~detrkit.ops.ms_deform_attn.ms_deform_attn_discrete`).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, *,
+                 offset_scale: float = 0.5, sampling: str = "bilinear") -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if sampling not in ("bilinear", "discrete"):
+            raise ValueError(f"sampling must be 'bilinear' or 'discrete', got {sampling!r}")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.offset_scale, self.sampling = offset_scale, sampling
         self.backend = "auto"
         self.record = False  # keep the last sampling locations and weights in ``self.recorded`` (detrkit explain)
         self.recorded: tuple[Tensor, Tensor] | None = None
@@ -85,14 +93,15 @@ class MultiScaleDeformableAttention(nn.Module):
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:  # offsets are fractions of the reference box (refinement / two-stage)
             locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / points * reference_points[:, :, None, :, None, 2:] * 0.5)
+                         + offsets / points * reference_points[:, :, None, :, None, 2:] * self.offset_scale)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         if self.record:
             self.recorded = (locations.detach(), weights.detach())
-        out = ms_deform_attn(
-            value, spatial_shapes, level_start_index, locations, weights, backend=self.backend
-        )  # (B, Lq, C)
+        if self.sampling == "discrete":
+            out = ms_deform_attn_discrete(value, spatial_shapes, locations, weights)  # (B, Lq, C)
+        else:
+            out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
         return self.output_proj(out)
 
 
@@ -152,12 +161,15 @@ class DeformableEncoder(nn.Module):
 
 
 class DeformableDecoderLayer(nn.Module):
-    """Self-attention among queries, deformable cross-attention around each reference, FFN; post-norm."""
+    """Self-attention among queries, deformable cross-attention around each reference, FFN; post-norm.
+    ``offset_scale`` and ``sampling`` are the cross-attention's (:class:`MultiScaleDeformableAttention`)."""
 
     def __init__(self, d_model: int = 256, dim_feedforward: int = 1024, dropout: float = 0.1,
-                 n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+                 n_levels: int = 4, n_heads: int = 8, n_points: int = 4, *, offset_scale: float = 0.5,
+                 sampling: str = "bilinear") -> None:
         super().__init__()
-        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points)
+        self.cross_attn = MultiScaleDeformableAttention(d_model, n_levels, n_heads, n_points,
+                                                        offset_scale=offset_scale, sampling=sampling)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
@@ -278,4 +290,37 @@ class DeformableAnchorDecoder(nn.Module):
             ref = new_ref.detach()
             refs.append(new_ref if self.look_forward_twice else ref)
             hidden.append(self.norm(tgt))
+        return torch.stack(hidden), refs[:-1]
+
+
+class RTDETRDecoder(nn.Module):
+    """RT-DETR's decoder (Zhao et al. 2024, section 4.3 and its official code): Deformable DETR decoder layers over
+    4-D reference boxes, whose positional query is an MLP of the box itself (``query_pos_head``, no sine code),
+    with iterative refinement: each layer's box head (``bbox_embed``, set by the detector) refines the box in
+    inverse-sigmoid space and passes it on detached; in training the prediction of layer i + 1 refines layer i's
+    undetached box (DINO's look forward twice). No padding mask and no valid ratios: the input has no padding.
+    """
+
+    def __init__(self, layer: DeformableDecoderLayer, num_layers: int, d_model: int, *,
+                 inverse_sigmoid_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.query_pos_head = MLP(4, 2 * d_model, d_model, 2)
+        self.bbox_embed: nn.ModuleList | None = None  # one box head per layer, set by the detector
+        self.eps = inverse_sigmoid_eps
+
+    def forward(self, tgt: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: LevelShapes,
+                level_start_index: Tensor, self_attn_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """tgt (B, Q, C); anchors (B, Q, 4) before the sigmoid, detached -> hidden (L, B, Q, C) and, per layer, the
+        box its prediction refines, sigmoid space: [(B, Q, 4)] * L (:class:`DeformableAnchorDecoder`'s contract)."""
+        ref = anchors.sigmoid()
+        hidden, refs = [], [ref]
+        for lid, layer in enumerate(self.layers):
+            query_pos = self.query_pos_head(ref)  # (B, Q, C)
+            tgt = layer(tgt, query_pos, ref[:, :, None], memory, spatial_shapes, level_start_index, None,
+                        self_attn_mask)  # the same box on every level: (B, Q, 1, 4) broadcast
+            new_ref = (self.bbox_embed[lid](tgt) + inverse_sigmoid(ref, self.eps)).sigmoid()
+            ref = new_ref.detach()
+            refs.append(new_ref if self.training else ref)
+            hidden.append(tgt)
         return torch.stack(hidden), refs[:-1]

@@ -115,3 +115,22 @@ def anchor_sine_embed(anchors: Tensor, num_pos_feats: int = 128, temperature: fl
     pos = sine_encode(anchors.to(dtype) * (2 * math.pi), num_pos_feats, temperature)  # (..., n, F)
     order = [1, 0, *range(2, anchors.shape[-1])]  # x, y, w, h -> y, x, w, h
     return pos[..., order, :].flatten(-2).to(anchors.dtype)  # (..., n*F)
+
+
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10000.0, *, like: Tensor) -> Tensor:
+    """RT-DETR's fixed 2-D sine embedding of an (height, width) grid (the AIFI layer's, section 4.2) -> (h*w, dim).
+
+    Row-major positions (index y * width + x), laid out ``[sin(y w), cos(y w), sin(x w), cos(x w)]`` with
+    ``w = temperature^(-i / (dim / 4))``: built for the map's actual height and width, so a non-square map gets the
+    right code (the official code swaps the axes of non-square maps; HF transformers builds it this way). The
+    frequencies are computed in float64 (float32 on MPS, which has none) and cast to ``like``'s dtype.
+    """
+    if dim % 4:
+        raise ValueError(f"the 2-D sine embedding needs a width divisible by 4, got {dim}")
+    compute = torch.float32 if like.device.type == "mps" else torch.float64
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=compute, device=like.device) / quarter)  # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=compute, device=like.device),
+                            torch.arange(width, dtype=compute, device=like.device), indexing="ij")
+    y, x = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega  # (h*w, dim/4) each
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], 1).to(like.dtype)  # (h*w, dim)

@@ -24,12 +24,15 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
 
 
 def activation_layer(name: str) -> nn.Module:
-    """The FFN non-linearity: ``"relu"`` (DETR, Deformable DETR, DINO) or ``"prelu"`` (DAB-DETR, DN-DETR)."""
+    """The FFN non-linearity: ``"relu"`` (DETR, Deformable DETR, DINO), ``"prelu"`` (DAB-DETR, DN-DETR) or ``"gelu"``
+    (RT-DETR's AIFI layer; the exact erf form)."""
     if name == "relu":
         return nn.ReLU()
+    if name == "gelu":
+        return nn.GELU()
     if name == "prelu":  # one learned negative slope per layer (a parameter: `activation.weight`)
         return nn.PReLU()
-    raise ValueError(f"activation must be 'relu' or 'prelu', got {name!r}")
+    raise ValueError(f"activation must be 'relu', 'prelu' or 'gelu', got {name!r}")
 
 
 class TransformerEncoderLayer(nn.Module):

@@ -6,6 +6,7 @@ from detrkit.models.detr import DETR, build_detr
 from detrkit.models.dino import DINO, build_dino
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.models.postprocess import postprocess
+from detrkit.models.rt_detr import RTDETR, build_rt_detr
 
-__all__ = ["DABDETR", "DETR", "DINO", "DeformableDETR", "DetectionOutput", "LayerOutput", "LossConfig",
-           "build_dab_detr", "build_deformable_detr", "build_detr", "build_dino", "postprocess"]
+__all__ = ["DABDETR", "DETR", "DINO", "RTDETR", "DeformableDETR", "DetectionOutput", "LayerOutput", "LossConfig",
+           "build_dab_detr", "build_deformable_detr", "build_detr", "build_dino", "build_rt_detr", "postprocess"]

@@ -132,6 +132,36 @@ def ms_deform_attn_gather(
     return out.permute(0, 2, 1, 3).reshape(b, lq, heads * head_dim).to(in_dtype)  # (B, Lq, heads*D)
 
 
+def ms_deform_attn_discrete(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """RT-DETRv2's discrete sampling (Lv et al. 2024, section 3, "discrete sampling operator"): each point reads one
+    pixel, ``floor(x * w + 0.5)`` clamped into the map, instead of interpolating four, so the exported graph needs
+    neither GridSample nor bilinear arithmetic. As in the official code, the rounding point is ``x * w + 0.5`` (not
+    the pixel centre convention of the bilinear op), and no gradient reaches the sampling locations.
+    """
+    b, s, heads, head_dim = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    shapes = level_shapes(spatial_shapes)
+    rows = value.permute(0, 2, 1, 3).reshape(b * heads * s, head_dim)  # (B*heads*S, D): one row a pixel
+    index, start = [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        loc = sampling_locations[:, :, :, lvl].detach()  # (B, Lq, heads, points, 2)
+        x = (loc[..., 0] * w + 0.5).floor().clamp(0, w - 1)
+        y = (loc[..., 1] * h + 0.5).floor().clamp(0, h - 1)
+        index.append(start + (y * w + x).long())  # (B, Lq, heads, points): pixel in S
+        start += h * w
+    index = torch.stack(index, 3).permute(0, 2, 1, 3, 4).reshape(b * heads, lq * levels * points)  # (B*heads, LqLP)
+    index = index + torch.arange(b * heads, device=index.device).view(-1, 1) * s  # row in ``rows``
+    sampled = rows.index_select(0, index.flatten()).view(b * heads, lq, levels * points, head_dim)
+    weight = attention_weights.permute(0, 2, 1, 3, 4).reshape(b * heads, lq, 1, levels * points)
+    out = (weight @ sampled).view(b, heads, lq, head_dim)  # (B, heads, Lq, D)
+    return out.permute(0, 2, 1, 3).reshape(b, lq, heads * head_dim)  # (B, Lq, heads*D)
+
+
 def ms_deform_attn(
     value: Tensor,
     spatial_shapes: Tensor | Sequence[tuple[int, int]],

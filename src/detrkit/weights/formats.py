@@ -35,6 +35,7 @@ from detrkit.weights.official import (
     convert_official_detr,
     convert_official_dino,
 )
+from detrkit.weights.rt_detr import RT_DETR_DERIVED, convert_hf_rt_detr, convert_official_rt_detr
 
 # Builder settings renamed since checkpoints were first saved with them: old name -> new name.
 RENAMED_MODEL_ARGS = {"activation": "ffn_activation"}  # DAB-DETR's FFN non-linearity, not the score activation
@@ -127,6 +128,20 @@ FORMATS = {
             convert_hf_dab_detr,
             model_args={"inverse_sigmoid_eps": 1e-5},
         ),  # HF's port clamps at 1e-5, the official code at 1e-3
+        CheckpointFormat(
+            "hf_rt_detr",
+            "HF transformers RTDetrForObjectDetection / RTDetrV2ForObjectDetection",
+            "RTDETR",
+            convert_hf_rt_detr,
+            ((RT_DETR_DERIVED.pattern, "computed by detrkit (anchors, the points' scale)"),),
+        ),
+        CheckpointFormat(
+            "official_rt_detr",
+            "lyuwenyu/RT-DETR (rtdetr_pytorch, rtdetrv2_pytorch)",
+            "RTDETR",
+            convert_official_rt_detr,
+            ((RT_DETR_DERIVED.pattern, "computed by detrkit (anchors, the points' scale)"),),
+        ),
     ]
 }
 
@@ -143,6 +158,8 @@ def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
         return any(k.startswith(prefix) for k in keys)
 
     if has("model.backbone."):  # HF transformers
+        if has("model.encoder_input_proj."):
+            return FORMATS["hf_rt_detr"]
         if "class_labels_classifier.weight" in keys:
             return FORMATS["hf_detr"]
         if "model.query_refpoint_embeddings.weight" in keys:
@@ -159,12 +176,15 @@ def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
         if "refpoint_embed.weight" in keys:
             return FORMATS["official_dab_detr"]
         return FORMATS["official_detr"]
-    elif has("backbone.body."):
+    elif has("decoder.dec_score_head.") and has("backbone.res_layers."):  # lyuwenyu/RT-DETR: PResNet + decoder heads
+        return FORMATS["official_rt_detr"]
+    elif has("backbone.body.") or has("backbone.res_layers."):  # torchvision ResNet / ResNet-vd
         return FORMATS["detrkit"]
     sample = ", ".join(sorted(keys)[:6])
     raise CheckpointError(f"unrecognised checkpoint layout (keys: {sample}, ...). detrkit reads detrkit, official "
-                          f"DETR / Deformable-DETR / DAB-DETR / DN-DETR / DINO, detrex and HF transformers (Detr, "
-                          f"DeformableDetr, DabDetr) checkpoints of ResNet models.")
+                          f"DETR / Deformable-DETR / DAB-DETR / DN-DETR / DINO / RT-DETR(v2), detrex and HF "
+                          f"transformers (Detr, DeformableDetr, DabDetr, RTDetr, RTDetrV2) checkpoints of ResNet "
+                          f"models.")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
@@ -210,6 +230,9 @@ def _resolve_file(path: Path) -> Path:
 
 
 def _unwrap(obj, file: Path) -> dict[str, Tensor]:
+    # lyuwenyu/RT-DETR's training checkpoints: the EMA weights (what its evaluation loads) before the raw ones
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and isinstance(obj["ema"].get("module"), dict):
+        return _unwrap(obj["ema"]["module"], file)
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -278,6 +301,13 @@ def load_converted(model: nn.Module, conv: Conversion, *, reinit_classes: bool =
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     reinit = [k for k in wrong if CLASS_DEPENDENT.search(k)] if reinit_classes else []
     for k in reinit:
+        del state[k]
+    # BatchNorm's step counter (used only with momentum=None): absent from files of frozen-BN models (HF's RT-DETR
+    # backbone), present in others; it decides nothing, so it is filled from the model or dropped.
+    for k in set(own) - set(state):
+        if k.endswith(".num_batches_tracked"):
+            state[k] = own[k]
+    for k in [k for k in set(state) - set(own) if k.endswith(".num_batches_tracked")]:
         del state[k]
     missing = sorted(set(own) - set(state) - set(reinit))
     unexpected = sorted(set(state) - set(own))
