@@ -105,3 +105,24 @@ def test_matches_official_code(case, tmp_path):
     memory, logits = max_abs_diff(records["memory"], ref["memory"]), max_abs_diff(out.pred_logits, ref["logits"])
     boxes = max_abs_diff(out.pred_boxes, ref["boxes"])
     print(f"\n{case}: max |detrkit - official| memory {memory:.1e}, logits {logits:.1e}, boxes {boxes:.1e}")  # -s
+
+
+@pytest.mark.parametrize("version,depth,preset", [("v1", 18, "rtdetr_r18vd"), ("v2", 18, "rtdetrv2_r18vd"),
+                                                  ("v1", 50, "rtdetr_r50vd"), ("v2", 50, "rtdetrv2_r50vd")])
+def test_rt_detr_matches_official(version, depth, preset, tmp_path):
+    """lyuwenyu/RT-DETR (clone named ``RT-DETR``): rtdetr_pytorch / rtdetrv2_pytorch's own PResNet, HybridEncoder
+    and decoder, random values, float64, a 320x320 batch of two; its training checkpoint (raw weights under
+    ``model``, EMA under ``ema``) loaded by create_model must give the same logits and boxes. Square input: the
+    official AIFI position code swaps the axes of non-square maps (detrkit and HF follow the map)."""
+    repo = Path(ROOT) / "RT-DETR"
+    if not repo.is_dir():
+        pytest.skip(f"no RT-DETR checkout in {ROOT}")
+    runner = Path(__file__).with_name("official_rtdetr_runner.py")
+    subprocess.run([sys.executable, str(runner), str(repo), version, str(depth), str(tmp_path)], check=True)
+    model = create_model(preset, weights=tmp_path / "checkpoint.pth").double().eval()
+    load_converted(model, read_checkpoint(tmp_path / "checkpoint.pth"))  # the file's float64 values
+    ref = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    with torch.no_grad():
+        out = model(ref["images"])
+    assert max_abs_diff(out.pred_logits, ref["pred_logits"]) <= BOUND
+    assert max_abs_diff(out.pred_boxes, ref["pred_boxes"]) <= BOUND

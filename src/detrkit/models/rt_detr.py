@@ -48,6 +48,12 @@ from detrkit.registry import register_model
 RTDETR_NOISE = DenoisingConfig(num_dn_pairs=100, label_noise=0.25, box_noise_scale=1.0, contrastive=True)
 
 
+def top_valid(scores: Tensor, proposals: Tensor, k: int) -> Tensor:
+    """Indices (B, k) of the ``k`` best-scoring proposals among the valid ones (finite before the sigmoid); invalid
+    ones come last, taken only if fewer than ``k`` are valid. scores (B, S), proposals (B, S, 4)."""
+    return scores.masked_fill(proposals[..., 0].isinf(), float("-inf")).topk(k, dim=1).indices
+
+
 class RTDETR(nn.Module):
     """The RT-DETR / RT-DETRv2 detector.
 
@@ -145,8 +151,7 @@ class RTDETR(nn.Module):
         out_memory = self.enc_output_norm(self.enc_output(out_memory))  # (B, S, C)
         logits = self.enc_out_class_embed(out_memory)  # (B, S, K)
         coords = self.enc_out_bbox_embed(out_memory) + proposals  # (B, S, 4) before the sigmoid
-        scores = logits.max(-1).values.masked_fill(proposals[..., 0].isinf(), float("-inf"))  # (B, S)
-        topk = scores.topk(min(self.num_queries, memory.shape[1]), dim=1).indices  # (B, k)
+        topk = top_valid(logits.max(-1).values, proposals, min(self.num_queries, memory.shape[1]))  # (B, k)
         coords, logits = gather_queries(coords, topk), gather_queries(logits, topk)  # (B, k, 4), (B, k, K)
         if self.tgt_embed is not None:
             tgt = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)

@@ -1,0 +1,167 @@
+"""RT-DETR / RT-DETRv2: the official checkpoint layout, and the paper's mechanisms, each with a negative control.
+
+Parity with HF transformers is in test_parity_hf.py; parity with the official code (run from a checkout) in
+test_parity_official_repos.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from detrkit import create_model
+from detrkit.data.transforms import val_transforms
+from detrkit.models.rt_detr import top_valid
+from detrkit.ops.ms_deform_attn import ms_deform_attn_discrete
+from detrkit.weights.formats import read_checkpoint
+
+# Key names and shapes of lyuwenyu/RT-DETR's own models (R18 / R50, rtdetr_pytorch and rtdetrv2_pytorch), as
+# tests/official_rtdetr_runner.py wrote them from the official code: names only, no values.
+KEYS = json.loads(gzip.decompress((Path(__file__).parent / "data" / "official_rtdetr_keys.json.gz").read_bytes()))
+SMALL = dict(hidden_dim=32, encoder_ffn=64, nhead=4, d_model=32, dim_feedforward=64, num_decoder_layers=2,
+             num_queries=20)
+
+
+@pytest.mark.parametrize("variant,preset", [("v1_r18", "rtdetr_r18vd"), ("v1_r50", "rtdetr_r50vd"),
+                                            ("v2_r18", "rtdetrv2_r18vd"), ("v2_r50", "rtdetrv2_r50vd")])
+def test_official_layout_every_key_consumed_every_parameter_filled(variant, preset, tmp_path):
+    """An official training checkpoint (its EMA weights under ``ema.module``, as the trainer saves them): every key
+    is consumed (or named as derived), every parameter and buffer of the preset is filled with the file's value."""
+    gen = torch.Generator().manual_seed(0)
+    state = {k: (torch.zeros(shape, dtype=torch.long) if k.endswith("num_batches_tracked")
+                 else torch.randn(shape, generator=gen)) for k, shape in KEYS[variant].items()}
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in state.items()}, "ema": {"module": state}},
+               tmp_path / "ckpt.pth")
+    conv = read_checkpoint(tmp_path / "ckpt.pth")
+    assert conv.format.name == "official_rt_detr"
+    assert all("anchors" in k or "valid_mask" in k or "points_scale" in k for k, _ in conv.ignored)
+    model = create_model(preset, weights=tmp_path / "ckpt.pth")  # strict: raises on any missing / unexpected key
+    own = model.state_dict()
+    assert set(conv.state_dict) <= set(own)
+    filled = {k for k in own if k in conv.state_dict or k.startswith("decoder.bbox_embed.")}  # the decoder's alias
+    assert filled | {k for k in own if k.endswith("num_batches_tracked")} == set(own)
+    for k, v in conv.state_dict.items():  # the EMA weights, not the raw ones
+        assert torch.equal(own[k].float(), v.float()), k
+
+
+def _tiny(**overrides):
+    torch.manual_seed(0)
+    return create_model("rtdetr_r18vd", num_classes=3, **{**SMALL, **overrides})
+
+
+def test_aifi_runs_on_the_stride_32_level_only():
+    """Section 4.2: intra-scale attention on S5 only. Control: the stride-8 and -16 maps reach the fusion unchanged
+    by attention (their projection is all that happens before CCFF)."""
+    model = _tiny().eval()
+    seen = []
+    model.encoder.encoder[0].register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        model(torch.rand(1, 3, 128, 192))
+    assert seen == [(1, 32, 4, 6)]  # one call, on the 128/32 x 192/32 map
+    feats = [torch.randn(1, c, 128 // s, 192 // s) for c, s in ((128, 8), (256, 16), (512, 32))]
+    enc = model.encoder
+    with torch.no_grad():
+        proj = [p(f) for p, f in zip(enc.input_proj, feats, strict=True)]
+        attended = enc.encoder[0](proj[2])
+    assert not torch.allclose(attended, proj[2])  # attention changes the stride-32 map ...
+    with torch.no_grad():  # ... and the fused stride-8 map depends on it, through the top-down path
+        a = enc._bottom_up(enc._top_down([proj[0], proj[1], attended]))[0]
+        b = enc._bottom_up(enc._top_down([proj[0], proj[1], proj[2]]))[0]
+    assert not torch.allclose(a, b)
+
+
+def test_query_selection_takes_the_top_k_valid_anchors():
+    """Section 4.3 with the 0.01..0.99 valid mask: invalid anchors (+inf) are never selected, even when they score
+    highest. Negative control: a plain top-k over the same scores takes them."""
+    scores = torch.tensor([[9.0, 1.0, 8.0, 2.0, 7.0, 3.0]])
+    proposals = torch.zeros(1, 6, 4)
+    proposals[0, [0, 2]] = float("inf")  # anchors too close to the border
+    chosen = top_valid(scores, proposals, 3)
+    assert sorted(chosen[0].tolist()) == [3, 4, 5]
+    assert {0, 2} <= set(scores.topk(3, dim=1).indices[0].tolist())  # what the mask prevents
+
+
+def test_model_selects_only_valid_anchors_at_640():
+    """At 640x640 the stride-8 map's border anchors (centre 0.5 / 80 < 0.01) are invalid; with every proposal
+    scoring the same (zeroed encoder projection), only the mask decides, and the selected boxes are all finite."""
+    model = _tiny(num_queries=50).eval()
+    with torch.no_grad():
+        model.enc_output.weight.zero_()
+        out = model(torch.rand(1, 3, 640, 640))
+    assert out.enc_outputs.pred_boxes.isfinite().all()
+    assert (out.enc_outputs.pred_boxes < 1).all()  # an invalid anchor's box would be sigmoid(+inf) = 1
+
+
+def test_denoising_absent_at_inference_and_hidden_from_matching_queries():
+    """Contrastive denoising runs in training only; in training, the attention mask keeps the matching queries
+    from seeing the denoising ones (their outputs do not change when denoising queries are added)."""
+    model = _tiny()
+    images = torch.rand(2, 3, 64, 96)
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.5, 0.3, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    model.eval()
+    out = model(images, targets=targets)
+    assert out.dn_meta is None and out.dn_outputs is None and out.pred_logits.shape[1] == 20
+    model.train()
+    torch.manual_seed(1)
+    with_dn = model(images, targets=targets)
+    torch.manual_seed(1)
+    without = model(images)
+    assert with_dn.dn_meta is not None and with_dn.dn_meta.num_dn > 0
+    torch.testing.assert_close(with_dn.pred_logits, without.pred_logits, rtol=1e-5, atol=1e-5)
+    # control: without the mask the matching queries read the denoising ones (which hold the answers)
+    from detrkit.layers import denoising
+
+    real = denoising.build_dn_queries
+
+    def unmasked(*args, **kwargs):
+        labels, boxes, mask, meta = real(*args, **kwargs)
+        return labels, boxes, torch.zeros_like(mask), meta
+
+    model_module = __import__("detrkit.models.rt_detr", fromlist=["build_dn_queries"])
+    model_module.build_dn_queries = unmasked
+    try:
+        torch.manual_seed(1)
+        leaked = model(images, targets=targets)
+    finally:
+        model_module.build_dn_queries = real
+    assert not torch.allclose(leaked.pred_logits, without.pred_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_input_size_rule_and_preprocessing():
+    model = _tiny().eval()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.rand(1, 3, 100, 128))
+    from PIL import Image
+    from torchvision import tv_tensors
+
+    image = tv_tensors.Image(torch.from_numpy(__import__("numpy").asarray(Image.new("RGB", (300, 200), (255, 0, 0))))
+                             .permute(2, 0, 1))
+    x = val_transforms(640, with_boxes=False, preprocess="rtdetr")(image)
+    assert tuple(x.shape) == (3, 640, 640) and x.max() == 1.0 and x.min() == 0.0  # [0, 1], fixed square
+    y = val_transforms(640, with_boxes=False)(image)  # the DETR family: ImageNet mean / std, shorter side
+    assert tuple(y.shape) == (3, 640, 960) and y.min() < 0
+
+
+def test_discrete_sampling_reads_the_nearest_pixel():
+    """RT-DETRv2's discrete operator: each point reads pixel floor(x * w + 0.5), clamped; checked by hand."""
+    torch.manual_seed(0)
+    shapes = [(4, 6), (2, 3)]
+    value = torch.randn(1, 24 + 6, 2, 8)
+    loc = torch.rand(1, 5, 2, 2, 3, 2) * 1.2 - 0.1  # some points outside the map
+    weights = torch.rand(1, 5, 2, 2, 3)
+    out = ms_deform_attn_discrete(value, shapes, loc, weights)
+    expected = torch.zeros(1, 5, 2, 8)
+    start = [0, 24]
+    for q in range(5):
+        for h in range(2):
+            for lvl, (hh, ww) in enumerate(shapes):
+                for p in range(3):
+                    x = min(max(int((loc[0, q, h, lvl, p, 0] * ww + 0.5).floor()), 0), ww - 1)
+                    y = min(max(int((loc[0, q, h, lvl, p, 1] * hh + 0.5).floor()), 0), hh - 1)
+                    expected[0, q, h] += weights[0, q, h, lvl, p] * value[0, start[lvl] + y * ww + x, h]
+    torch.testing.assert_close(out, expected.view(1, 5, 16))
