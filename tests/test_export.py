@@ -17,7 +17,7 @@ CATS = [1, 5, 9]  # category ids the graph must output instead of class indices
 # torch.export takes its size for a constant (the two-stage preset has a stride-64 level)
 FAMILIES = {"detr_lite": ({}, (64, 96)), "deformable_detr_lite": ({}, (64, 96)), "dab_detr_lite": ({}, (64, 96)),
             "dino_lite": ({}, (64, 96)), "dn_dab_detr_lite": ({}, (64, 96)),
-            "deformable_detr_r50_two_stage": ({"backbone": "resnet18"}, (128, 160))}
+            "deformable_detr_r50_two_stage": ({"backbone": "resnet18"}, (128, 160)), "rtdetr_lite": ({}, (64, 96))}
 DEFORMABLE = ["deformable_detr_lite", "dino_lite", "deformable_detr_r50_two_stage"]
 # The default suite exports the deformable family (grid_sample, dynamic level sizes); every family: pytest -m slow
 SLOW = pytest.mark.slow
@@ -153,3 +153,16 @@ def test_cli_openvino_export_or_the_extra_to_install(tmp_path, capsys, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
     assert main(args) == 2
     assert "pip install 'detrkit[openvino]'" in capsys.readouterr().err
+
+
+def test_rtdetrv2_discrete_sampling_exports_without_grid_sample(tmp_path):
+    """RT-DETRv2's discrete sampling is its deployment answer to GridSample: the graph has none and matches PyTorch
+    at other batch and image sizes (multiples of 32, pixels in [0, 1])."""
+    from detrkit.export import graph_operators
+
+    model = create_model("rtdetrv2_r18vd", num_classes=3, sampling="discrete", **TINY).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=(64, 96), label_to_cat=CATS, top_k=20)
+    assert "GridSample" not in graph_operators(path)
+    for shape in [(1, 3, 64, 96), (2, 3, 96, 64), (1, 3, 128, 160)]:
+        diff = check_onnx(path, model, torch.rand(shape), label_to_cat=CATS, top_k=20)
+        assert diff["scores"] <= 1e-4 and diff["boxes"] <= 1e-4, (shape, diff)

@@ -136,11 +136,10 @@ def test_input_size_rule_and_preprocessing():
     model = _tiny().eval()
     with pytest.raises(ValueError, match="multiples of 32"):
         model(torch.rand(1, 3, 100, 128))
-    from PIL import Image
     from torchvision import tv_tensors
 
-    image = tv_tensors.Image(torch.from_numpy(__import__("numpy").asarray(Image.new("RGB", (300, 200), (255, 0, 0))))
-                             .permute(2, 0, 1))
+    image = tv_tensors.Image(torch.zeros(3, 200, 300, dtype=torch.uint8))
+    image[0] = 255  # red
     x = val_transforms(640, with_boxes=False, preprocess="rtdetr")(image)
     assert tuple(x.shape) == (3, 640, 640) and x.max() == 1.0 and x.min() == 0.0  # [0, 1], fixed square
     y = val_transforms(640, with_boxes=False)(image)  # the DETR family: ImageNet mean / std, shorter side
@@ -165,3 +164,22 @@ def test_discrete_sampling_reads_the_nearest_pixel():
                     y = min(max(int((loc[0, q, h, lvl, p, 1] * hh + 0.5).floor()), 0), hh - 1)
                     expected[0, q, h] += weights[0, q, h, lvl, p] * value[0, start[lvl] + y * ww + x, h]
     torch.testing.assert_close(out, expected.view(1, 5, 16))
+
+
+def test_cli_train_eval_predict_rtdetr(synth_dir, tmp_path, capsys):
+    """The same commands as for the other families: RT-DETR's [0, 1] square input reaches the model everywhere (a
+    DETR-normalized or non-square input would fail its checks or its size rule)."""
+    from conftest import TINY
+
+    from detrkit.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "rtdetr_lite", "--data", str(synth_dir), "--output_dir", str(out), "--epochs", "1",
+               "--image_size", "96", "--batch_size", "2", "--num_workers", "0", "--progress", "false",
+               "--max_train_images", "4", "--model_args", json.dumps(TINY)])
+    assert rc == 0 and "AP50" in capsys.readouterr().out
+    rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "m.json")])
+    assert rc == 0 and "per_class" in json.loads((tmp_path / "m.json").read_text())
+    rc = main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--output", str(tmp_path / "pred"),
+               "--threshold", "0.0", "--max_detections", "3"])
+    assert rc == 0 and len(json.loads((tmp_path / "pred" / "detections.json").read_text())) == 4

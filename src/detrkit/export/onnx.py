@@ -1,6 +1,7 @@
 """ONNX export: a detector and its postprocessing as one graph, from normalized images to plain tensors.
 
-The graph takes ``images`` (B, 3, H, W), normalized as in training (ImageNet mean / std), without padding,
+The graph takes ``images`` (B, 3, H, W), normalized as the model's preset preprocesses them (ImageNet mean / std;
+RT-DETR: pixels in [0, 1], sides multiples of 32), without padding,
 and returns ``boxes`` (B, K, 4) xyxy in pixels of that input, ``scores`` (B, K) and ``labels`` (B, K) int64
 category ids (the checkpoint's, e.g. COCO's), best first. Batch size and image size are dynamic axes.
 Deformable attention exports as its pure-PyTorch form: ``sampling="grid_sample"`` (ONNX GridSample, opset >= 16)
