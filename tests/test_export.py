@@ -17,7 +17,8 @@ CATS = [1, 5, 9]  # category ids the graph must output instead of class indices
 # torch.export takes its size for a constant (the two-stage preset has a stride-64 level)
 FAMILIES = {"detr_lite": ({}, (64, 96)), "deformable_detr_lite": ({}, (64, 96)), "dab_detr_lite": ({}, (64, 96)),
             "dino_lite": ({}, (64, 96)), "dn_dab_detr_lite": ({}, (64, 96)),
-            "deformable_detr_r50_two_stage": ({"backbone": "resnet18"}, (128, 160)), "rtdetr_lite": ({}, (64, 96))}
+            "deformable_detr_r50_two_stage": ({"backbone": "resnet18"}, (128, 160)),
+            "rtdetr_lite": ({"hidden_dim": 32, "encoder_ffn": 64}, (64, 96))}
 DEFORMABLE = ["deformable_detr_lite", "dino_lite", "deformable_detr_r50_two_stage"]
 # The default suite exports the deformable family (grid_sample, dynamic level sizes); every family: pytest -m slow
 SLOW = pytest.mark.slow
@@ -160,7 +161,8 @@ def test_rtdetrv2_discrete_sampling_exports_without_grid_sample(tmp_path):
     at other batch and image sizes (multiples of 32, pixels in [0, 1])."""
     from detrkit.export import graph_operators
 
-    model = create_model("rtdetrv2_r18vd", num_classes=3, sampling="discrete", **TINY).eval()
+    model = create_model("rtdetrv2_r18vd", num_classes=3, sampling="discrete", hidden_dim=32, encoder_ffn=64,
+                         **TINY).eval()
     path = export_onnx(model, tmp_path / "m.onnx", image_size=(64, 96), label_to_cat=CATS, top_k=20)
     assert "GridSample" not in graph_operators(path)
     for shape in [(1, 3, 64, 96), (2, 3, 96, 64), (1, 3, 128, 160)]:
