@@ -122,13 +122,12 @@ def test_denoising_absent_at_inference_and_hidden_from_matching_queries():
         labels, boxes, mask, meta = real(*args, **kwargs)
         return labels, boxes, torch.zeros_like(mask), meta
 
-    model_module = __import__("detrkit.models.rt_detr", fromlist=["build_dn_queries"])
-    model_module.build_dn_queries = unmasked
+    denoising.build_dn_queries = unmasked
     try:
         torch.manual_seed(1)
         leaked = model(images, targets=targets)
     finally:
-        model_module.build_dn_queries = real
+        denoising.build_dn_queries = real
     assert not torch.allclose(leaked.pred_logits, without.pred_logits, rtol=1e-5, atol=1e-5)
 
 
@@ -183,3 +182,14 @@ def test_cli_train_eval_predict_rtdetr(synth_dir, tmp_path, capsys):
     rc = main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--output", str(tmp_path / "pred"),
                "--threshold", "0.0", "--max_detections", "3"])
     assert rc == 0 and len(json.loads((tmp_path / "pred" / "detections.json").read_text())) == 4
+
+
+def test_checkpoint_of_another_size_names_the_preset_that_fits(tmp_path):
+    """An official R50 file given to the R18 preset: refused (strict), and the message names the presets it fits."""
+    from detrkit.weights.files import CheckpointError
+
+    state = {k: torch.zeros(shape, dtype=torch.long) if k.endswith("num_batches_tracked") else torch.randn(shape)
+             for k, shape in KEYS["v1_r50"].items()}
+    torch.save({"model": state}, tmp_path / "r50.pth")
+    with pytest.raises(CheckpointError, match=r"loads into: rtdetr_r50vd, rtdetrv2_r50vd"):
+        create_model("rtdetr_r18vd", weights=tmp_path / "r50.pth")

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from detrkit.layers.heads import LayerOutput
 from detrkit.ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
@@ -162,6 +162,23 @@ def prepend_dn_queries(tgt: Tensor, anchors: Tensor, dn_tgt: Tensor, dn_boxes: T
     tgt = torch.cat([dn_tgt.to(tgt.dtype), tgt], 1)
     anchors = torch.cat([inverse_sigmoid(dn_boxes, eps).to(anchors.dtype), anchors], 1)
     return tgt, anchors
+
+
+def add_dn_queries(tgt: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]] | None, *,
+                   config: DenoisingConfig | None, num_classes: int, label_enc: nn.Module, eps: float,
+                   training: bool) -> tuple[Tensor, Tensor, Tensor | None, DenoisingLayout | None]:
+    """A detector's denoising step (DINO, RT-DETR): in training, with targets, prepend the denoising queries (label
+    embeddings ``label_enc`` at noised boxes) to ``tgt`` (B, Q, C) and ``anchors`` (B, Q, 4, before the sigmoid) and
+    return the self-attention mask that hides them from the matching queries, with their layout. Otherwise (or
+    without ``config``) the queries unchanged and None, None: the denoising part is absent at inference."""
+    if config is None or not training or not targets:
+        return tgt, anchors, None, None
+    dn = build_dn_queries(targets, num_classes, tgt.shape[1], config)
+    if dn is None:
+        return tgt, anchors, None, None
+    labels, boxes, attn_mask, layout = dn
+    tgt, anchors = prepend_dn_queries(tgt, anchors, label_enc(labels), boxes, eps)
+    return tgt, anchors, attn_mask, layout
 
 
 def split_dn_outputs(logits: Tensor, boxes: Tensor, layout: DenoisingLayout | None

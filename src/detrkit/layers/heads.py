@@ -6,9 +6,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from detrkit.layers.mlp import MLP
+from detrkit.ops import inverse_sigmoid
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,13 @@ def aux_outputs(logits: Sequence[Tensor], boxes: Sequence[Tensor]) -> list[Layer
     """Per-layer predictions (L, B, Q, *) -> a :class:`LayerOutput` for every layer but the last, first to
     second-to-last: the auxiliary decoding losses' inputs (DETR section 3.2)."""
     return [LayerOutput(lg, bx) for lg, bx in zip(logits[:-1], boxes[:-1], strict=True)]
+
+
+def refined_predictions(hidden: Tensor, refs: Sequence[Tensor], class_embed: Sequence[nn.Module],
+                        bbox_embed: Sequence[nn.Module], eps: float) -> tuple[Tensor, Tensor]:
+    """Iterative box refinement's outputs (Deformable DETR section 4.2, as DINO and RT-DETR use it): each decoder
+    layer's logits, and its box as its box head's offset added, in inverse-sigmoid space, to the box the layer refines.
+    hidden (L, B, N, C), refs [(B, N, 4)] * L in sigmoid space -> logits (L, B, N, K), boxes (L, B, N, 4)."""
+    logits = torch.stack([class_embed[i](h) for i, h in enumerate(hidden)])
+    boxes = torch.stack([(bbox_embed[i](h) + inverse_sigmoid(refs[i], eps)).sigmoid() for i, h in enumerate(hidden)])
+    return logits, boxes

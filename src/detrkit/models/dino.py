@@ -4,7 +4,7 @@ Deformable DETR's 4-scale encoder with DAB-style anchor-box queries and three im
 one visible place:
 
 - contrastive denoising (section 3.3): positive and negative noised ground truth as extra queries,
-  ``layers/denoising.py`` (built in :meth:`DINO._add_dn_queries`, losses in ``losses/criterion.py``);
+  ``layers/denoising.py`` (:func:`~detrkit.layers.denoising.add_dn_queries`, losses in ``losses/criterion.py``);
 - mixed query selection (section 3.2): the positional queries (anchor boxes) are the top-k encoder
   proposals, the content queries stay learned embeddings (:meth:`DINO._select_queries`);
 - look forward twice (section 3.4): each layer's box prediction refines the previous layer's undetached
@@ -35,12 +35,11 @@ from detrkit.layers.denoising import (
     DN_DETR_NOISE,
     DenoisingConfig,
     DenoisingLayout,
+    add_dn_queries,
     as_denoising_config,
-    build_dn_queries,
-    prepend_dn_queries,
     split_dn_outputs,
 )
-from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
+from detrkit.layers.heads import aux_outputs, focal_class_head, refined_predictions, zero_box_head
 from detrkit.layers.one_to_many import OneToMany, hide_one_to_many, one_to_many_branch, split_o2m_outputs
 from detrkit.models.deformable_detr import (
     gather_queries,
@@ -49,7 +48,6 @@ from detrkit.models.deformable_detr import (
 )
 from detrkit.models.encode import encode_multi_scale
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
-from detrkit.ops import inverse_sigmoid
 from detrkit.registry import Weights, register_model
 
 # Released COCO weights (``create_model(name, weights="coco")``); detrex models use the 80 COCO classes.
@@ -132,7 +130,9 @@ class DINO(nn.Module):
         memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
         extra = self.o2m.queries if self.training and self.o2m is not None else 0  # one-to-many queries
         tgt, anchors, enc_outputs = self._select_queries(memory, mask, shapes, extra)
-        tgt, anchors, attn_mask, dn_meta = self._add_dn_queries(tgt, anchors, targets)
+        tgt, anchors, attn_mask, dn_meta = add_dn_queries(
+            tgt, anchors, targets, config=self.denoising, num_classes=self.num_classes,
+            label_enc=getattr(self, "label_enc", None), eps=self.eps, training=self.training)
         if extra:  # [denoising, one-to-one, one-to-many]: the last two (and the groups) unable to see each other
             n = dn_meta.num_dn if dn_meta is not None else 0
             full = attn_mask if attn_mask is not None else tgt.new_zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool)
@@ -164,24 +164,11 @@ class DINO(nn.Module):
         tgt = torch.cat([tgt_embed[:k], tgt_embed[self.num_queries:]])[None].expand(b, -1, -1)
         return tgt, coords.detach(), LayerOutput(logits[:, :k], coords[:, :k].sigmoid())
 
-    def _add_dn_queries(self, tgt: Tensor, anchors: Tensor, targets: list[dict] | None):
-        """In training, prepend the denoising queries (label embeddings at noised boxes) and build the mask."""
-        if self.denoising is None or not self.training or not targets:
-            return tgt, anchors, None, None
-        dn = build_dn_queries(targets, self.num_classes, tgt.shape[1], self.denoising)
-        if dn is None:
-            return tgt, anchors, None, None
-        labels, boxes, attn_mask, meta = dn
-        tgt, anchors = prepend_dn_queries(tgt, anchors, self.label_enc(labels), boxes, self.eps)
-        return tgt, anchors, attn_mask, meta
-
     def _heads(self, hidden: Tensor, refs: list[Tensor], enc_outputs: LayerOutput | None,
                dn_meta: DenoisingLayout | None, extra: int = 0) -> DetectionOutput:
         """hidden (L, B, N, C), boxes each layer refines (L, B, N, 4) -> logits and boxes per layer; the last
         ``extra`` queries are the one-to-many ones (hybrid matching, Group DETR)."""
-        logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hidden)])  # (L, B, N, K)
-        boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
-                             for i, h in enumerate(hidden)])  # (L, B, N, 4)
+        logits, boxes = refined_predictions(hidden, refs, self.class_embed, self.bbox_embed, self.eps)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
         logits, boxes, o2m = split_o2m_outputs(logits, boxes, extra)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),

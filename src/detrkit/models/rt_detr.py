@@ -9,7 +9,7 @@ mechanism in one visible place:
   the top-300 by class score give the decoder its reference boxes *and* its content queries
   (:meth:`RTDETR._select_queries`); the varifocal loss (``losses/criterion.py``) trains the score towards the box's
   IoU, so that confident proposals are also well localised;
-- contrastive denoising in training, DINO's (``layers/denoising.py``, :meth:`RTDETR._add_dn_queries`);
+- contrastive denoising in training, DINO's (``layers/denoising.py``, :func:`~detrkit.layers.denoising.add_dn_queries`);
 - iterative refinement with look forward twice (``layers/deformable.py``, :class:`~detrkit.layers.RTDETRDecoder`).
 
 RT-DETRv2 changes the decoder's deformable cross-attention only: a scale on the offsets and, optionally, discrete
@@ -31,17 +31,16 @@ from detrkit.layers import DeformableDecoderLayer, HybridEncoder, RTDETRDecoder
 from detrkit.layers.denoising import (
     DenoisingConfig,
     DenoisingLayout,
+    add_dn_queries,
     as_denoising_config,
-    build_dn_queries,
-    prepend_dn_queries,
     split_dn_outputs,
 )
-from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
+from detrkit.layers.heads import aux_outputs, focal_class_head, refined_predictions, zero_box_head
 from detrkit.layers.hybrid_encoder import ConvNormLayer
 from detrkit.models.deformable_detr import encoder_proposals, gather_queries
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
-from detrkit.ops import inverse_sigmoid, level_shapes_tensor
-from detrkit.registry import register_model
+from detrkit.ops import level_shapes_tensor
+from detrkit.registry import Weights, register_model
 
 # RT-DETR's denoising (official rtdetr_pytorch): 100 queries, half the labels noised (flip probability 0.25), box
 # noise scale 1.0, contrastive negatives.
@@ -123,7 +122,9 @@ class RTDETR(nn.Module):
         feats = [f for f, _ in self.backbone(images).values()]
         memory, shapes, starts = self._flatten_levels(self.encoder(feats))
         tgt, anchors, enc_outputs = self._select_queries(memory, shapes)
-        tgt, anchors, attn_mask, dn_meta = self._add_dn_queries(tgt, anchors, targets)
+        tgt, anchors, attn_mask, dn_meta = add_dn_queries(
+            tgt, anchors, targets, config=self.denoising, num_classes=self.num_classes,
+            label_enc=getattr(self, "label_enc", None), eps=self.eps, training=self.training)
         hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, attn_mask)
         return self._heads(hidden, refs, enc_outputs, dn_meta)
 
@@ -159,23 +160,10 @@ class RTDETR(nn.Module):
             tgt = gather_queries(out_memory, topk).detach()  # (B, k, C)
         return tgt, coords.detach(), LayerOutput(logits, coords.sigmoid())
 
-    def _add_dn_queries(self, tgt: Tensor, anchors: Tensor, targets: list[dict] | None):
-        """In training, prepend the contrastive denoising queries (label embeddings at noised boxes) and the mask."""
-        if self.denoising is None or not self.training or not targets:
-            return tgt, anchors, None, None
-        dn = build_dn_queries(targets, self.num_classes, tgt.shape[1], self.denoising)
-        if dn is None:
-            return tgt, anchors, None, None
-        labels, boxes, attn_mask, meta = dn
-        tgt, anchors = prepend_dn_queries(tgt, anchors, self.label_enc(labels), boxes, self.eps)
-        return tgt, anchors, attn_mask, meta
-
     def _heads(self, hidden: Tensor, refs: list[Tensor], enc_outputs: LayerOutput,
                dn_meta: DenoisingLayout | None) -> DetectionOutput:
         """hidden (L, B, N, C), the box each layer refines (L, B, N, 4) -> logits and boxes per layer."""
-        logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hidden)])  # (L, B, N, K)
-        boxes = torch.stack([(self.bbox_embed[i](h) + inverse_sigmoid(refs[i], self.eps)).sigmoid()
-                             for i, h in enumerate(hidden)])  # (L, B, N, 4)
+        logits, boxes = refined_predictions(hidden, refs, self.class_embed, self.bbox_embed, self.eps)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
                                enc_outputs=enc_outputs, dn_meta=dn_meta, dn_outputs=dn_outputs)
@@ -235,53 +223,70 @@ _RECIPE = {"epochs": 72, "lr": 1e-4, "lr_backbone": 1e-5, "weight_decay": 1e-4, 
            "warmup_steps": 2000, "ema": True, "ema_decay": 0.9999, "ema_warmup": 2000, "clip_max_norm": 0.1}
 
 
+# Released COCO weights (``create_model(name, weights="coco")``): lyuwenyu/RT-DETR's training files, 80 classes.
+_OFFICIAL = "lyuwenyu/RT-DETR"
+_STORAGE = "https://github.com/lyuwenyu/storage/releases/download"
+
+
+def _coco(file: str, ap: float, release: str = "v0.1") -> dict[str, Weights]:
+    return {"coco": Weights(f"{_STORAGE}/{release}/{file}", ap, _OFFICIAL)}
+
+
 def _build(size: int, num_classes: int, overrides: dict, **extra) -> RTDETR:
     return build_rt_detr(**{"num_classes": num_classes, **_SIZES[size], **extra, **overrides})
 
 
-@register_model(paper=_V1, input_size=(640, 640), coco_ap=0.465, recipe=_RECIPE)
+@register_model(paper=_V1, input_size=(640, 640), coco_ap=0.465, recipe=_RECIPE,
+                weights=_coco("rtdetr_r18vd_dec3_6x_coco_from_paddle.pth", 0.464))
 def rtdetr_r18vd(*, num_classes: int = 91, **overrides) -> RTDETR:
     """RT-DETR-R18: ResNet-18-vd, hybrid encoder (expansion 0.5), 3 decoder layers, 300 queries."""
     return _build(18, num_classes, overrides)
 
 
-@register_model(paper=_V1, input_size=(640, 640), coco_ap=0.489, recipe=_RECIPE)
+@register_model(paper=_V1, input_size=(640, 640), coco_ap=0.489, recipe=_RECIPE,
+                weights=_coco("rtdetr_r34vd_dec4_6x_coco_from_paddle.pth", 0.489))
 def rtdetr_r34vd(*, num_classes: int = 91, **overrides) -> RTDETR:
     """RT-DETR-R34: ResNet-34-vd, hybrid encoder (expansion 0.5), 4 decoder layers."""
     return _build(34, num_classes, overrides)
 
 
-@register_model(paper=_V1, input_size=(640, 640), coco_ap=0.531, recipe=_RECIPE)
+@register_model(paper=_V1, input_size=(640, 640), coco_ap=0.531, recipe=_RECIPE,
+                weights=_coco("rtdetr_r50vd_6x_coco_from_paddle.pth", 0.531))
 def rtdetr_r50vd(*, num_classes: int = 91, **overrides) -> RTDETR:
     """RT-DETR-R50: ResNet-50-vd (frozen BatchNorm), hybrid encoder, 6 decoder layers."""
     return _build(50, num_classes, overrides)
 
 
-@register_model(paper=_V1, input_size=(640, 640), coco_ap=0.543, recipe=_RECIPE)
+@register_model(paper=_V1, input_size=(640, 640), coco_ap=0.543, recipe=_RECIPE,
+                weights=_coco("rtdetr_r101vd_6x_coco_from_paddle.pth", 0.543))
 def rtdetr_r101vd(*, num_classes: int = 91, **overrides) -> RTDETR:
     """RT-DETR-R101: ResNet-101-vd, hybrid encoder of width 384, 6 decoder layers."""
     return _build(101, num_classes, overrides)
 
 
-@register_model(paper=_V2, input_size=(640, 640), coco_ap=0.479, recipe={**_RECIPE, "epochs": 120})
+@register_model(paper=_V2, input_size=(640, 640), coco_ap=0.479, recipe={**_RECIPE, "epochs": 120},
+                weights=_coco("rtdetrv2_r18vd_120e_coco_rerun_48.1.pth", 0.481, "v0.2"))
 def rtdetrv2_r18vd(*, num_classes: int = 91, **overrides) -> RTDETR:
     """RT-DETRv2-S: RT-DETR-R18 with the v2 decoder (offset scale 0.5, optional discrete sampling), 120 epochs."""
     return _build(18, num_classes, overrides)
 
 
-@register_model(paper=_V2, input_size=(640, 640), coco_ap=0.499, recipe={**_RECIPE, "epochs": 120})
+@register_model(paper=_V2, input_size=(640, 640), coco_ap=0.499, recipe={**_RECIPE, "epochs": 120},
+                weights=_coco("rtdetrv2_r34vd_120e_coco_ema.pth", 0.499))
 def rtdetrv2_r34vd(*, num_classes: int = 91, **overrides) -> RTDETR:
     """RT-DETRv2-M*: ResNet-34-vd, 4 decoder layers, 120 epochs."""
     return _build(34, num_classes, overrides)
 
 
-@register_model(paper=_V2, input_size=(640, 640), coco_ap=0.534, recipe=_RECIPE)
+@register_model(paper=_V2, input_size=(640, 640), coco_ap=0.534, recipe=_RECIPE,
+                weights=_coco("rtdetrv2_r50vd_6x_coco_ema.pth", 0.534))
 def rtdetrv2_r50vd(*, num_classes: int = 91, **overrides) -> RTDETR:
     """RT-DETRv2-L: ResNet-50-vd, 6 decoder layers."""
     return _build(50, num_classes, overrides)
 
 
-@register_model(paper=_V2, input_size=(640, 640), coco_ap=0.543, recipe=_RECIPE)
+@register_model(paper=_V2, input_size=(640, 640), coco_ap=0.543, recipe=_RECIPE,
+                weights=_coco("rtdetrv2_r101vd_6x_coco_from_paddle.pth", 0.543))
 def rtdetrv2_r101vd(*, num_classes: int = 91, **overrides) -> RTDETR:
     """RT-DETRv2-X: ResNet-101-vd, encoder width 384, 6 decoder layers."""
     return _build(101, num_classes, overrides)

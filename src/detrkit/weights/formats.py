@@ -370,7 +370,13 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
     ckpt_classes = conv.num_classes(softmax=info.model_class.score_activation == "softmax")  # DETR: + no-object
     n = num_classes or ckpt_classes or DEFAULT_NUM_CLASSES
     model = info.builder(num_classes=n, **args)
-    reinit = load_converted(model, conv, reinit_classes=ckpt_classes is not None and n != ckpt_classes)
+    try:
+        reinit = load_converted(model, conv, reinit_classes=ckpt_classes is not None and n != ckpt_classes)
+    except CheckpointError as e:
+        fits = _presets_that_fit(conv, name, n, args) if fmt.model_class is not None else []
+        if fits:  # e.g. an RT-DETR-R50 file given to rtdetr_r18vd: say which preset it is
+            raise CheckpointError(f"{e}\n  This checkpoint loads into: {', '.join(fits)}") from None
+        raise
     if reinit:
         warnings.warn(f"{conv.file} has {ckpt_classes} classes, the model {n}: the class-dependent parameters "
                       f"({', '.join(sorted({k.rsplit('.', 1)[0] for k in reinit})[:6])}) are re-initialised for "
@@ -380,6 +386,21 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
             "label_to_cat": label_to_cat, "image_size": image_size_of(conv.meta or name),
             "source": {"file": conv.file, "format": fmt.name, "reinitialised": reinit}}
     return model, meta
+
+
+def _presets_that_fit(conv: Conversion, name: str, num_classes: int, args: dict) -> list[str]:
+    """The other presets of the checkpoint's family that load it strictly (built with the same settings)."""
+    family = model_info(name).model_class
+    fits = []
+    for other in list_models():
+        if other == name or model_info(other).model_class is not family:
+            continue
+        try:
+            load_converted(model_info(other).builder(num_classes=num_classes, **args), conv)
+        except (CheckpointError, TypeError, ValueError, RuntimeError):
+            continue
+        fits.append(other)
+    return fits
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
