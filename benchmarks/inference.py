@@ -1,13 +1,16 @@
 """Inference speed: detrkit (eager and torch.compile) against HF transformers, same architecture and weights.
 
-For DETR-R50 and Deformable-DETR two-stage + refine, a random-weight HF model is built and converted into
-detrkit (the parity tests' path), so both libraries run the same network on the same input in this process;
-DINO-4scale has no HF implementation and is timed for detrkit alone. Each case: warm-up calls (for
+For DETR-R50, Deformable-DETR two-stage + refine and RT-DETR-R18 / R50, a random-weight HF model is built and
+converted into detrkit (the parity tests' path), so both libraries run the same network on the same input in this
+process; DINO-4scale has no HF implementation and is timed for detrkit alone. RT-DETR runs on pixels in [0, 1] at
+the given size rounded down to multiples of 32 (its own input). Each case: warm-up calls (for
 torch.compile, the compilation), then the median of timed calls; peak CUDA memory on GPU.
 
     python benchmarks/inference.py                                   # GPU: 800x1333, batch 1 and 4
     python benchmarks/inference.py --height 384 --width 640 --iters 3 --models detr_r50,deformable_detr_r50_two_stage
                                                                      # a CPU-sized run
+    python benchmarks/inference.py --models rtdetr_r18vd,rtdetr_r50vd --height 640 --width 640 --batches 1 \
+        --iters 5 --compile false                                    # RT-DETR at its 640x640, CPU
 
 Prints a table and writes benchmarks/results/inference_<device>.json.
 """
@@ -51,11 +54,49 @@ def hf_pair(name: str, **hf_config):
                                       with_box_refine=True, two_stage=True, **hf_config)
         hf = DeformableDetrForObjectDetection(config)
         convert = convert_hf_deformable_detr
+    elif name.startswith("rtdetr"):
+        return _rt_detr_pair(name)
     else:
         return None, create_model(name).eval()
     model = create_model(name).eval()
     model.load_state_dict(convert(hf.state_dict()), strict=True)
     return hf.eval(), model
+
+
+def _rt_detr_pair(name: str):
+    """HF RTDetr / RTDetrV2 at the preset's size (ResNet-18-vd or -50-vd), 80 classes, converted into the preset.
+    Both run without dropout, as RT-DETR trains."""
+    import transformers
+    from transformers import RTDetrResNetConfig
+
+    from detrkit.weights.rt_detr import convert_hf_rt_detr
+
+    v2 = name.startswith("rtdetrv2")
+    config_cls = transformers.RTDetrV2Config if v2 else transformers.RTDetrConfig
+    model_cls = transformers.RTDetrV2ForObjectDetection if v2 else transformers.RTDetrForObjectDetection
+    small = "r18" in name
+    if not (small or "r50" in name):
+        raise ValueError(f"{name}: the benchmark pairs R18 and R50 RT-DETR presets with HF")
+    backbone = RTDetrResNetConfig(**(dict(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2], layer_type="basic")
+                                     if small else {}), out_features=["stage2", "stage3", "stage4"])
+    hf = model_cls(config_cls(backbone_config=backbone, num_labels=80, freeze_backbone_batch_norms=not small,
+                              encoder_in_channels=[128, 256, 512] if small else [512, 1024, 2048],
+                              hidden_expansion=0.5 if small else 1.0, decoder_layers=3 if small else 6))
+    model = create_model(name, num_classes=80).eval()
+    state = convert_hf_rt_detr(hf.state_dict())
+    state.update({f"decoder.{k}": v for k, v in state.items() if k.startswith("bbox_embed.")})  # the decoder's alias
+    model.load_state_dict(state, strict=True)
+    return hf.eval(), model
+
+
+def model_input(model, batch: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, padding mask) as the model takes them: RT-DETR pixels in [0, 1], sides multiples of 32."""
+    if getattr(model, "preprocess", "detr") == "rtdetr":
+        height, width = height // 32 * 32, width // 32 * 32
+        images = torch.rand(batch, 3, height, width, device=device)
+    else:
+        images = torch.randn(batch, 3, height, width, device=device)
+    return images, torch.zeros(batch, height, width, dtype=torch.bool, device=device)
 
 
 def time_call(fn, warmup: int, iters: int, device: torch.device) -> tuple[float, float]:
@@ -112,8 +153,7 @@ def main() -> None:
         if hf is not None:
             variants.append(("HF transformers", hf.to(device)))
         for batch in map(int, args.batches.split(",")):
-            images = torch.randn(batch, 3, args.height, args.width, device=device)
-            mask = torch.zeros(batch, args.height, args.width, dtype=torch.bool, device=device)
+            images, mask = model_input(model, batch, args.height, args.width, device)
             base = None
             for label, net in variants:
                 if device.type == "cuda":
@@ -127,7 +167,8 @@ def main() -> None:
                     sec, first = time_call(call, args.warmup, args.iters, device)
                 mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
                 base = base or sec
-                rows.append({"model": name, "impl": label, "batch": batch, "images_per_s": batch / sec,
+                rows.append({"model": name, "impl": label, "batch": batch, "image": list(images.shape[-2:]),
+                             "images_per_s": batch / sec,
                              "ms_per_batch": 1000 * sec, "first_call_s": first, "peak_mem_mib": mem,
                              "speedup_vs_detrkit_eager": base / sec})
                 print(f"{name:<30} {label:<16} batch {batch}: {batch / sec:7.2f} img/s  {1000 * sec:8.1f} ms  "

@@ -1,14 +1,18 @@
 """Training throughput: one optimizer step (forward, losses with matching, backward, AdamW) of detrkit against
 HF transformers, same architecture and weights, in the same process.
 
-DETR-R50 and Deformable-DETR two-stage + refine are built as random-weight HF models and converted into detrkit
-(benchmarks/inference.py's path); DINO-4scale has no HF implementation and is timed for detrkit alone. Every
+DETR-R50, Deformable-DETR two-stage + refine and RT-DETR-R18 / R50 are built as random-weight HF models and converted
+into detrkit (benchmarks/inference.py's path); DINO-4scale has no HF implementation and is timed for detrkit alone.
+RT-DETR trains on its own input (pixels in [0, 1], sides rounded down to multiples of 32), both sides with its
+contrastive denoising (100 queries) and without dropout. Every
 image gets the same random targets (10 boxes). Each case: warm-up steps, then the median of timed steps; peak
 CUDA memory on GPU.
 
     python benchmarks/train_step.py                                          # GPU: 800x1333, batch 2, bf16 autocast
     python benchmarks/train_step.py --height 384 --width 640 --batch 1 --iters 2 --warmup 1 --amp none --compile false
                                                                              # a CPU-sized run
+    python benchmarks/train_step.py --models rtdetr_r18vd,rtdetr_r50vd --height 640 --width 640 --batch 2 \
+        --iters 3 --warmup 1 --amp none --compile false                      # RT-DETR, CPU
 
 Prints a table and writes benchmarks/results/train_step_<device>.json.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from inference import device_name, hf_pair, time_call, write_result
+from inference import device_name, hf_pair, model_input, time_call, write_result
 
 from detrkit.losses import build_criterion
 
@@ -35,9 +39,15 @@ def _targets(batch: int, num_classes: int, device, seed: int = 0) -> list[dict]:
 
 def align_trainable(hf, model) -> int:
     """Train the same parameters in both: HF's non-timm ResNet path freezes the whole backbone (its name filter looks
-    for "stage.1" in names spelled "stages.1"), DETR trains all but the stem and the first stage. Returns the count."""
+    for "stage.1" in names spelled "stages.1"), DETR trains all but the stem and the first stage; HF's RT-DETR trains
+    its whole backbone, detrkit's R50 / R101 presets freeze the stem (the official freeze_at=0). Returns the count."""
+    rt_detr = getattr(model, "preprocess", "detr") == "rtdetr"
+    stem_frozen = rt_detr and not any(p.requires_grad for p in model.backbone.conv1.parameters())
     for name, p in hf.named_parameters():
-        if "conv_encoder" in name or "backbone" in name:
+        if rt_detr:
+            if "backbone" in name:
+                p.requires_grad_(not (stem_frozen and ".embedder." in name))
+        elif "conv_encoder" in name or "backbone" in name:
             p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     hf_count = sum(p.numel() for p in hf.parameters() if p.requires_grad)
@@ -85,13 +95,12 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
-    images = torch.randn(args.batch, 3, args.height, args.width, device=device)
-    mask = torch.zeros(args.batch, args.height, args.width, dtype=torch.bool, device=device)
     rows = []
     for name in args.models.split(","):
         # HF's configs default to no attention and no FFN-activation dropout; the papers' recipes (and detrkit's
         # presets) train with 0.1 in both: give HF the same, so that both run the same training step
         hf, model = hf_pair(name, attention_dropout=0.1, activation_dropout=0.1)
+        images, mask = model_input(model, args.batch, args.height, args.width, device)
         model.to(device).train()
         model.to(memory_format=torch.channels_last)  # as detrkit's Trainer runs it (faster convolutions)
         targets = _targets(args.batch, model.num_classes, device)
@@ -121,7 +130,8 @@ def main() -> None:
             sec, first = time_call(step, args.warmup, args.iters, device)
             mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
             base = base or sec
-            rows.append({"model": name, "impl": label, "batch": args.batch, "trainable_params": trainable,
+            rows.append({"model": name, "impl": label, "batch": args.batch, "image": list(images.shape[-2:]),
+                         "trainable_params": trainable,
                          "images_per_s": args.batch / sec,
                          "ms_per_step": 1000 * sec, "first_step_s": first, "peak_mem_mib": mem,
                          "speedup_vs_detrkit_eager": base / sec})

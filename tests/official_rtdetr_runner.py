@@ -3,7 +3,9 @@
 Run in a separate process by tests/test_parity_official_repos.py (opt-in) and, once, to write the key lists that
 tests/test_rt_detr.py checks in the default suite::
 
-    python tests/official_rtdetr_runner.py RT-DETR_CHECKOUT {v1,v2} {18,50} OUT_DIR [HEIGHT WIDTH]
+    python tests/official_rtdetr_runner.py RT-DETR_CHECKOUT {v1,v2} {18,50} OUT_DIR [HEIGHT WIDTH [POINTS]]
+
+POINTS (v2 only): the decoder's sampling points per level, e.g. ``4,2,1`` (RT-DETRv2's per-level counts).
 
 The official package ``src`` imports its data pipeline on import (which needs an older torchvision); only the
 model files are loaded here, under stub parent packages, with ``src.core.register`` as the identity decorator.
@@ -36,7 +38,7 @@ def _register(*args, **kwargs):
     return args[0] if args and callable(args[0]) else (lambda cls: cls)
 
 
-def build(root: Path, version: str, depth: int) -> torch.nn.Module:
+def build(root: Path, version: str, depth: int, points: list[int] | None = None) -> torch.nn.Module:
     src = root / ("rtdetr_pytorch" if version == "v1" else "rtdetrv2_pytorch") / "src"
     for name in ("src", "src.zoo", "src.zoo.rtdetr", "src.nn", "src.nn.backbone"):
         _stub(name, src.joinpath(*name.split(".")[1:]))
@@ -55,15 +57,16 @@ def build(root: Path, version: str, depth: int) -> torch.nn.Module:
             num_classes=80, feat_channels=[256, 256, 256], num_decoder_layers=layers)
     else:
         decoder = importlib.import_module("src.zoo.rtdetr.rtdetrv2_decoder").RTDETRTransformerv2(
-            num_classes=80, feat_channels=[256, 256, 256], num_layers=layers)
+            num_classes=80, feat_channels=[256, 256, 256], num_layers=layers, num_points=points or 4)
     return rtdetr.RTDETR(backbone, encoder, decoder)
 
 
 def main() -> None:
     root, version, depth, out = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
     h, w = (int(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else (320, 320)
+    points = [int(p) for p in sys.argv[7].split(",")] if len(sys.argv) > 7 else None
     torch.manual_seed(0)
-    model = build(root, version, depth)
+    model = build(root, version, depth, points)
     state = model.state_dict()
     keys = {k: list(v.shape) for k, v in state.items()}
     with torch.no_grad():  # the official init, with every constant-initialised tensor made random

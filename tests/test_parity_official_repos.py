@@ -107,19 +107,23 @@ def test_matches_official_code(case, tmp_path):
     print(f"\n{case}: max |detrkit - official| memory {memory:.1e}, logits {logits:.1e}, boxes {boxes:.1e}")  # -s
 
 
-@pytest.mark.parametrize("version,depth,preset", [("v1", 18, "rtdetr_r18vd"), ("v2", 18, "rtdetrv2_r18vd"),
-                                                  ("v1", 50, "rtdetr_r50vd"), ("v2", 50, "rtdetrv2_r50vd")])
-def test_rt_detr_matches_official(version, depth, preset, tmp_path):
+@pytest.mark.parametrize("version,depth,preset,points", [
+    ("v1", 18, "rtdetr_r18vd", None), ("v2", 18, "rtdetrv2_r18vd", None), ("v1", 50, "rtdetr_r50vd", None),
+    ("v2", 50, "rtdetrv2_r50vd", None), ("v2", 18, "rtdetrv2_r18vd", [4, 2, 1])])
+def test_rt_detr_matches_official(version, depth, preset, points, tmp_path):
     """lyuwenyu/RT-DETR (clone named ``RT-DETR``): rtdetr_pytorch / rtdetrv2_pytorch's own PResNet, HybridEncoder
     and decoder, random values, float64, a 320x320 batch of two; its training checkpoint (raw weights under
     ``model``, EMA under ``ema``) loaded by create_model must give the same logits and boxes. Square input: the
-    official AIFI position code swaps the axes of non-square maps (detrkit and HF follow the map)."""
+    official AIFI position code swaps the axes of non-square maps (detrkit and HF follow the map). ``points``:
+    RT-DETRv2's per-level sampling point counts."""
     repo = Path(ROOT) / "RT-DETR"
     if not repo.is_dir():
         pytest.skip(f"no RT-DETR checkout in {ROOT}")
     runner = Path(__file__).with_name("official_rtdetr_runner.py")
-    subprocess.run([sys.executable, str(runner), str(repo), version, str(depth), str(tmp_path)], check=True)
-    model = create_model(preset, weights=tmp_path / "checkpoint.pth").double().eval()
+    extra = ["320", "320", ",".join(map(str, points))] if points else []
+    subprocess.run([sys.executable, str(runner), str(repo), version, str(depth), str(tmp_path), *extra], check=True)
+    model = create_model(preset, weights=tmp_path / "checkpoint.pth", **({"n_points": points} if points else {}))
+    model = model.double().eval()
     load_converted(model, read_checkpoint(tmp_path / "checkpoint.pth"))  # the file's float64 values
     ref = torch.load(tmp_path / "outputs.pt", weights_only=True)
     with torch.no_grad():

@@ -193,3 +193,36 @@ def test_checkpoint_of_another_size_names_the_preset_that_fits(tmp_path):
     torch.save({"model": state}, tmp_path / "r50.pth")
     with pytest.raises(CheckpointError, match=r"loads into: rtdetr_r50vd, rtdetrv2_r50vd"):
         create_model("rtdetr_r18vd", weights=tmp_path / "r50.pth")
+
+
+def test_per_level_point_counts_match_each_level_sampled_alone():
+    """RT-DETRv2's per-level point counts: [4, 2, 1] points read exactly what sampling each level alone with its own
+    points reads (the padded points add nothing); [4, 4, 4] is the uniform 4 exactly."""
+    from detrkit.layers import MultiScaleDeformableAttention
+    from detrkit.ops import ms_deform_attn
+
+    torch.manual_seed(0)
+    attn = MultiScaleDeformableAttention(32, 3, 4, [4, 2, 1]).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    shapes = [(8, 8), (4, 4), (2, 2)]
+    query, value = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 84, 32, dtype=torch.float64)
+    ref = torch.rand(2, 5, 1, 4, dtype=torch.float64) * 0.5 + 0.25
+    starts = torch.tensor([0, 64, 80])
+    out = attn(query, ref, value, shapes, starts)
+    # by hand: per-level offsets and one softmax over all 7 points, each level sampled on its own
+    v = attn.value_proj(value).view(2, 84, 4, 8)
+    offsets = attn.sampling_offsets(query).view(2, 5, 4, 7, 2)
+    weights = attn.attention_weights(query).view(2, 5, 4, 7).softmax(-1)
+    total, first = 0, 0
+    for lvl, (n, (h, w)) in enumerate(zip((4, 2, 1), shapes, strict=True)):
+        loc = ref[:, :, None, :, :2] + offsets[:, :, :, first:first + n] / n * ref[:, :, None, :, 2:] * 0.5
+        total = total + ms_deform_attn(v[:, starts[lvl]:starts[lvl] + h * w], [(h, w)], None, loc[:, :, :, None],
+                                       weights[:, :, :, None, first:first + n], backend="reference")
+        first += n
+    torch.testing.assert_close(out, attn.output_proj(total), rtol=0, atol=1e-12)
+    uniform, listed = MultiScaleDeformableAttention(32, 3, 4, 4), MultiScaleDeformableAttention(32, 3, 4, [4, 4, 4])
+    listed.load_state_dict(uniform.state_dict())
+    q, val, r = torch.randn(1, 5, 32), torch.randn(1, 84, 32), torch.rand(1, 5, 1, 4)
+    assert torch.equal(uniform(q, r, val, shapes, starts), listed(q, r, val, shapes, starts))
+    assert torch.equal(uniform.sampling_offsets.bias, listed.sampling_offsets.bias)  # the same radial init

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,27 +33,33 @@ class MultiScaleDeformableAttention(nn.Module):
         d_model: width of queries and values.
         n_levels: number of feature levels.
         n_heads: attention heads.
-        n_points: sampling points per head and level.
+        n_points: sampling points per head and level, or one count per level (RT-DETRv2, section 3: fewer points on
+            some levels; the levels' points are laid out one level after another, and a level with fewer points than
+            the most is padded with zero-weight points for the sampling op).
         offset_scale: around a box reference, offsets are fractions ``offset_scale / n_points`` of its size (0.5;
             RT-DETRv2 makes it a setting).
         sampling: ``"bilinear"`` (the paper's) or ``"discrete"`` (RT-DETRv2's nearest-pixel read,
             :func:`~detrkit.ops.ms_deform_attn.ms_deform_attn_discrete`).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, *,
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int | Sequence[int] = 4, *,
                  offset_scale: float = 0.5, sampling: str = "bilinear") -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         if sampling not in ("bilinear", "discrete"):
             raise ValueError(f"sampling must be 'bilinear' or 'discrete', got {sampling!r}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        points = [int(n_points)] * n_levels if isinstance(n_points, int) else [int(p) for p in n_points]
+        if len(points) != n_levels or min(points) < 1:
+            raise ValueError(f"n_points must be a positive count or one per level ({n_levels}), got {n_points}")
+        self.points_per_level = tuple(points)
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, max(points)
         self.offset_scale, self.sampling = offset_scale, sampling
         self.backend = "auto"
         self.record = False  # keep the last sampling locations and weights in ``self.recorded`` (detrkit explain)
         self.recorded: tuple[Tensor, Tensor] | None = None
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.sampling_offsets = nn.Linear(d_model, n_heads * sum(points) * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * sum(points))
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self.reset_parameters()
@@ -64,8 +71,8 @@ class MultiScaleDeformableAttention(nn.Module):
         thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (heads, 2)
         grid = grid / grid.abs().max(-1, keepdim=True)[0]
-        grid = grid[:, None, None, :].repeat(1, self.n_levels, self.n_points, 1)  # (heads, levels, points, 2)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32)[None, None, :, None]
+        distance = torch.cat([torch.arange(1, n + 1, dtype=torch.float32) for n in self.points_per_level])  # (total,)
+        grid = grid[:, None, :] * distance[None, :, None]  # (heads, total points, 2)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.flatten())
         nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels x points at start
@@ -80,20 +87,21 @@ class MultiScaleDeformableAttention(nn.Module):
         """query (B, Lq, C); reference_points (B, Lq, levels, 2 or 4) normalized; value (B, S, C);
         spatial_shapes (levels, 2); padding_mask (B, S) True on padding -> (B, Lq, C)."""
         b, lq, _ = query.shape
-        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        heads = self.n_heads
         value = self.value_proj(value)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(b, -1, heads, self.d_model // heads)  # (B, S, heads, head_dim)
-        offsets = self.sampling_offsets(query).view(b, lq, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(b, lq, heads, levels * points).softmax(-1)
-        weights = weights.view(b, lq, heads, levels, points)
+        offsets = self.sampling_offsets(query).view(b, lq, heads, -1, 2)  # (B, Lq, heads, total points, 2)
+        weights = self.attention_weights(query).view(b, lq, heads, -1).softmax(-1)  # over every level's points
+        offsets, weights = self._per_level(offsets), self._per_level(weights)  # (B, Lq, heads, levels, points, *)
         if reference_points.shape[-1] == 2:  # offsets are in pixels of each level
             normalizer = level_shapes_tensor(level_shapes(spatial_shapes), offsets).flip(-1)  # (levels, 2): w, h
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:  # offsets are fractions of the reference box (refinement / two-stage)
             locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / points * reference_points[:, :, None, :, None, 2:] * self.offset_scale)
+                         + offsets / self._level_points(offsets) * reference_points[:, :, None, :, None, 2:]
+                         * self.offset_scale)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         if self.record:
@@ -103,6 +111,25 @@ class MultiScaleDeformableAttention(nn.Module):
         else:
             out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
         return self.output_proj(out)
+
+
+    def _level_points(self, like: Tensor) -> Tensor | int:
+        """Each level's point count, to divide a box's offsets by: (levels, 1, 1), or the common count."""
+        if len(set(self.points_per_level)) == 1:
+            return self.n_points
+        return torch.tensor(self.points_per_level, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+    def _per_level(self, x: Tensor) -> Tensor:
+        """(B, Lq, heads, total points[, 2]) -> (B, Lq, heads, levels, points[, 2]); with per-level counts, the levels
+        with fewer points are padded with zeros (a zero attention weight: they add nothing)."""
+        b, lq, heads = x.shape[:3]
+        if len(set(self.points_per_level)) == 1:
+            return x.view(b, lq, heads, self.n_levels, self.n_points, *x.shape[4:])
+        levels = []
+        for chunk, n in zip(x.split(list(self.points_per_level), dim=3), self.points_per_level, strict=True):
+            pad = chunk.new_zeros(*chunk.shape[:3], self.n_points - n, *chunk.shape[4:])
+            levels.append(torch.cat([chunk, pad], 3))
+        return torch.stack(levels, 3)
 
 
 class DeformableEncoderLayer(nn.Module):
