@@ -51,3 +51,19 @@ def test_unsupported_attention_is_a_clear_error(tmp_path, capsys):
     assert main(["explain", str(tmp_path / "img.png"), "--checkpoint", str(_checkpoint(tmp_path, "dab_detr_lite")),
                  "--output", str(tmp_path / "x")]) == 2
     assert "not supported" in capsys.readouterr().err
+
+
+def test_rtdetr_sampling_points_on_its_own_input(tmp_path):
+    """RT-DETR: the decoder's sampling points, mapped back to the original (non-square) image from its square input;
+    with per-level point counts the padded points carry no weight."""
+    model = create_model("rtdetrv2_r18vd", num_classes=3, n_points=[4, 2, 1], **TINY)
+    meta = {"model": "rtdetrv2_r18vd", "num_classes": 3, "model_args": {**TINY, "n_points": [4, 2, 1]},
+            "class_names": ["cat", "dog", "fish"], "label_to_cat": [1, 2, 3], "image_size": 64}
+    det = Detector(save_weights(tmp_path / "rt.safetensors", model, meta))
+    found = explain(det, Image.new("RGB", (80, 60), (90, 120, 30)), threshold=0.0, max_detections=2)
+    attn = det.model.decoder.layers[-1].cross_attn
+    assert len(found) == 2
+    for exp in found:
+        assert exp.points.shape == (attn.n_heads * 3 * 4, 2)  # padded to 4 points on every level
+        assert exp.weights.sum() == pytest.approx(attn.n_heads, abs=1e-4)  # the real 7 points of each head
+        assert (exp.weights.reshape(attn.n_heads, 3, 4)[:, 1, 2:] == 0).all()  # level 2's padding

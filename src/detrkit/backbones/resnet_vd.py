@@ -18,18 +18,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detrkit.layers.hybrid_encoder import ConvNormLayer
-
 _DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 _WIDTHS = (64, 128, 256, 512)
+
+
+def conv_norm(ch_in: int, ch_out: int, kernel_size: int, stride: int = 1, *, act: nn.Module | None = None,
+              norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Sequential:
+    """Convolution (no bias, 'same' padding) -> BatchNorm -> optional activation, named ``conv`` / ``norm`` as in
+    the official PResNet (the hybrid encoder has its own, in layers/: backbones and layers do not import each other)."""
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(ch_in, ch_out, kernel_size, stride, (kernel_size - 1) // 2,
+                                                    bias=False),
+                                     norm=norm(ch_out), act=act if act is not None else nn.Identity()))
 
 
 def _shortcut(ch_in: int, ch_out: int, stride: int, norm: type[nn.Module]) -> nn.Module:
     """ResNet-D's shortcut: average-pool then 1x1 conv when the block downsamples, a 1x1 conv otherwise."""
     if stride == 2:
         return nn.Sequential(OrderedDict(pool=nn.AvgPool2d(2, 2, 0, ceil_mode=True),
-                                         conv=ConvNormLayer(ch_in, ch_out, 1, 1, norm=norm)))
-    return ConvNormLayer(ch_in, ch_out, 1, stride, norm=norm)
+                                         conv=conv_norm(ch_in, ch_out, 1, 1, norm=norm)))
+    return conv_norm(ch_in, ch_out, 1, stride, norm=norm)
 
 
 class BasicBlock(nn.Module):
@@ -40,8 +47,8 @@ class BasicBlock(nn.Module):
     def __init__(self, ch_in: int, ch_out: int, stride: int, project: bool, norm: type[nn.Module]) -> None:
         super().__init__()
         self.short = _shortcut(ch_in, ch_out, stride, norm) if project else nn.Identity()
-        self.branch2a = ConvNormLayer(ch_in, ch_out, 3, stride, act=nn.ReLU(), norm=norm)
-        self.branch2b = ConvNormLayer(ch_out, ch_out, 3, 1, norm=norm)
+        self.branch2a = conv_norm(ch_in, ch_out, 3, stride, act=nn.ReLU(), norm=norm)
+        self.branch2b = conv_norm(ch_out, ch_out, 3, 1, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.branch2b(self.branch2a(x)) + self.short(x))
@@ -55,9 +62,9 @@ class BottleNeck(nn.Module):
     def __init__(self, ch_in: int, ch_out: int, stride: int, project: bool, norm: type[nn.Module]) -> None:
         super().__init__()
         self.short = _shortcut(ch_in, ch_out * 4, stride, norm) if project else nn.Identity()
-        self.branch2a = ConvNormLayer(ch_in, ch_out, 1, 1, act=nn.ReLU(), norm=norm)
-        self.branch2b = ConvNormLayer(ch_out, ch_out, 3, stride, act=nn.ReLU(), norm=norm)
-        self.branch2c = ConvNormLayer(ch_out, ch_out * 4, 1, 1, norm=norm)
+        self.branch2a = conv_norm(ch_in, ch_out, 1, 1, act=nn.ReLU(), norm=norm)
+        self.branch2b = conv_norm(ch_out, ch_out, 3, stride, act=nn.ReLU(), norm=norm)
+        self.branch2c = conv_norm(ch_out, ch_out * 4, 1, 1, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.branch2c(self.branch2b(self.branch2a(x))) + self.short(x))
@@ -101,9 +108,9 @@ class ResNetVd(nn.Module):
         norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
         stem = 64
         self.conv1 = nn.Sequential(OrderedDict(
-            conv1_1=ConvNormLayer(3, stem // 2, 3, 2, act=nn.ReLU(), norm=norm_layer),
-            conv1_2=ConvNormLayer(stem // 2, stem // 2, 3, 1, act=nn.ReLU(), norm=norm_layer),
-            conv1_3=ConvNormLayer(stem // 2, stem, 3, 1, act=nn.ReLU(), norm=norm_layer),
+            conv1_1=conv_norm(3, stem // 2, 3, 2, act=nn.ReLU(), norm=norm_layer),
+            conv1_2=conv_norm(stem // 2, stem // 2, 3, 1, act=nn.ReLU(), norm=norm_layer),
+            conv1_3=conv_norm(stem // 2, stem, 3, 1, act=nn.ReLU(), norm=norm_layer),
         ))
         block = BottleNeck if depth >= 50 else BasicBlock
         self.res_layers, ch_in = nn.ModuleList(), stem
