@@ -9,6 +9,7 @@ ours do, and how long each epoch took here. The defaults are the demo's budget (
 so the dino_lite row is the demo's run:
 
     python benchmarks/convergence.py            # all lite presets, 4 epochs x 1000 images, 224 px
+    python benchmarks/convergence.py --models '["rtdetr_lite"]' --out benchmarks/results/convergence_rtdetr_lite.json
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def class_agnostic_ap50(run: Path, data: Path, device: str) -> float:
     from detrkit.engine.checkpoint import latest_checkpoint
     from detrkit.engine.evaluate import coco_box_ap, coco_results
     from detrkit.models import postprocess
+    from detrkit.registry import preprocess_of
     from detrkit.runtime import resolve_device
     from detrkit.weights.formats import load_checkpoint
 
@@ -41,7 +43,7 @@ def class_agnostic_ap50(run: Path, data: Path, device: str) -> float:
     model, meta = load_checkpoint(latest_checkpoint(run))
     model.to(dev).eval()
     val = CocoDetection(data / "val", data / "annotations" / "instances_val.json",
-                        transforms=val_transforms(meta["image_size"]))
+                        transforms=val_transforms(meta["image_size"], preprocess=preprocess_of(meta)))
     results, ids = [], []
     with torch.no_grad():
         for batch in DataLoader(val, batch_size=8, collate_fn=collate):
@@ -57,7 +59,8 @@ def class_agnostic_ap50(run: Path, data: Path, device: str) -> float:
 
 
 def main(
-    models: list[str] = ["dino_lite", "dn_dab_detr_lite", "dab_detr_lite", "deformable_detr_lite", "detr_lite"],  # noqa: B006
+    models: list[str] = ["dino_lite", "dn_dab_detr_lite", "dab_detr_lite", "deformable_detr_lite", "detr_lite",  # noqa: B006
+                         "rtdetr_lite"],
     epochs: int = 4,
     num_train: int = 1000,
     num_val: int = 200,

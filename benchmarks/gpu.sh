@@ -31,6 +31,11 @@ step 80 $PY benchmarks/ms_deform_attn.py --iters 10 --dtypes float32,bfloat16 --
 step 70 $PY benchmarks/train_step.py --iters 5 --warmup 2 --batch 2 --compile false
 step 60 $PY benchmarks/inference.py --iters 10 --warmup 3 --batches 1,4 --compile false
 step 30 $PY benchmarks/matcher.py --iters 5
+# RT-DETR-R18 / R50 against HF RTDetr with the same weights, at RT-DETR's own 640x640 input
+step 45 $PY benchmarks/inference.py --models rtdetr_r18vd,rtdetr_r50vd --height 640 --width 640 --iters 10 \
+  --warmup 3 --batches 1,4 --compile false --out "$results/inference_rtdetr_cuda.json"
+step 45 $PY benchmarks/train_step.py --models rtdetr_r18vd,rtdetr_r50vd --height 640 --width 640 --iters 5 \
+  --warmup 2 --batch 4 --compile false --out "$results/train_step_rtdetr_cuda.json"
 step 190 $PY benchmarks/convergence_ablation.py --device cuda --num_workers 6 \
   --work_dir /tmp/ablation --out "$results/convergence_ablation_cuda.json" \
   --rows '["baseline", "hybrid + varifocal", "varifocal", "hybrid", "group", "mosaic", "mal", "hybrid + mal"]'

@@ -19,7 +19,8 @@ def _checkpoint(tmp_path, name="detr_lite"):
     return save_weights(tmp_path / f"{name}.safetensors", model, meta)
 
 
-def test_predict_video_writes_an_annotated_video_and_per_frame_results(tmp_path):
+@pytest.mark.parametrize("name", ["detr_lite", "rtdetr_lite"])  # RT-DETR: frames resized to its square input
+def test_predict_video_writes_an_annotated_video_and_per_frame_results(tmp_path, name):
     av = pytest.importorskip("av")
     source = tmp_path / "clip.mp4"
     with av.open(str(source), "w") as container:
@@ -33,7 +34,7 @@ def test_predict_video_writes_an_annotated_video_and_per_frame_results(tmp_path)
         for packet in stream.encode():
             container.mux(packet)
     out = tmp_path / "pred"
-    assert main(["predict", str(source), "--checkpoint", str(_checkpoint(tmp_path)), "--output", str(out),
+    assert main(["predict", str(source), "--checkpoint", str(_checkpoint(tmp_path, name)), "--output", str(out),
                  "--threshold", "0.0", "--max_detections", "2", "--batch_size", "4"]) == 0
     with av.open(str(out / "clip.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
