@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -131,8 +132,9 @@ class ResNetVd(nn.Module):
         for i, stage in enumerate(self.res_layers):
             x = stage(x)
             if i in self.return_stages:
-                mask = (padding_mask if padding_mask is not None
-                        else images.new_zeros(images.shape[0], *images.shape[-2:], dtype=bool))
-                mask = F.interpolate(mask[:, None].float(), size=x.shape[-2:])[:, 0].bool()  # (B, h, w)
+                if padding_mask is None:  # RT-DETR's input: no padding, nothing to downsample
+                    mask = x.new_zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
+                else:
+                    mask = F.interpolate(padding_mask[:, None].float(), size=x.shape[-2:])[:, 0].bool()  # (B, h, w)
                 out[f"res{i + 2}"] = (x, mask)
         return out
