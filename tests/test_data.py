@@ -129,3 +129,27 @@ def test_synthetic_dataset_is_a_fair_task_and_deterministic(synth_dir):
     assert sides.min() < 12 and sides.max() > 120
     counts = [len(draw_image(0, "train", i, image_size=320)[1]) for i in range(60)]
     assert min(counts) >= 1 and max(counts) >= 15
+
+
+def test_rtdetr_transforms_without_crop_keep_the_object_size(tmp_path):
+    """crop=False leaves out RT-DETR's zoom-out and IoU crop: every sample keeps the object where it was (or
+    mirrored); with them (the negative control) some samples move or rescale it."""
+    arr = np.zeros((120, 160, 3), np.uint8)
+    arr[30:70, 50:110] = 255
+    images, ann = _write_dataset(
+        tmp_path, [arr], [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [50, 30, 60, 40], "iscrowd": 0}]
+    )
+    kept = [80 / 160, 50 / 120, 60 / 160, 40 / 120]  # cxcywh, normalized; centred in x, so a flip keeps it too
+    changed = 0
+    for crop in (False, True):
+        ds = CocoDetection(images, ann, build_transforms(True, val_size=96, crop=crop, preprocess="rtdetr"))
+        for seed in range(12):
+            torch.manual_seed(seed)
+            img, target = ds[0]
+            assert img.shape == (3, 96, 96)
+            box = target["boxes"][0].tolist() if len(target["boxes"]) else None
+            same = box is not None and max(abs(a - b) for a, b in zip(box, kept, strict=True)) < 0.02
+            if not crop:
+                assert same, (seed, box)
+            changed += not same
+    assert changed > 0

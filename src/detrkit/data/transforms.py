@@ -68,7 +68,7 @@ def build_transforms(
     the model's (``"detr"`` or ``"rtdetr"``: then ``val_size`` is the side of the square input).
     """
     if preprocess == "rtdetr":
-        return rtdetr_train_transforms(val_size) if train else _rtdetr_val(val_size, with_boxes)
+        return rtdetr_train_transforms(val_size, crop) if train else _rtdetr_val(val_size, with_boxes)
     to_input = [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     finish = [
         *to_input,
@@ -86,13 +86,16 @@ def build_transforms(
     return T.Compose([T.RandomHorizontalFlip(), resize, *finish])
 
 
-def rtdetr_train_transforms(size: int = 640) -> T.Compose:
+def rtdetr_train_transforms(size: int = 640, crop: bool = True) -> T.Compose:
     """RT-DETR's training augmentation (official code): photometric distortion, zoom-out (up to 4x, black fill),
-    SSD's IoU crop (p = 0.8), horizontal flip, resize to size x size, pixels in [0, 1]."""
+    SSD's IoU crop (p = 0.8), horizontal flip, resize to size x size, pixels in [0, 1].
+
+    ``crop=False`` leaves out the zoom-out and the IoU crop (the geometry changes, which shrink and cut objects):
+    for short schedules, where the model has not yet learned the objects at their own size."""
+    geometry = [T.RandomZoomOut(fill=0, p=0.5), T.RandomApply([T.RandomIoUCrop()], p=0.8)] if crop else []
     return T.Compose([
         T.RandomPhotometricDistort(p=0.5),
-        T.RandomZoomOut(fill=0, p=0.5),
-        T.RandomApply([T.RandomIoUCrop()], p=0.8),
+        *geometry,
         T.SanitizeBoundingBoxes(min_size=1),
         T.RandomHorizontalFlip(),
         T.Resize((size, size)),

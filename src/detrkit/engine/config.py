@@ -38,7 +38,7 @@ class TrainConfig:
             resizes to it (DETR's 480-800 / 1333 / 800 recipe at 800).
         augment: train with DETR's augmentation (flip, multi-scale, crop); false = validation transforms
             (debugging, overfitting tests).
-        crop: use DETR's random-crop augmentation branch.
+        crop: the augmentation's geometric crops: DETR's random-crop branch; RT-DETR's zoom-out and IoU crop.
         epochs, batch_size, lr, lr_backbone, weight_decay, clip_max_norm: the optimiser (AdamW, DETR's values).
         lr_schedule: ``step`` (x ``lr_gamma`` every ``lr_drop`` epochs: the DETR family's recipe), ``multistep``
             (x ``lr_gamma`` at each epoch of ``lr_milestones``) or ``cosine`` (down to ``min_lr_ratio`` * lr).
