@@ -8,7 +8,7 @@ noise, on gradient + grid + photo-like noise backgrounds, at 256 px (so the trai
 comes from :func:`detrkit.cli.train.demo_config`, the one the demo calls; nothing here tunes it. Validation images
 never train.
 
-    python benchmarks/unseen_dataset.py            # the demo's budget: 1000 / 200 images, 4 epochs (~16 min, 2 cores)
+    python benchmarks/unseen_dataset.py            # the demo's budget (its images per epoch and epochs)
 
 Prints AP50 / AP (and the class-agnostic AP50) and writes benchmarks/results/unseen_dataset.json.
 """
@@ -118,14 +118,16 @@ def write_dataset(out: Path, num_train: int, num_val: int, seed: int = 0) -> Pat
     return out
 
 
-def main(num_train: int = 1000, num_val: int = 200, epochs: int | None = None, device: str = "auto",
+def main(num_train: int | None = None, num_val: int = 200, epochs: int | None = None, device: str = "auto",
          work_dir: str = "runs/unseen", out: str = "benchmarks/results/unseen_dataset.json") -> dict:
-    """Write the dataset, train the demo's recipe on it (``epochs`` None = the demo's), print and save AP."""
+    """Write the dataset, train the demo's recipe on it (``num_train`` / ``epochs`` None = the demo's), print and
+    save AP."""
     from convergence import class_agnostic_ap50
 
     from detrkit.cli.train import DEMO, demo_config
     from detrkit.engine.train import train
 
+    num_train = num_train or DEMO["num_train"]
     work = Path(work_dir)
     data = work / f"data-{num_train}-{num_val}"
     if not (data / "annotations" / "instances_val.json").is_file():
