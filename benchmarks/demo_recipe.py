@@ -1,4 +1,4 @@
-"""How the demo's recipe was chosen: rtdetr_lite's training settings, one change at a time, on a tuning copy of the data.
+"""How the demo's recipe was chosen: rtdetr_lite's training settings, one change at a time, on a tuning copy of data.
 
 The demo's own held-out images must not choose its settings, so every row here trains and evaluates on a second
 draw of the same generator (``make_synthetic_dataset(seed=1)``: other images, its own 200 held-out ones). The
