@@ -35,6 +35,7 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     "no crop, lr 5e-4, 100 warm-up steps": {**NO_CROP, "lr": 5e-4, "lr_backbone": 5e-4, "warmup_steps": 100},
     "no crop, backbone lr 5e-4": {**NO_CROP, "lr_backbone": 5e-4},
     "no crop, EMA 0.999": {**NO_CROP, "ema": True, "ema_decay": 0.999, "ema_warmup": 100},
+    "no crop, no lr drop": {**NO_CROP, "lr_drop": 3},
     "no crop, 192 px, 1000 images per epoch": {**NO_CROP, "image_size": 192, "max_train_images": 1000},
 }
 
