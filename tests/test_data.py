@@ -132,8 +132,8 @@ def test_synthetic_dataset_is_a_fair_task_and_deterministic(synth_dir):
 
 
 def test_rtdetr_transforms_without_crop_keep_the_object_size(tmp_path):
-    """crop=False leaves out RT-DETR's zoom-out and IoU crop: every sample keeps the object where it was (or
-    mirrored); with them (the negative control) some samples move or rescale it."""
+    """crop=False leaves out RT-DETR's zoom-out and IoU crop: every sample keeps the object where it was; with
+    them (the negative control) some samples move or rescale it."""
     arr = np.zeros((120, 160, 3), np.uint8)
     arr[30:70, 50:110] = 255
     images, ann = _write_dataset(
