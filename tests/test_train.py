@@ -1,6 +1,7 @@
 """Training end to end: a few-image overfit, checkpoints, resume, evaluation, the CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,22 @@ def test_demo_quick(tmp_path, capsys):
     assert len(list((tmp_path / "demo" / "predictions").glob("*.jpg"))) >= 1
     for picture in ("training_curves.png", "pr_curves.png", "per_class_ap.png", "confusion_matrix.png"):
         assert (tmp_path / "demo" / "run" / picture).is_file() and picture in out  # made, and named to the user
+
+
+def test_demo_recipe_is_the_train_command_its_docs_give():
+    """The `detrkit train` command demo_config's docstring (and the README) names trains what the demo trains."""
+    import re
+
+    from detrkit.cli.train import demo_config, train_parser
+
+    demo = demo_config("data", "out")
+    command = " ".join(re.search(r"``detrkit train (.+?)``", demo_config.__doc__, re.S).group(1).split())
+    args = train_parser().parse_args([*command.split(), "--data", "data", "--output_dir", "out"])
+    keys = ("model", "image_size", "epochs", "batch_size", "lr", "lr_backbone", "lr_drop", "crop", "lr_schedule",
+            "warmup_steps", "model_args", "class_loss", "mosaic", "ema")
+    assert {k: getattr(args, k) for k in keys} == {k: getattr(demo, k) for k in keys}
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"detrkit train {command}" in " ".join(readme.split())
 
 
 def test_paper_recipe():
