@@ -3,13 +3,14 @@
 The demo's own held-out images must not choose its settings, so every row here trains and evaluates on a second
 draw of the same generator (``make_synthetic_dataset(seed=1)``: other images, its own 200 held-out ones). The
 budget is the demo's (3 epochs of 800 images at 224 px, batch 4, lr / 10 for the last epoch, 2 CPU cores);
-each row changes the settings named in it, relative to the row it names as its base:
+each row changes the settings named in it, relative to the row it names as its base. The last rows start from the
+demo's recipe as it is now (no crop, no lr drop) and switch one training technique of issue 16 off or on:
 
     python benchmarks/demo_recipe.py                           # all rows (about 10 min each on 2 cores)
     python benchmarks/demo_recipe.py --rows '["no crop"]'      # one row
 
 Prints AP50 / AP, class-agnostic AP50 and the training time of each row, and writes
-benchmarks/results/demo_recipe.json.
+benchmarks/results/demo_recipe.json (a run of some rows replaces those rows and keeps the others).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from detrkit.engine.config import TrainConfig
 from detrkit.engine.train import train
 
 NO_CROP = {"crop": False}
+DEMO = {**NO_CROP, "lr_drop": 3}  # the demo's recipe (detrkit.cli.train.demo_config)
 ROWS = {  # name: TrainConfig fields that differ from the budget below
     "RT-DETR augmentation (zoom-out + IoU crop)": {},
     "no crop": NO_CROP,
@@ -37,13 +39,20 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     "no crop, EMA 0.999": {**NO_CROP, "ema": True, "ema_decay": 0.999, "ema_warmup": 100},
     "no crop, no lr drop": {**NO_CROP, "lr_drop": 3},
     "no crop, 192 px, 1000 images per epoch": {**NO_CROP, "image_size": 192, "max_train_images": 1000},
+    # the demo (no crop, no lr drop) with one training technique of issue 16 switched off or on; RT-DETR's class
+    # loss is the varifocal one already, so "focal" is that technique off
+    "demo, focal loss instead of varifocal": {**DEMO, "class_loss": "focal"},
+    "demo, MAL instead of varifocal": {**DEMO, "class_loss": "mal"},
+    "demo, Mosaic on half the samples": {**DEMO, "mosaic": 0.5},
 }
 
 
 def main(rows: list[str] | None = None, model: str = "rtdetr_lite", epochs: int = 3, num_train: int = 800,
          image_size: int = 224, batch_size: int = 4, lr: float = 2e-4, device: str = "auto",
          work_dir: str = "runs/demo_recipe", out: str = "benchmarks/results/demo_recipe.json") -> dict:
-    work, results = Path(work_dir), {}
+    work = Path(work_dir)
+    # rows run before (a run of some --rows adds to or replaces its rows, and keeps the others)
+    results = json.loads(Path(out).read_text())["rows"] if Path(out).is_file() else {}
     for name in rows or list(ROWS):
         over = dict(ROWS[name])
         size = over.pop("image_size", image_size)
@@ -65,13 +74,19 @@ def main(rows: list[str] | None = None, model: str = "rtdetr_lite", epochs: int 
         r = results[name]
         print(f"{name:45s} AP50 {100 * r['AP50']:5.1f}  AP {100 * r['AP']:5.1f}  "
               f"class-agnostic AP50 {100 * r['class_agnostic_AP50']:5.1f}  {r['train_s']:6.0f} s", flush=True)
+        write(results, model=model, epochs=epochs, num_train=num_train, image_size=image_size,  # after every
+              batch_size=batch_size, lr=lr, device=device, out=out)  # row: a run cut short keeps what it finished
+    return results
+
+
+def write(results: dict, *, model: str, epochs: int, num_train: int, image_size: int, batch_size: int, lr: float,
+          device: str, out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({
         "model": model, "data": "make_synthetic_dataset(seed=1): 1000 train / 200 held-out images (not the demo's)",
         "epochs": epochs, "num_train": num_train, "image_size": image_size, "batch_size": batch_size, "lr": lr,
         "device": device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "rows": results}, indent=2))
-    return results
+        "rows": {name: results[name] for name in ROWS if name in results}}, indent=2))
 
 
 if __name__ == "__main__":
