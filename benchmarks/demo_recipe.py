@@ -29,7 +29,7 @@ from detrkit.engine.config import TrainConfig
 from detrkit.engine.train import train
 
 NO_CROP = {"crop": False}
-DEMO = {**NO_CROP, "lr_drop": 3}  # the demo's recipe (detrkit.cli.train.demo_config)
+DEMO = {**NO_CROP, "lr_drop": 3}  # the demo's recipe (detrkit.cli.train.demo_config) before it took MAL
 ROWS = {  # name: TrainConfig fields that differ from the budget below
     "RT-DETR augmentation (zoom-out + IoU crop)": {},
     "no crop": NO_CROP,
