@@ -51,8 +51,12 @@ def main(rows: list[str] | None = None, model: str = "rtdetr_lite", epochs: int 
          image_size: int = 224, batch_size: int = 4, lr: float = 2e-4, device: str = "auto",
          work_dir: str = "runs/demo_recipe", out: str = "benchmarks/results/demo_recipe.json") -> dict:
     work = Path(work_dir)
+    meta = {"model": model, "data": "make_synthetic_dataset(seed=1): 1000 train / 200 held-out images (not the demo's)",
+            "epochs": epochs, "num_train": num_train, "image_size": image_size, "batch_size": batch_size, "lr": lr,
+            "device": device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     # rows run before (a run of some --rows adds to or replaces its rows, and keeps the others)
     results = json.loads(Path(out).read_text())["rows"] if Path(out).is_file() else {}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     for name in rows or list(ROWS):
         over = dict(ROWS[name])
         size = over.pop("image_size", image_size)
@@ -74,19 +78,9 @@ def main(rows: list[str] | None = None, model: str = "rtdetr_lite", epochs: int 
         r = results[name]
         print(f"{name:45s} AP50 {100 * r['AP50']:5.1f}  AP {100 * r['AP']:5.1f}  "
               f"class-agnostic AP50 {100 * r['class_agnostic_AP50']:5.1f}  {r['train_s']:6.0f} s", flush=True)
-        write(results, model=model, epochs=epochs, num_train=num_train, image_size=image_size,  # after every
-              batch_size=batch_size, lr=lr, device=device, out=out)  # row: a run cut short keeps what it finished
+        # after every row, in ROWS order: a run cut short keeps the rows it finished
+        Path(out).write_text(json.dumps({**meta, "rows": {k: results[k] for k in ROWS if k in results}}, indent=2))
     return results
-
-
-def write(results: dict, *, model: str, epochs: int, num_train: int, image_size: int, batch_size: int, lr: float,
-          device: str, out: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({
-        "model": model, "data": "make_synthetic_dataset(seed=1): 1000 train / 200 held-out images (not the demo's)",
-        "epochs": epochs, "num_train": num_train, "image_size": image_size, "batch_size": batch_size, "lr": lr,
-        "device": device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "rows": {name: results[name] for name in ROWS if name in results}}, indent=2))
 
 
 if __name__ == "__main__":

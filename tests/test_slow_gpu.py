@@ -13,7 +13,7 @@ from detrkit.losses import build_criterion
 
 @pytest.mark.slow
 def test_full_demo_learns(tmp_path):
-    """The README's demo (about 10 minutes on 2 cores): the loss falls and AP50 on held-out images is well above zero
+    """The README's demo (about 13 minutes on 2 cores): the loss falls and AP50 on held-out images is well above zero
     (the README reports what this run printed)."""
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())

@@ -1,6 +1,7 @@
 """Training end to end: a few-image overfit, checkpoints, resume, evaluation, the CLI."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -171,8 +172,6 @@ def test_demo_quick(tmp_path, capsys):
 
 def test_demo_recipe_is_the_train_command_its_docs_give():
     """The `detrkit train` command demo_config's docstring (and the README) names trains what the demo trains."""
-    import re
-
     from detrkit.cli.train import demo_config, train_parser
 
     demo = demo_config("data", "out")

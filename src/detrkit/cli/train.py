@@ -27,7 +27,7 @@ from detrkit.inference.detector import Detector
 from detrkit.inference.predict import predict_files
 from detrkit.weights.files import resolve_weights_file
 
-# The demo: the built-in synthetic dataset and the lite preset and recipe that learned most in about 10 minutes
+# The demo: the built-in synthetic dataset and the lite preset and recipe that learned most in 10-13 minutes
 # of training on 2 cores (benchmarks/demo_recipe.py, README "The demo's recipe"), each choice measured one at a time
 # on a tuning copy of the data (seed 1, its own held-out images): RT-DETR-Lite without the zoom-out / IoU-crop
 # augmentation (crop=False doubled AP at this budget), AdamW 2e-4 for every weight (5e-4 for all or for the
