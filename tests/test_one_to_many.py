@@ -109,6 +109,22 @@ def test_bad_one_to_many_settings_name_the_option():
         model.train()(torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.parametrize("preset", ["dino_lite", "deformable_detr_r50_two_stage"])
+def test_the_default_hybrid_count_fits_a_small_images_proposals(preset):
+    # 8 + 5 x 8 = 48 queries, more than a 32 px image's encoder proposals. The default count takes the proposals
+    # the one-to-one queries leave; a count the user gave is used as given, or rejected.
+    model = create_model(preset, num_classes=3, **SMALL, one_to_many="hybrid", o2m_k=2).train()
+    images = torch.randn(2, 3, 32, 32)
+    proposals = model._encode(images, None)[0].shape[1]
+    assert proposals < 48
+    out = model(images, targets=TARGETS)
+    assert out.o2m_outputs[-1].pred_logits.shape[1] == proposals - SMALL["num_queries"]
+    build_criterion(model)(out, TARGETS)  # the one-to-many losses see the queries that ran
+    given = create_model(preset, num_classes=3, **SMALL, one_to_many="hybrid", o2m_queries=40).train()
+    with pytest.raises(ValueError, match="num_queries \\+ o2m_queries = 48 exceeds the"):
+        given(torch.randn(2, 3, 32, 32), targets=TARGETS)
+
+
 GROUP = dict(one_to_many="group", o2m_groups=3)
 
 

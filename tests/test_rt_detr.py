@@ -226,3 +226,31 @@ def test_per_level_point_counts_match_each_level_sampled_alone():
     q, val, r = torch.randn(1, 5, 32), torch.randn(1, 84, 32), torch.rand(1, 5, 1, 4)
     assert torch.equal(uniform(q, r, val, shapes, starts), listed(q, r, val, shapes, starts))
     assert torch.equal(uniform.sampling_offsets.bias, listed.sampling_offsets.bias)  # the same radial init
+
+
+def test_backbone_width_scales_every_stage_and_keeps_the_papers_network_at_one():
+    from detrkit.backbones.resnet_vd import ResNetVd
+
+    full, half = ResNetVd(18, norm="batch"), ResNetVd(18, norm="batch", width=0.5)
+    assert full.channels == {"res3": 128, "res4": 256, "res5": 512}  # the paper's network: official keys load
+    assert half.channels == {"res3": 64, "res4": 128, "res5": 256}
+    n_full, n_half = (sum(p.numel() for p in m.parameters()) for m in (full, half))
+    assert 0.2 < n_half / n_full < 0.3  # every conv is half as wide on both sides: about a quarter of the weights
+    model = create_model("rtdetr_lite", num_classes=3, backbone_width=0.5).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 96, 96)).pred_logits.shape == (1, 100, 3)
+    with pytest.raises(ValueError, match="width must be in"):
+        ResNetVd(18, width=0)
+
+
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    from detrkit.backbones.resnet_vd import ResNetVd
+
+    x = torch.rand(2, 64, 16, 16)  # non-negative, as after a ReLU
+    for zero, same in ((True, True), (False, False)):  # control: the default init's residual branch is not zero
+        torch.manual_seed(0)
+        block = ResNetVd(18, norm="batch", zero_init_residual=zero).res_layers[0].blocks[1].eval()  # identity shortcut
+        with torch.no_grad():
+            assert torch.equal(block(x), x) is same
+    with pytest.raises(ValueError, match="zero_init_residual needs norm='batch'"):
+        ResNetVd(18, norm="frozen", zero_init_residual=True)

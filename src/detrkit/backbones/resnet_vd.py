@@ -97,17 +97,25 @@ class ResNetVd(nn.Module):
         norm: ``"frozen"`` (FrozenBatchNorm2d: RT-DETR-R50 / R101, loaded from ImageNet weights) or ``"batch"``
             (trainable BatchNorm2d: RT-DETR-R18 / R34, and training from scratch).
         freeze_at: freeze the stem (0) and the first ``freeze_at`` stages; -1 trains everything (R18 / R34).
+        width: multiplies every stage's and the stem's channels (rounded to a multiple of 8); 1.0 is the paper's
+            network (and the only width its checkpoints fit), 0.5 a quarter of the compute for training from scratch.
+        zero_init_residual: start every block's last BatchNorm at scale 0, so that each residual block begins as
+            the identity (Goyal et al. 2017, "Accurate, Large Minibatch SGD", section 5.1): for training from
+            scratch; pretrained weights overwrite it.
     """
 
     def __init__(self, depth: int = 50, *, return_stages: tuple[int, ...] = (1, 2, 3), norm: str = "frozen",
-                 freeze_at: int = -1) -> None:
+                 freeze_at: int = -1, width: float = 1.0, zero_init_residual: bool = False) -> None:
         super().__init__()
         if depth not in _DEPTHS:
             raise ValueError(f"ResNet-vd depth must be one of {sorted(_DEPTHS)}, got {depth}")
         if norm not in ("frozen", "batch"):
             raise ValueError(f"norm must be 'frozen' or 'batch', got {norm!r}")
+        if not 0 < width <= 4:
+            raise ValueError(f"ResNet-vd width must be in (0, 4], got {width}")
         norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
-        stem = 64
+        widths = tuple(max(8, round(w * width / 8) * 8) for w in _WIDTHS)
+        stem = widths[0]
         self.conv1 = nn.Sequential(OrderedDict(
             conv1_1=conv_norm(3, stem // 2, 3, 2, act=nn.ReLU(), norm=norm_layer),
             conv1_2=conv_norm(stem // 2, stem // 2, 3, 1, act=nn.ReLU(), norm=norm_layer),
@@ -115,12 +123,18 @@ class ResNetVd(nn.Module):
         ))
         block = BottleNeck if depth >= 50 else BasicBlock
         self.res_layers, ch_in = nn.ModuleList(), stem
-        for i, (count, width) in enumerate(zip(_DEPTHS[depth], _WIDTHS, strict=True)):
+        for i, (count, width) in enumerate(zip(_DEPTHS[depth], widths, strict=True)):
             self.res_layers.append(Blocks(block, ch_in, width, count, 1 if i == 0 else 2, norm_layer))
             ch_in = width * block.expansion
         self.return_stages = tuple(return_stages)
-        self.channels = {f"res{i + 2}": _WIDTHS[i] * block.expansion for i in self.return_stages}
+        self.channels = {f"res{i + 2}": widths[i] * block.expansion for i in self.return_stages}
         self.strides = {f"res{i + 2}": 2 ** (i + 2) for i in self.return_stages}
+        if zero_init_residual:
+            if norm != "batch":
+                raise ValueError("zero_init_residual needs norm='batch' (trainable BatchNorm, training from scratch)")
+            for stage in self.res_layers:
+                for b in stage.blocks:
+                    nn.init.zeros_((b.branch2c if isinstance(b, BottleNeck) else b.branch2b).norm.weight)
         if freeze_at >= 0:
             for module in [self.conv1, *self.res_layers[:freeze_at]]:
                 module.requires_grad_(False)

@@ -34,18 +34,28 @@ class OneToMany:
         queries: extra queries in training.
         k: hybrid: how many times each object is repeated for them (the paper: 6); group: 1.
         groups: group: how many groups the extra queries form, each matched one-to-one (K - 1); hybrid: 1.
+        fit: hybrid with the default count: a two-stage model uses at most the encoder proposals its one-to-one
+            queries leave (small images have few); a count the user gave is used as given, or rejected.
     """
 
     kind: str
     queries: int
     k: int = 1
     groups: int = 1
+    fit: bool = False
 
     def __post_init__(self) -> None:
         if self.queries < 1:
             raise ValueError(f"o2m_queries must be >= 1 with one_to_many={self.kind!r}, got {self.queries}")
         if self.k < 1:
             raise ValueError(f"o2m_k must be >= 1 (each object repeated k times), got {self.k}")
+
+    def count(self, num_queries: int, proposals: int | None = None) -> int:
+        """The one-to-many queries of a training step: ``queries``, or with ``fit`` and ``proposals`` (the top-k pool
+        of a two-stage model) at most ``proposals - num_queries``."""
+        if self.fit and proposals is not None:
+            return max(0, min(self.queries, proposals - num_queries))
+        return self.queries
 
     def output_fields(self) -> dict:
         """What the criterion needs to know of the branch (DetectionOutput's ``o2m_k``, ``o2m_groups``)."""
@@ -56,8 +66,9 @@ def one_to_many_branch(one_to_many: str, num_queries: int, o2m_queries: int | No
                        o2m_groups: int) -> OneToMany | None:
     """A builder's settings -> the branch (None: ``"none"``).
 
-    hybrid: ``o2m_queries`` extra queries (None = 5 x num_queries, the paper's ratio), objects repeated ``o2m_k``
-    times. group: ``o2m_groups`` groups in all (the one-to-one set included, so ``o2m_groups`` - 1 extra copies).
+    hybrid: ``o2m_queries`` extra queries (None = 5 x num_queries, the paper's ratio, or fewer where a two-stage
+    model's images have fewer encoder proposals), objects repeated ``o2m_k`` times. group: ``o2m_groups`` groups
+    in all (the one-to-one set included, so ``o2m_groups`` - 1 extra copies).
     """
     if one_to_many not in ONE_TO_MANY:
         raise ValueError(f"one_to_many must be one of {', '.join(ONE_TO_MANY)}, got {one_to_many!r}")
@@ -68,7 +79,9 @@ def one_to_many_branch(one_to_many: str, num_queries: int, o2m_queries: int | No
             raise ValueError(f"o2m_groups must be >= 2 with one_to_many='group' (the one-to-one set is group 1), "
                              f"got {o2m_groups}")
         return OneToMany("group", (o2m_groups - 1) * num_queries, 1, o2m_groups - 1)
-    return OneToMany("hybrid", 5 * num_queries if o2m_queries is None else o2m_queries, o2m_k)
+    if o2m_queries is None:
+        return OneToMany("hybrid", 5 * num_queries, o2m_k, fit=True)
+    return OneToMany("hybrid", o2m_queries, o2m_k)
 
 
 def separated_self_attn_mask(num_one2one: int, num_one2many: int, device: torch.device, groups: int = 1) -> Tensor:

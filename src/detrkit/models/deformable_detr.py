@@ -154,7 +154,9 @@ class DeformableDETR(nn.Module):
     ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets unused."""
         memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
-        extra = self.o2m.queries if self.training and self.o2m is not None else 0  # one-to-many queries
+        extra = 0  # one-to-many queries, training only (a two-stage model's default count fits its proposals)
+        if self.training and self.o2m is not None:
+            extra = self.o2m.count(self.num_queries, memory.shape[1] if self.two_stage else None)
         if self.two_stage:
             tgt, query_pos, reference, enc_outputs = self._select_topk_proposals(memory, mask, shapes, extra)
         else:
@@ -247,7 +249,8 @@ def build_deformable_detr(
     """Wire a Deformable DETR from plain settings; the presets call this with the paper's values.
 
     ``one_to_many="hybrid"`` adds H-DETR's one-to-many queries in training: ``o2m_queries`` of them (default five
-    times ``num_queries``, the paper's 1500 beside 300), matched to the ground truth repeated ``o2m_k`` times;
+    times ``num_queries``, the paper's 1500 beside 300, or the proposals left on small images), matched to the
+    ground truth repeated ``o2m_k`` times;
     ``"group"`` adds Group DETR's ``o2m_groups`` - 1 extra copies of the queries (:mod:`detrkit.layers.one_to_many`)."""
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)

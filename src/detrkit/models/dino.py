@@ -128,7 +128,9 @@ class DINO(nn.Module):
     ) -> DetectionOutput:
         """images (B, 3, H, W) normalized; padding_mask (B, H, W) True on padding; targets feed denoising."""
         memory, mask, shapes, starts, ratios = self._encode(images, padding_mask)
-        extra = self.o2m.queries if self.training and self.o2m is not None else 0  # one-to-many queries
+        extra = 0  # one-to-many queries, training only (a two-stage model's default count fits its proposals)
+        if self.training and self.o2m is not None:
+            extra = self.o2m.count(self.num_queries, memory.shape[1] if self.two_stage else None)
         tgt, anchors, enc_outputs = self._select_queries(memory, mask, shapes, extra)
         tgt, anchors, attn_mask, dn_meta = add_dn_queries(
             tgt, anchors, targets, config=self.denoising, num_classes=self.num_classes,
@@ -161,7 +163,7 @@ class DINO(nn.Module):
         k = min(self.num_queries, memory.shape[1])
         topk = enc_logits.max(-1).values.topk(k + extra, dim=1).indices  # (B, k): by the best class score
         coords, logits = gather_queries(enc_coords, topk), gather_queries(enc_logits, topk)  # (B, k, 4), (B, k, K)
-        tgt = torch.cat([tgt_embed[:k], tgt_embed[self.num_queries:]])[None].expand(b, -1, -1)
+        tgt = torch.cat([tgt_embed[:k], tgt_embed[self.num_queries:self.num_queries + extra]])[None].expand(b, -1, -1)
         return tgt, coords.detach(), LayerOutput(logits[:, :k], coords[:, :k].sigmoid())
 
     def _heads(self, hidden: Tensor, refs: list[Tensor], enc_outputs: LayerOutput | None,

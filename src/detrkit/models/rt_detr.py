@@ -175,6 +175,8 @@ def build_rt_detr(
     depth: int = 50,
     backbone_norm: str = "frozen",
     freeze_at: int = 0,
+    backbone_width: float = 1.0,
+    backbone_zero_init_residual: bool = False,
     hidden_dim: int = 256,
     encoder_ffn: int = 1024,
     num_encoder_layers: int = 1,
@@ -195,7 +197,8 @@ def build_rt_detr(
 ) -> RTDETR:
     """Wire an RT-DETR from plain settings; RT-DETRv2 is the same model with its decoder settings
     (``offset_scale``, ``sampling="discrete"``). ``freeze_at``: -1 trains the whole backbone (R18 / R34)."""
-    backbone = ResNetVd(depth, norm=backbone_norm, freeze_at=freeze_at)
+    backbone = ResNetVd(depth, norm=backbone_norm, freeze_at=freeze_at, width=backbone_width,
+                        zero_init_residual=backbone_zero_init_residual)
     encoder = HybridEncoder(tuple(backbone.channels.values()), hidden_dim=hidden_dim, nhead=nhead,
                             dim_feedforward=encoder_ffn, num_encoder_layers=num_encoder_layers, expansion=expansion,
                             depth_mult=depth_mult)
