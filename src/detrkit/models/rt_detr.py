@@ -196,7 +196,9 @@ def build_rt_detr(
     sampling: str = "bilinear",
 ) -> RTDETR:
     """Wire an RT-DETR from plain settings; RT-DETRv2 is the same model with its decoder settings
-    (``offset_scale``, ``sampling="discrete"``). ``freeze_at``: -1 trains the whole backbone (R18 / R34)."""
+    (``offset_scale``, ``sampling="discrete"``). ``freeze_at``: -1 trains the whole backbone (R18 / R34).
+    ``backbone_width`` / ``backbone_zero_init_residual``: a narrower ResNet-vd, residual blocks that start as the
+    identity, for training from scratch (:class:`~detrkit.backbones.resnet_vd.ResNetVd`)."""
     backbone = ResNetVd(depth, norm=backbone_norm, freeze_at=freeze_at, width=backbone_width,
                         zero_init_residual=backbone_zero_init_residual)
     encoder = HybridEncoder(tuple(backbone.channels.values()), hidden_dim=hidden_dim, nhead=nhead,
