@@ -10,7 +10,8 @@ demo's budget (`detrkit demo`):
     python benchmarks/convergence_ablation.py                          # deformable_detr_lite, 4 x 1000 images
     python benchmarks/convergence_ablation.py --num_train 400 --epochs 2   # a quick ranking (about 5 min a row)
 
-Prints a table and writes benchmarks/results/convergence_ablation.json.
+Prints a table and writes benchmarks/results/convergence_ablation.json (a run of some ``--rows`` at the budget the
+file holds keeps its other rows).
 """
 
 from __future__ import annotations
@@ -53,15 +54,17 @@ def main(model: str = "deformable_detr_lite", rows: list[str] = list(ROWS), epoc
     data = work / f"data-{num_train}-{num_val}-{image_size}"
     if not (data / "annotations" / "instances_val.json").is_file():
         make_synthetic_dataset(data, num_train=num_train, num_val=num_val, image_size=image_size)
-    table = {}
+    budget = {"model": model, "device": device, "cpu": platform.processor() or platform.machine(),
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "threads": torch.get_num_threads(), "epochs": epochs, "num_train": num_train, "num_val": num_val,
+              "image_size": image_size, "batch_size": batch_size, "lr": lr}
+    # rows of an earlier run at the same budget are kept (a run of some --rows adds to them); another budget's go
+    before = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
+    table = before.get("rows", {}) if {k: before.get(k) for k in budget} == budget else {}
 
     def write(rows_done: dict) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({
-            "model": model, "device": device, "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "threads": torch.get_num_threads(), "epochs": epochs, "num_train": num_train, "num_val": num_val,
-            "image_size": image_size, "batch_size": batch_size, "lr": lr, "rows": rows_done}, indent=2))
+        Path(out).write_text(json.dumps({**budget, "rows": rows_done}, indent=2))
 
     for row in rows:
         run = work / f"{model}-{row.replace(' + ', '+')}"
