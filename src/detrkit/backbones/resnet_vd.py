@@ -123,9 +123,9 @@ class ResNetVd(nn.Module):
         ))
         block = BottleNeck if depth >= 50 else BasicBlock
         self.res_layers, ch_in = nn.ModuleList(), stem
-        for i, (count, width) in enumerate(zip(_DEPTHS[depth], widths, strict=True)):
-            self.res_layers.append(Blocks(block, ch_in, width, count, 1 if i == 0 else 2, norm_layer))
-            ch_in = width * block.expansion
+        for i, (count, ch_out) in enumerate(zip(_DEPTHS[depth], widths, strict=True)):
+            self.res_layers.append(Blocks(block, ch_in, ch_out, count, 1 if i == 0 else 2, norm_layer))
+            ch_in = ch_out * block.expansion
         self.return_stages = tuple(return_stages)
         self.channels = {f"res{i + 2}": widths[i] * block.expansion for i in self.return_stages}
         self.strides = {f"res{i + 2}": 2 ** (i + 2) for i in self.return_stages}
@@ -133,8 +133,8 @@ class ResNetVd(nn.Module):
             if norm != "batch":
                 raise ValueError("zero_init_residual needs norm='batch' (trainable BatchNorm, training from scratch)")
             for stage in self.res_layers:
-                for b in stage.blocks:
-                    nn.init.zeros_((b.branch2c if isinstance(b, BottleNeck) else b.branch2b).norm.weight)
+                for blk in stage.blocks:
+                    nn.init.zeros_((blk.branch2c if isinstance(blk, BottleNeck) else blk.branch2b).norm.weight)
         if freeze_at >= 0:
             for module in [self.conv1, *self.res_layers[:freeze_at]]:
                 module.requires_grad_(False)
