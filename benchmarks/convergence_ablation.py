@@ -91,7 +91,7 @@ def main(model: str = "deformable_detr_lite", rows: list[str] = list(ROWS), epoc
     print(f"{'row':<28} {'AP50':>6} {'AP':>6} {'agn AP50':>9} {'img/s':>6} {'wall s':>7}")
     for row, r in table.items():
         print(f"{row:<28} {100 * r['AP50']:6.1f} {100 * r['AP']:6.1f} {100 * r['class_agnostic_AP50']:9.1f} "
-              f"{r['train_images_per_s']:6.2f} {r['wall_s']:7.0f}")
+              f"{r['train_images_per_s']:6.2f} {r['wall_s'] or float('nan'):7.0f}")  # a resumed row has no wall time
     return table
 
 
