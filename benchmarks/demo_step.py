@@ -1,0 +1,100 @@
+"""Images per second of the demo's training step on this machine: the demo's batch of 4 in eager mode (the
+baseline, in the same run) against other batch sizes and ``torch.compile``.
+
+The step is the demo's (``rtdetr_lite``, MAL class loss, 224 px synthetic shapes without crop, AdamW, gradient
+clipping at 0.1); batches come from the demo's data pipeline and are loaded before the clock starts, so the table
+is the model's cost alone. Each row: the first ``--warmup`` steps (with ``torch.compile``, the compilation, and a
+new one for each new padded batch shape), then ``--steps`` timed steps; a row that runs past ``--max_seconds``
+stops and says how far it got.
+
+    python benchmarks/demo_step.py                                   # batch 4, batch 8, batch 4 compiled
+    python benchmarks/demo_step.py --rows '["batch 4", "batch 2"]'    # some rows
+
+Prints a table and writes benchmarks/results/demo_step.json.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from detrkit.data import collate, make_synthetic_dataset
+from detrkit.engine.config import TrainConfig, build_datasets
+from detrkit.losses import build_criterion
+from detrkit.registry import model_info
+
+ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "batch 4, torch.compile": (4, True)}
+
+
+def run_row(batch: int, compile_model: bool, data: Path, warmup: int, steps: int, max_seconds: float) -> dict:
+    cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(data.parent / "unused"), image_size=224,
+                      batch_size=batch, num_workers=0, crop=False, class_loss="mal")
+    train_set, _ = build_datasets(cfg, progress=False)
+    loader = iter(DataLoader(train_set, batch_size=batch, collate_fn=collate, shuffle=True,
+                             generator=torch.Generator().manual_seed(0)))
+    batches = [next(loader) for _ in range(warmup + steps)]
+    torch.manual_seed(0)
+    model = model_info("rtdetr_lite").builder(num_classes=train_set.num_classes)
+    criterion = build_criterion(model, class_loss="mal")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
+    forward = torch.compile(model) if compile_model else model
+    start, times = time.perf_counter(), []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = sum(criterion(forward(b.images, b.padding_mask, b.targets), b.targets).values())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds:
+            break
+    warm = time.perf_counter() - start - sum(times)
+    done = len(times) == steps
+    row = {"batch": batch, "compile": compile_model, "warmup_s": round(warm, 1), "timed_steps": len(times)}
+    if times:
+        per_step = sorted(times)[len(times) // 2]
+        row |= {"ms_per_step": round(1000 * per_step, 1), "images_per_s": round(batch / per_step, 2)}
+    if not done:
+        row["stopped"] = f"past --max_seconds {max_seconds:.0f} after {len(times)} of {steps} timed steps"
+    return row
+
+
+def main(rows: list[str] = ["batch 4", "batch 8", "batch 4, torch.compile"],  # noqa: B006
+         warmup: int = 3, steps: int = 5, max_seconds: float = 600, work_dir: str = "runs/demo_step",
+         out: str = "benchmarks/results/demo_step.json") -> dict:
+    data = Path(work_dir) / "data"
+    if not (data / "annotations" / "instances_val.json").is_file():
+        make_synthetic_dataset(data, num_train=64, num_val=1, image_size=224, progress=False)
+    torch.manual_seed(0)
+    table = {}
+    for name in rows:
+        table[name] = run_row(*ROWS[name], data=data, warmup=warmup, steps=steps, max_seconds=max_seconds)
+        print(f"{name}: {json.dumps(table[name])}", flush=True)
+    base = table.get("batch 4", {}).get("images_per_s")
+    for row in table.values():
+        if base and "images_per_s" in row:
+            row["vs_batch_4"] = round(row["images_per_s"] / base, 2)
+    meta = {"model": "rtdetr_lite", "image_size": 224, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "warmup": warmup, "steps": steps}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({**meta, "rows": table}, indent=2))
+    print(f"\nrtdetr_lite training step, 224 px, {torch.get_num_threads()} threads ({meta['cpu']})")
+    print(f"{'row':<24} {'warm-up s':>9} {'ms/step':>8} {'img/s':>6} {'vs b4':>6}")
+    for name, r in table.items():
+        print(f"{name:<24} {r['warmup_s']:9.1f} {r.get('ms_per_step', float('nan')):8.0f} "
+              f"{r.get('images_per_s', float('nan')):6.2f} {r.get('vs_batch_4', float('nan')):6.2f}"
+              + (f"  ({r['stopped']})" if "stopped" in r else ""))
+    return table
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)
