@@ -52,6 +52,8 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # a narrower from-scratch backbone: ResNet-18-vd at half width, a quarter of the convolutions' work
     "demo (MAL), backbone width 0.5": {**MAL, "model_args": {"backbone_width": 0.5}},
     "demo (MAL), backbone width 0.75": {**MAL, "model_args": {"backbone_width": 0.75}},
+    # the from-scratch backbone stalls above 2e-4, the transformer (encoder, decoder, heads) might not
+    "demo (MAL), lr 4e-4 for all but the backbone": {**MAL, "lr": 4e-4},
 }
 
 
