@@ -54,6 +54,12 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     "demo (MAL), backbone width 0.75": {**MAL, "model_args": {"backbone_width": 0.75}},
     # the from-scratch backbone stalls above 2e-4, the transformer (encoder, decoder, heads) might not
     "demo (MAL), lr 4e-4 for all but the backbone": {**MAL, "lr": 4e-4},
+    # one-to-many supervision on RT-DETR (the next-ranked proposals as extra queries, training only); at 20 objects
+    # an image, 200 queries hold each object 3 times with room to spare. Each costs step time (the decoder's self-
+    # attention grows with the square of the queries), so the question is AP per CPU-minute
+    "demo (MAL), hybrid matching, 200 queries, k = 3": {**MAL, "model_args": {"one_to_many": "hybrid",
+                                                                               "o2m_queries": 200, "o2m_k": 3}},
+    "demo (MAL), Group DETR, 3 groups": {**MAL, "model_args": {"one_to_many": "group", "o2m_groups": 3}},
 }
 
 

@@ -7,6 +7,7 @@ import detrkit.models.dab_detr as dab
 import detrkit.models.deformable_detr as deformable
 import detrkit.models.detr as detr
 import detrkit.models.dino as dino
+import detrkit.models.rt_detr as rt_detr
 from detrkit import create_model
 from detrkit.layers.one_to_many import hide_one_to_many, repeat_targets
 from detrkit.losses import build_criterion
@@ -173,3 +174,91 @@ def test_group_detr_groups_see_only_themselves_and_match_one_to_one(monkeypatch)
 def test_group_needs_two_groups():
     with pytest.raises(ValueError, match="o2m_groups must be >= 2 with one_to_many='group'"):
         create_model("deformable_detr_lite", num_classes=3, **SMALL, one_to_many="group", o2m_groups=1)
+
+
+# RT-DETR: the one-to-many queries are the proposals ranked after the one-to-one queries' (no parameters of their own)
+RT_SMALL = dict(hidden_dim=32, encoder_ffn=64, d_model=32, nhead=4, num_decoder_layers=3, dim_feedforward=64,
+                num_queries=8)
+RT_IMAGES = torch.rand(2, 3, 96, 96)  # 12^2 + 6^2 + 3^2 = 189 proposals
+
+
+def _rt_pair(**o2m):
+    torch.manual_seed(0)
+    model = create_model("rtdetr_lite", num_classes=3, **RT_SMALL, **o2m)
+    plain = create_model("rtdetr_lite", num_classes=3, **RT_SMALL)
+    plain.load_state_dict(model.state_dict())  # the branch adds no weights
+    return model, plain
+
+
+@pytest.mark.parametrize("o2m", [HYBRID, GROUP])
+def test_rtdetr_one_to_many_queries_do_not_exist_at_inference(o2m):
+    model, plain = _rt_pair(**o2m)
+    with torch.no_grad():
+        a, b = model.eval()(RT_IMAGES), plain.eval()(RT_IMAGES)
+    assert a.o2m_outputs is None
+    assert torch.equal(a.pred_logits, b.pred_logits) and torch.equal(a.pred_boxes, b.pred_boxes)
+
+
+def _rt_train_forward(model, monkeypatch, *, perturb: bool):
+    """A training forward; with ``perturb`` the one-to-many queries' content is moved after query selection."""
+    select = rt_detr.RTDETR._select_queries
+
+    def selected(self, memory, shapes, extra=0):
+        tgt, anchors, enc = select(self, memory, shapes, extra)
+        if perturb and extra:
+            noise = torch.randn(tgt[:, -extra:].shape, generator=torch.Generator().manual_seed(2))
+            tgt = torch.cat([tgt[:, :-extra], tgt[:, -extra:] + noise], 1)
+        return tgt, anchors, enc
+
+    monkeypatch.setattr(rt_detr.RTDETR, "_select_queries", selected)
+    torch.manual_seed(1)  # the same denoising queries
+    with torch.no_grad():
+        return model.train()(RT_IMAGES, targets=TARGETS)
+
+
+def test_rtdetr_mask_hides_the_one_to_many_queries_from_the_one_to_one_and_denoising_queries(monkeypatch):
+    model, _ = _rt_pair(**HYBRID)
+    before = _rt_train_forward(model, monkeypatch, perturb=False)
+    after = _rt_train_forward(model, monkeypatch, perturb=True)
+    assert len(before.o2m_outputs) == RT_SMALL["num_decoder_layers"] and before.o2m_k == 3
+    assert before.o2m_outputs[-1].pred_logits.shape[:2] == (2, 24) and before.pred_logits.shape[1] == 8
+    assert before.enc_outputs.pred_logits.shape[1] == 8  # the encoder loss sees the one-to-one proposals only
+    assert not torch.allclose(before.o2m_outputs[-1].pred_logits, after.o2m_outputs[-1].pred_logits)
+    torch.testing.assert_close(after.pred_logits, before.pred_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after.pred_boxes, before.pred_boxes, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after.dn_outputs[-1].pred_logits, before.dn_outputs[-1].pred_logits, rtol=0, atol=1e-6)
+    # negative control: without the mask the one-to-one queries attend to the perturbed ones and change
+    monkeypatch.setattr(rt_detr, "hide_one_to_many", lambda mask, *args: mask)
+    before = _rt_train_forward(model, monkeypatch, perturb=False)
+    after = _rt_train_forward(model, monkeypatch, perturb=True)
+    assert (after.pred_logits - before.pred_logits).abs().max() > 1e-4
+
+
+def test_rtdetr_one_to_many_queries_are_the_next_proposals_and_get_mal_losses():
+    model, _ = _rt_pair(**HYBRID)
+    model.train()
+    torch.manual_seed(1)
+    out = model(RT_IMAGES, targets=TARGETS)
+    # the one-to-many queries start from the proposals ranked 9..32 by score (the decoder refines them)
+    memory, shapes, _ = model._flatten_levels(model.encoder([f for f, _ in model.backbone(RT_IMAGES).values()]))
+    _, anchors, _ = model._select_queries(memory, shapes, 24)
+    _, first8, _ = model._select_queries(memory, shapes, 0)
+    torch.testing.assert_close(anchors[:, :8], first8)
+    criterion = build_criterion(model, class_loss="mal")
+    losses = criterion(out, TARGETS)
+    assert {f"loss_class_o2m{s}" for s in ("", "_aux0", "_aux1")} <= set(losses)
+    sum(losses.values()).backward()
+    assert model.enc_output.weight.grad.abs().sum() > 0
+
+
+def test_rtdetr_group_and_learned_queries_and_a_count_too_large():
+    model = create_model("rtdetr_lite", num_classes=3, **RT_SMALL, **GROUP, learn_query=True).train()
+    out = model(RT_IMAGES, targets=TARGETS)
+    assert out.o2m_groups == 2 and out.o2m_outputs[-1].pred_logits.shape[1] == 2 * RT_SMALL["num_queries"]
+    assert model.tgt_embed_o2m.weight.shape == (16, 32)
+    big = create_model("rtdetr_lite", num_classes=3, **RT_SMALL, one_to_many="hybrid", o2m_queries=400).train()
+    with pytest.raises(ValueError, match="num_queries \\+ o2m_queries = 408 exceeds the 189"):
+        big(RT_IMAGES, targets=TARGETS)
+    fitted = create_model("rtdetr_lite", num_classes=3, **RT_SMALL, one_to_many="hybrid").train()
+    # 8 + 5 x 8 queries, more than a 32 px image's 4^2 + 2^2 + 1 = 21 proposals: the default count takes what is left
+    assert fitted(torch.rand(2, 3, 32, 32), targets=TARGETS).o2m_outputs[-1].pred_logits.shape[1] == 21 - 8

@@ -10,7 +10,10 @@ mechanism in one visible place:
   (:meth:`RTDETR._select_queries`); the varifocal loss (``losses/criterion.py``) trains the score towards the box's
   IoU, so that confident proposals are also well localised;
 - contrastive denoising in training, DINO's (``layers/denoising.py``, :func:`~detrkit.layers.denoising.add_dn_queries`);
-- iterative refinement with look forward twice (``layers/deformable.py``, :class:`~detrkit.layers.RTDETRDecoder`).
+- iterative refinement with look forward twice (``layers/deformable.py``, :class:`~detrkit.layers.RTDETRDecoder`);
+- optionally, in training only, one-to-many queries (hybrid matching or Group DETR, ``layers/one_to_many.py``): the
+  proposals ranked after the one-to-one queries' (:meth:`RTDETR._select_queries`), hidden from them by the
+  self-attention mask. Not in the RT-DETR papers: the switch the other families have, for short schedules.
 
 RT-DETRv2 changes the decoder's deformable cross-attention only: a scale on the offsets and, optionally, discrete
 sampling (one pixel per point, no ``grid_sample``: ``ops/ms_deform_attn.py``), plus a longer training recipe.
@@ -37,6 +40,7 @@ from detrkit.layers.denoising import (
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, refined_predictions, zero_box_head
 from detrkit.layers.hybrid_encoder import ConvNormLayer
+from detrkit.layers.one_to_many import OneToMany, hide_one_to_many, one_to_many_branch, split_o2m_outputs
 from detrkit.models.deformable_detr import encoder_proposals, gather_queries
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.ops import level_shapes_tensor
@@ -66,6 +70,7 @@ class RTDETR(nn.Module):
         num_feature_levels: levels the decoder reads: the encoder's, plus stride-2 convolutions after the last.
         denoising: contrastive denoising settings (RT-DETR: 100 queries); None = none.
         learn_query: learned content queries instead of the selected encoder features (the paper's ablation).
+        o2m: one-to-many queries in training (hybrid matching / Group DETR); None = none.
     """
 
     score_activation = "sigmoid"
@@ -77,10 +82,11 @@ class RTDETR(nn.Module):
 
     def __init__(self, backbone: nn.Module, encoder: HybridEncoder, decoder: RTDETRDecoder, *, num_classes: int,
                  num_queries: int = 300, d_model: int = 256, num_feature_levels: int = 3,
-                 denoising: DenoisingConfig | None = None, learn_query: bool = False) -> None:
+                 denoising: DenoisingConfig | None = None, learn_query: bool = False,
+                 o2m: OneToMany | None = None) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
-        self.denoising, self.eps = denoising, decoder.eps
+        self.denoising, self.eps, self.o2m = denoising, decoder.eps, o2m
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
         levels = len(encoder.input_proj)
         self.input_proj = nn.ModuleList(ConvNormLayer(encoder.hidden_dim, d_model, 1) for _ in range(levels))
@@ -95,6 +101,8 @@ class RTDETR(nn.Module):
         self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_layers))
         decoder.bbox_embed = self.bbox_embed
         self.tgt_embed = nn.Embedding(num_queries, d_model) if learn_query else None
+        if learn_query and o2m is not None:  # the one-to-many queries' own learned content
+            self.tgt_embed_o2m = nn.Embedding(o2m.queries, d_model)
         if denoising is not None:
             self.label_enc = nn.Embedding(num_classes + 1, d_model)
         self._init_weights()
@@ -108,6 +116,8 @@ class RTDETR(nn.Module):
             nn.init.xavier_uniform_(proj.conv.weight)
         if self.tgt_embed is not None:
             nn.init.xavier_uniform_(self.tgt_embed.weight)
+        if hasattr(self, "tgt_embed_o2m"):
+            nn.init.xavier_uniform_(self.tgt_embed_o2m.weight)
 
     def forward(
         self, images: Tensor, padding_mask: Tensor | None = None, targets: list[dict] | None = None
@@ -121,12 +131,19 @@ class RTDETR(nn.Module):
                              f"or pad to a multiple of {self.size_divisor}.")
         feats = [f for f, _ in self.backbone(images).values()]
         memory, shapes, starts = self._flatten_levels(self.encoder(feats))
-        tgt, anchors, enc_outputs = self._select_queries(memory, shapes)
+        extra = 0  # one-to-many queries, training only (the default count fits the image's proposals)
+        if self.training and self.o2m is not None:
+            extra = self.o2m.count(self.num_queries, memory.shape[1])
+        tgt, anchors, enc_outputs = self._select_queries(memory, shapes, extra)
         tgt, anchors, attn_mask, dn_meta = add_dn_queries(
             tgt, anchors, targets, config=self.denoising, num_classes=self.num_classes,
             label_enc=getattr(self, "label_enc", None), eps=self.eps, training=self.training)
+        if extra:  # [denoising, one-to-one, one-to-many]: the last two (and the groups) unable to see each other
+            n = dn_meta.num_dn if dn_meta is not None else 0
+            full = attn_mask if attn_mask is not None else tgt.new_zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool)
+            attn_mask = hide_one_to_many(full, n, tgt.shape[1] - n - extra, self.o2m.groups)
         hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, attn_mask)
-        return self._heads(hidden, refs, enc_outputs, dn_meta)
+        return self._heads(hidden, refs, enc_outputs, dn_meta, extra)
 
     def _flatten_levels(self, maps: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]], Tensor]:
         """The decoder's levels: each encoder map projected (1x1 conv + BN), extra levels by stride-2 convolutions
@@ -140,33 +157,44 @@ class RTDETR(nn.Module):
         memory = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
         return memory, shapes, starts
 
-    def _select_queries(self, memory: Tensor, shapes: list[tuple[int, int]]):
+    def _select_queries(self, memory: Tensor, shapes: list[tuple[int, int]], extra: int = 0):
         """Query selection (section 4.3): an anchor at every pixel of every level (side 0.05 * 2^level, invalid
         within 0.01 of the border), scored and refined by the encoder heads; the top-k *valid* anchors by best class
         score become the reference boxes (detached) and their encoder features the content queries. The official
         and HF code score invalid anchors too (on zeroed features) and may select them, with a box at the image
         corner; here they are never selected. Returns tgt (B, Q, C), anchors (B, Q, 4) before the sigmoid and the
-        selected proposals for the encoder loss."""
+        selected proposals for the encoder loss. With ``extra`` one-to-many queries they follow: the next ``extra``
+        proposals by score, selected the same way (the encoder loss sees the one-to-one queries' only)."""
         no_padding = memory.new_zeros(memory.shape[:2], dtype=torch.bool)
         out_memory, proposals = encoder_proposals(memory, no_padding, shapes)  # zeroed / +inf where invalid
         out_memory = self.enc_output_norm(self.enc_output(out_memory))  # (B, S, C)
         logits = self.enc_out_class_embed(out_memory)  # (B, S, K)
         coords = self.enc_out_bbox_embed(out_memory) + proposals  # (B, S, 4) before the sigmoid
-        topk = top_valid(logits.max(-1).values, proposals, min(self.num_queries, memory.shape[1]))  # (B, k)
+        if extra and self.num_queries + extra > memory.shape[1]:
+            raise ValueError(f"num_queries + o2m_queries = {self.num_queries + extra} exceeds the {memory.shape[1]} "
+                             f"encoder proposals of this image size; lower o2m_queries (or train on larger images)")
+        k = min(self.num_queries, memory.shape[1])
+        topk = top_valid(logits.max(-1).values, proposals, k + extra)  # (B, k + extra)
         coords, logits = gather_queries(coords, topk), gather_queries(logits, topk)  # (B, k, 4), (B, k, K)
         if self.tgt_embed is not None:
-            tgt = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
+            tgt = self.tgt_embed.weight
+            if extra:
+                tgt = torch.cat([tgt, self.tgt_embed_o2m.weight[:extra]])
+            tgt = tgt[None].expand(memory.shape[0], -1, -1)
         else:
             tgt = gather_queries(out_memory, topk).detach()  # (B, k, C)
-        return tgt, coords.detach(), LayerOutput(logits, coords.sigmoid())
+        return tgt, coords.detach(), LayerOutput(logits[:, :k], coords[:, :k].sigmoid())
 
     def _heads(self, hidden: Tensor, refs: list[Tensor], enc_outputs: LayerOutput,
-               dn_meta: DenoisingLayout | None) -> DetectionOutput:
-        """hidden (L, B, N, C), the box each layer refines (L, B, N, 4) -> logits and boxes per layer."""
+               dn_meta: DenoisingLayout | None, extra: int = 0) -> DetectionOutput:
+        """hidden (L, B, N, C), the box each layer refines (L, B, N, 4) -> logits and boxes per layer; the last
+        ``extra`` queries are the one-to-many ones."""
         logits, boxes = refined_predictions(hidden, refs, self.class_embed, self.bbox_embed, self.eps)
         logits, boxes, dn_outputs = split_dn_outputs(logits, boxes, dn_meta)
+        logits, boxes, o2m = split_o2m_outputs(logits, boxes, extra)
         return DetectionOutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux_outputs(logits, boxes),
-                               enc_outputs=enc_outputs, dn_meta=dn_meta, dn_outputs=dn_outputs)
+                               enc_outputs=enc_outputs, dn_meta=dn_meta, dn_outputs=dn_outputs, o2m_outputs=o2m,
+                               **(self.o2m.output_fields() if extra else {}))
 
 
 def build_rt_detr(
@@ -194,11 +222,16 @@ def build_rt_detr(
     learn_query: bool = False,
     offset_scale: float = 0.5,
     sampling: str = "bilinear",
+    one_to_many: str = "none",
+    o2m_queries: int | None = None,
+    o2m_k: int = 6,
+    o2m_groups: int = 11,
 ) -> RTDETR:
     """Wire an RT-DETR from plain settings; RT-DETRv2 is the same model with its decoder settings
     (``offset_scale``, ``sampling="discrete"``). ``freeze_at``: -1 trains the whole backbone (R18 / R34).
     ``backbone_width`` / ``backbone_zero_init_residual``: a narrower ResNet-vd, residual blocks that start as the
-    identity, for training from scratch (:class:`~detrkit.backbones.resnet_vd.ResNetVd`)."""
+    identity, for training from scratch (:class:`~detrkit.backbones.resnet_vd.ResNetVd`). ``one_to_many="hybrid"`` /
+    ``"group"``: one-to-many queries in training (see :func:`~detrkit.layers.one_to_many.one_to_many_branch`)."""
     backbone = ResNetVd(depth, norm=backbone_norm, freeze_at=freeze_at, width=backbone_width,
                         zero_init_residual=backbone_zero_init_residual)
     encoder = HybridEncoder(tuple(backbone.channels.values()), hidden_dim=hidden_dim, nhead=nhead,
@@ -209,7 +242,8 @@ def build_rt_detr(
     decoder = RTDETRDecoder(layer, num_decoder_layers, d_model)
     return RTDETR(backbone, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                   num_feature_levels=num_feature_levels, denoising=as_denoising_config(denoising),
-                  learn_query=learn_query)
+                  learn_query=learn_query,
+                  o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups))
 
 
 # The sizes of the official configs: R18 / R34 train every backbone layer with BatchNorm and use half-width CSP
