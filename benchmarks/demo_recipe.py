@@ -63,6 +63,9 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # at this budget the one-to-one queries still emit duplicates (NMS lifts AP50: benchmarks/duplicate_boxes.py);
     # the decoder's self-attention is where DETR learns to suppress them, so: twice its layers
     "demo (MAL), 6 decoder layers": {**MAL, "model_args": {"num_decoder_layers": 6}},
+    # fewer queries, fewer candidates for a second box on an object (at most 20 objects an image)
+    "demo (MAL), 50 queries": {**MAL, "model_args": {"num_queries": 50}},
+    "demo (MAL), 300 queries (the RT-DETR papers' count)": {**MAL, "model_args": {"num_queries": 300}},
 }
 
 

@@ -14,7 +14,8 @@ Each run is evaluated from its newest checkpoint on the held-out split of the da
     python benchmarks/duplicate_boxes.py                                      # every run under runs/demo_recipe
     python benchmarks/duplicate_boxes.py --runs '["runs/demo_recipe/no_crop"]' --nms_iou 0.5
 
-Prints a table and writes benchmarks/results/duplicate_boxes.json.
+Prints a table and writes benchmarks/results/duplicate_boxes.json (runs measured earlier with the same settings are
+kept).
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ def main(runs: list[str] | None = None, nms_iou: float = 0.6, min_score: float =
     meta = {"nms_iou": nms_iou, "min_score": min_score, "cpu": platform.processor() or platform.machine(),
             "note": "AP as detrkit reports it (NMS-free) and after class-wise NMS (diagnostic only)"}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({**meta, "runs": table}, indent=2))
+    earlier = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
+    kept = earlier.get("runs", {}) if {k: earlier.get(k) for k in ("nms_iou", "min_score")} == {
+        "nms_iou": nms_iou, "min_score": min_score} else {}  # a run of some runs keeps the others (same settings)
+    Path(out).write_text(json.dumps({**meta, "runs": {**kept, **table}}, indent=2))
     print(f"\nNMS-free vs class-wise NMS at IoU {nms_iou} (percent); duplicates: share of boxes scoring >= {min_score} "
           f"that overlap a higher-scoring box of their class")
     print(f"{'run':<50} {'AP50':>6} {'+NMS':>6} {'AP':>6} {'+NMS':>6} {'agn50':>6} {'+NMS':>6} {'dup':>6}")
