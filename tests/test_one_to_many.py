@@ -72,8 +72,8 @@ def test_the_mask_hides_the_one_to_many_queries_from_the_one_to_one_queries(pres
                                    atol=1e-6)
     # negative control: without the mask the one-to-one queries attend to the perturbed ones and change
     monkeypatch.setattr(deformable, "separated_self_attn_mask", lambda *args: None)
-    monkeypatch.setattr(dino, "hide_one_to_many", lambda mask, *args: mask)
-    monkeypatch.setattr(dab, "hide_one_to_many", lambda mask, *args: mask)
+    monkeypatch.setattr(dino, "hide_after_denoising", lambda mask, *args: mask)
+    monkeypatch.setattr(dab, "hide_after_denoising", lambda mask, *args: mask)
     monkeypatch.setattr(detr, "separated_self_attn_mask", lambda *args: None)
     with torch.no_grad():
         before = _train_forward(hybrid, images, perturb=False)
@@ -228,7 +228,7 @@ def test_rtdetr_mask_hides_the_one_to_many_queries_from_the_one_to_one_and_denoi
     torch.testing.assert_close(after.pred_boxes, before.pred_boxes, rtol=0, atol=1e-6)
     torch.testing.assert_close(after.dn_outputs[-1].pred_logits, before.dn_outputs[-1].pred_logits, rtol=0, atol=1e-6)
     # negative control: without the mask the one-to-one queries attend to the perturbed ones and change
-    monkeypatch.setattr(rt_detr, "hide_one_to_many", lambda mask, *args: mask)
+    monkeypatch.setattr(rt_detr, "hide_after_denoising", lambda mask, *args: mask)
     before = _rt_train_forward(model, monkeypatch, perturb=False)
     after = _rt_train_forward(model, monkeypatch, perturb=True)
     assert (after.pred_logits - before.pred_logits).abs().max() > 1e-4

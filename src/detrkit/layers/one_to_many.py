@@ -106,6 +106,24 @@ def hide_one_to_many(attn_mask: Tensor, start: int, num_one2one: int, groups: in
     return mask
 
 
+def hide_after_denoising(attn_mask: Tensor | None, num_queries: int, num_dn: int, extra: int, groups: int,
+                         device: torch.device) -> Tensor:
+    """The decoder's self-attention mask over [``num_dn`` denoising, one-to-one, ``extra`` one-to-many queries]
+    (``num_queries`` in all; ``attn_mask`` the denoising one, or None): the one-to-one and one-to-many queries (and
+    the groups) unable to see each other, the denoising queries unable to see the one-to-many ones."""
+    full = attn_mask if attn_mask is not None else torch.zeros(num_queries, num_queries, dtype=torch.bool,
+                                                                device=device)
+    return hide_one_to_many(full, num_dn, num_queries - num_dn - extra, groups)
+
+
+def check_proposals(num_queries: int, extra: int, proposals: int) -> None:
+    """A two-stage model takes its one-to-one and one-to-many queries from the encoder's proposals: refuse a count
+    that does not fit them, naming the option to lower."""
+    if num_queries + extra > proposals:
+        raise ValueError(f"num_queries + o2m_queries = {num_queries + extra} exceeds the {proposals} encoder "
+                         f"proposals of this image size; lower o2m_queries (or train on larger images)")
+
+
 def split_o2m_outputs(logits: Tensor, boxes: Tensor, extra: int
                       ) -> tuple[Tensor, Tensor, list[LayerOutput] | None]:
     """Per-layer outputs (L, B, Q + extra, *) -> the one-to-one queries' (L, B, Q, *) and, per layer, the last

@@ -25,7 +25,7 @@ from detrkit.layers.denoising import (
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
-from detrkit.layers.one_to_many import OneToMany, hide_one_to_many, one_to_many_branch, split_o2m_outputs
+from detrkit.layers.one_to_many import OneToMany, hide_after_denoising, one_to_many_branch, split_o2m_outputs
 from detrkit.models.encode import encode_single_scale
 from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.ops import inverse_sigmoid
@@ -82,9 +82,8 @@ class DABDETR(nn.Module):
         extra = self.o2m.queries if self.training and self.o2m is not None else 0  # one-to-many queries
         tgt, anchors, attn_mask, dn_meta = self._build_queries(images.shape[0], targets, extra)
         if extra:  # [denoising, one-to-one, one-to-many]: the last two (and the groups) unable to see each other
-            n = dn_meta.num_dn if dn_meta is not None else 0
-            full = attn_mask if attn_mask is not None else tgt.new_zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool)
-            attn_mask = hide_one_to_many(full, n, self.num_queries, self.o2m.groups)
+            attn_mask = hide_after_denoising(attn_mask, tgt.shape[1], dn_meta.num_dn if dn_meta is not None else 0,
+                                             extra, self.o2m.groups, tgt.device)
         hidden, refs = self.decoder(tgt, memory, pos, anchors, mask, attn_mask)
         return self._heads(hidden, refs, dn_meta, extra)
 

@@ -27,7 +27,7 @@ from detrkit.layers import (
     PositionEmbeddingSine,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
-from detrkit.layers.one_to_many import OneToMany, one_to_many_branch, separated_self_attn_mask
+from detrkit.layers.one_to_many import OneToMany, check_proposals, one_to_many_branch, separated_self_attn_mask
 from detrkit.layers.position_encoding import sine_encode
 from detrkit.models.encode import encode_multi_scale
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
@@ -187,10 +187,7 @@ class DeformableDETR(nn.Module):
         enc_logits, enc_coords = score_proposals(memory, mask, shapes, enc_output=self.enc_output,
                                                  enc_output_norm=self.enc_output_norm,
                                                  class_head=self.class_embed[-1], box_head=self.bbox_embed[-1])
-        if self.num_queries + extra > enc_logits.shape[1]:
-            raise ValueError(f"num_queries + o2m_queries = {self.num_queries + extra} exceeds the "
-                             f"{enc_logits.shape[1]} encoder proposals of this image size; lower o2m_queries (or train "
-                             f"on larger images)")
+        check_proposals(self.num_queries, extra, enc_logits.shape[1])
         topk = enc_logits[..., 0].topk(self.num_queries + extra, dim=1).indices  # class-agnostic objectness: channel 0
         coords = gather_queries(enc_coords, topk).detach()  # (B, Q, 4)
         query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))  # (B, Q, 2C)

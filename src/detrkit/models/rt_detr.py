@@ -40,7 +40,13 @@ from detrkit.layers.denoising import (
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, refined_predictions, zero_box_head
 from detrkit.layers.hybrid_encoder import ConvNormLayer
-from detrkit.layers.one_to_many import OneToMany, hide_one_to_many, one_to_many_branch, split_o2m_outputs
+from detrkit.layers.one_to_many import (
+    OneToMany,
+    check_proposals,
+    hide_after_denoising,
+    one_to_many_branch,
+    split_o2m_outputs,
+)
 from detrkit.models.deformable_detr import encoder_proposals, gather_queries
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.ops import level_shapes_tensor
@@ -139,9 +145,8 @@ class RTDETR(nn.Module):
             tgt, anchors, targets, config=self.denoising, num_classes=self.num_classes,
             label_enc=getattr(self, "label_enc", None), eps=self.eps, training=self.training)
         if extra:  # [denoising, one-to-one, one-to-many]: the last two (and the groups) unable to see each other
-            n = dn_meta.num_dn if dn_meta is not None else 0
-            full = attn_mask if attn_mask is not None else tgt.new_zeros(tgt.shape[1], tgt.shape[1], dtype=torch.bool)
-            attn_mask = hide_one_to_many(full, n, tgt.shape[1] - n - extra, self.o2m.groups)
+            attn_mask = hide_after_denoising(attn_mask, tgt.shape[1], dn_meta.num_dn if dn_meta is not None else 0,
+                                             extra, self.o2m.groups, tgt.device)
         hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, attn_mask)
         return self._heads(hidden, refs, enc_outputs, dn_meta, extra)
 
@@ -170,9 +175,8 @@ class RTDETR(nn.Module):
         out_memory = self.enc_output_norm(self.enc_output(out_memory))  # (B, S, C)
         logits = self.enc_out_class_embed(out_memory)  # (B, S, K)
         coords = self.enc_out_bbox_embed(out_memory) + proposals  # (B, S, 4) before the sigmoid
-        if extra and self.num_queries + extra > memory.shape[1]:
-            raise ValueError(f"num_queries + o2m_queries = {self.num_queries + extra} exceeds the {memory.shape[1]} "
-                             f"encoder proposals of this image size; lower o2m_queries (or train on larger images)")
+        if extra:
+            check_proposals(self.num_queries, extra, memory.shape[1])
         k = min(self.num_queries, memory.shape[1])
         topk = top_valid(logits.max(-1).values, proposals, k + extra)  # (B, k + extra)
         coords, logits = gather_queries(coords, topk), gather_queries(logits, topk)  # (B, k, 4), (B, k, K)
