@@ -64,16 +64,13 @@ def evaluate_run(run: Path, nms_iou: float, min_score: float) -> dict:
             dets = postprocess(model(batch.images, batch.padding_mask), sizes,
                                score_activation=model.score_activation, label_map=val.label_to_cat)
             batch_ids = [int(t["image_id"]) for t in batch.targets]
-            kept = []
-            for det in dets:
-                keep = batched_nms(det["boxes"], det["scores"], det["labels"], nms_iou)
-                kept.append({k: v[keep] for k, v in det.items()})
-                keep = batched_nms(det["boxes"], det["scores"], torch.zeros_like(det["labels"]), nms_iou)
-                agnostic_nms += coco_results([{k: v[keep] for k, v in det.items()}], [batch_ids[len(kept) - 1]])
+            for det, image_id in zip(dets, batch_ids, strict=True):
+                for out, labels in ((nms, det["labels"]), (agnostic_nms, torch.zeros_like(det["labels"]))):
+                    keep = batched_nms(det["boxes"], det["scores"], labels, nms_iou)
+                    out += coco_results([{k: v[keep] for k, v in det.items()}], [image_id])
                 n, d = duplicate_share(det, nms_iou, min_score)
                 confident, duplicates = confident + n, duplicates + d
             raw += coco_results(dets, batch_ids)
-            nms += coco_results(kept, batch_ids)
             ids += batch_ids
     a, b = coco_box_ap(val.coco, raw, ids), coco_box_ap(val.coco, nms, ids)
     one = {**val.coco, "categories": [{"id": 1, "name": "object"}],  # every class merged: localisation alone
