@@ -15,6 +15,7 @@ import torch
 
 from detrkit import create_model
 from detrkit.data.transforms import val_transforms
+from detrkit.models.deformable_detr import distinct_topk
 from detrkit.models.rt_detr import top_valid
 from detrkit.ops.ms_deform_attn import ms_deform_attn_discrete
 from detrkit.weights.formats import read_checkpoint
@@ -83,6 +84,40 @@ def test_query_selection_takes_the_top_k_valid_anchors():
     chosen = top_valid(scores, proposals, 3)
     assert sorted(chosen[0].tolist()) == [3, 4, 5]
     assert {0, 2} <= set(scores.topk(3, dim=1).indices[0].tolist())  # what the mask prevents
+
+
+def test_distinct_query_selection_skips_proposals_that_overlap_a_better_one():
+    """DDQ (section 3.2): the k queries are the best proposals after a class-agnostic NMS; a proposal covering a
+    better one by IoU > 0.8 is taken only when the distinct ones run out. Negative control: the plain top-k takes
+    the two near-copies of the best box."""
+    boxes = torch.tensor([[[0.30, 0.30, 0.20, 0.20], [0.30, 0.31, 0.20, 0.20], [0.31, 0.30, 0.20, 0.20],
+                           [0.70, 0.70, 0.20, 0.20], [0.50, 0.20, 0.10, 0.10], [0.20, 0.80, 0.10, 0.10]]])
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, float("-inf")]])
+    assert distinct_topk(scores, boxes, 3, 0.8)[0].tolist() == [0, 3, 4]
+    assert scores.topk(3, dim=1).indices[0].tolist() == [0, 1, 2]  # what the NMS prevents
+    # more queries than distinct proposals: the suppressed ones follow, best first, the never-selected last
+    assert distinct_topk(scores, boxes, 6, 0.8)[0].tolist() == [0, 3, 4, 1, 2, 5]
+    # each image of a batch is its own NMS: the same boxes in the second image do not suppress the first's
+    two = distinct_topk(scores.repeat(2, 1), boxes.repeat(2, 1, 1), 3, 0.8)
+    assert two.tolist() == [[0, 3, 4], [0, 3, 4]]
+
+
+def test_model_with_distinct_queries_starts_from_proposals_that_overlap_less_than_the_iou():
+    """``query_nms`` in the model: at initialisation the proposals are the anchors themselves, neighbours overlap by
+    IoU 0.17 - 0.25 within and across levels, so at IoU 0.1 no two selected queries may overlap more. Negative
+    control: without it, some do. A bad IoU names the option."""
+    from torchvision.ops import box_convert, box_iou
+
+    def worst_overlap(model):
+        with torch.no_grad():
+            boxes = model.eval()(torch.rand(1, 3, 224, 224)).enc_outputs.pred_boxes[0]
+        xyxy = box_convert(boxes, "cxcywh", "xyxy")
+        return box_iou(xyxy, xyxy).triu(1).max().item()
+
+    assert worst_overlap(_tiny(num_queries=40, query_nms=0.1)) <= 0.1
+    assert worst_overlap(_tiny(num_queries=40)) > 0.1
+    with pytest.raises(ValueError, match=r"query_nms must be an IoU in \(0, 1\]"):
+        _tiny(query_nms=1.5)
 
 
 def test_model_selects_only_valid_anchors_at_640():

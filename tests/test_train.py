@@ -68,6 +68,11 @@ def test_cli_train_eval_predict(synth_dir, tmp_path, capsys):
     rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "metrics")])
     assert rc == 0
     assert (tmp_path / "metrics" / "metrics.json").is_file()
+    # a folder that does not exist yet, named with a trailing slash: made, and everything goes inside it (metrics
+    # used to become a file named like the folder, and the pictures landed beside it)
+    rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", f"{tmp_path / 'new'}/"])
+    assert rc == 0
+    assert (tmp_path / "new" / "metrics.json").is_file() and (tmp_path / "new" / "confusion_matrix.png").is_file()
     capsys.readouterr()
     rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "m.json" / "x")])
     err = capsys.readouterr().err  # under a file: one line naming it, before any evaluation; exit status 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 import warnings
@@ -120,7 +121,7 @@ def cmd_eval(args: Namespace) -> dict:
         images, ann, source = read_val_split(held_out)  # the images the run held out with --val_split
         print(f"evaluating on the validation images the run held out ({held_out})")
     out = Path(args.output) if args.output else resolve_weights_file(args.checkpoint).parent / "metrics.json"
-    if out.is_dir():  # --output FOLDER: the metrics go inside it
+    if out.is_dir() or (args.output and args.output.endswith(("/", os.sep))):  # --output FOLDER[/]: inside it
         out = out / "metrics.json"
     blocking = next((p for p in out.parents if p.exists()), None)
     if blocking is not None and not blocking.is_dir():  # said before the evaluation, not after it

@@ -217,6 +217,7 @@ def score(coco_gt: dict, results: list[dict], image_ids: list[int], report_dir: 
 
 
 def write_metrics(metrics: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(metrics, indent=2))
 
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import batched_nms, box_convert
 
 from detrkit.backbones import ResNetBackbone
 from detrkit.layers import (
@@ -87,6 +88,23 @@ def score_proposals(memory: Tensor, mask: Tensor, shapes: LevelShapes, *, enc_ou
 def gather_queries(x: Tensor, index: Tensor) -> Tensor:
     """x (B, S, C), index (B, k) -> the selected rows (B, k, C)."""
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def distinct_topk(scores: Tensor, boxes: Tensor, k: int, iou: float) -> Tensor:
+    """Distinct query selection (DDQ, Zhang et al. CVPR 2023, section 3.2): indices (B, k) of the ``k`` best
+    proposals after a class-agnostic NMS at IoU ``iou`` (DDQ DETR: 0.8), so that one object does not start several
+    queries that the one-to-one matching must then teach apart. Proposals it suppresses follow the distinct ones,
+    best first, so the count stays ``k`` (taken only when fewer than ``k`` are distinct). The decoder's output stays
+    one box per object with no NMS after it. scores (B, S), -inf where never to be selected; boxes (B, S, 4) cxcywh
+    in [0, 1]."""
+    b, s = scores.shape
+    flat = scores.detach().flatten().float()
+    xyxy = box_convert(boxes.detach().flatten(0, 1).float(), "cxcywh", "xyxy")
+    image = torch.arange(b, device=scores.device).repeat_interleave(s)
+    distinct = torch.zeros_like(flat, dtype=torch.bool)
+    distinct[batched_nms(xyxy, flat, image, iou)] = True
+    # the suppressed ones rank after every distinct one (logits stay far above -1e4; -inf stays -inf)
+    return torch.where(distinct.view(b, s), scores, scores - 1e4).topk(k, dim=1).indices
 
 
 class DeformableDETR(nn.Module):

@@ -47,7 +47,7 @@ from detrkit.layers.one_to_many import (
     one_to_many_branch,
     split_o2m_outputs,
 )
-from detrkit.models.deformable_detr import encoder_proposals, gather_queries
+from detrkit.models.deformable_detr import distinct_topk, encoder_proposals, gather_queries
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.ops import level_shapes_tensor
 from detrkit.registry import Weights, register_model
@@ -77,6 +77,8 @@ class RTDETR(nn.Module):
         denoising: contrastive denoising settings (RT-DETR: 100 queries); None = none.
         learn_query: learned content queries instead of the selected encoder features (the paper's ablation).
         o2m: one-to-many queries in training (hybrid matching / Group DETR); None = none.
+        query_nms: IoU of DDQ's distinct query selection (a class-agnostic NMS on the proposals before the top-k,
+            :func:`~detrkit.models.deformable_detr.distinct_topk`); None = the plain top-k of RT-DETR.
     """
 
     score_activation = "sigmoid"
@@ -89,8 +91,11 @@ class RTDETR(nn.Module):
     def __init__(self, backbone: nn.Module, encoder: HybridEncoder, decoder: RTDETRDecoder, *, num_classes: int,
                  num_queries: int = 300, d_model: int = 256, num_feature_levels: int = 3,
                  denoising: DenoisingConfig | None = None, learn_query: bool = False,
-                 o2m: OneToMany | None = None) -> None:
+                 o2m: OneToMany | None = None, query_nms: float | None = None) -> None:
         super().__init__()
+        if query_nms is not None and not 0 < query_nms <= 1:
+            raise ValueError(f"query_nms must be an IoU in (0, 1] (DDQ uses 0.8) or None for none; got {query_nms}")
+        self.query_nms = query_nms
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
         self.denoising, self.eps, self.o2m = denoising, decoder.eps, o2m
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
@@ -178,7 +183,11 @@ class RTDETR(nn.Module):
         if extra:
             check_proposals(self.num_queries, extra, memory.shape[1])
         k = min(self.num_queries, memory.shape[1])
-        topk = top_valid(logits.max(-1).values, proposals, k + extra)  # (B, k + extra)
+        if self.query_nms is None:
+            topk = top_valid(logits.max(-1).values, proposals, k + extra)  # (B, k + extra)
+        else:  # DDQ: the best distinct proposals
+            scores = logits.max(-1).values.masked_fill(proposals[..., 0].isinf(), float("-inf"))
+            topk = distinct_topk(scores, coords.sigmoid(), k + extra, self.query_nms)
         coords, logits = gather_queries(coords, topk), gather_queries(logits, topk)  # (B, k, 4), (B, k, K)
         if self.tgt_embed is not None:
             tgt = self.tgt_embed.weight
@@ -230,12 +239,14 @@ def build_rt_detr(
     o2m_queries: int | None = None,
     o2m_k: int = 6,
     o2m_groups: int = 11,
+    query_nms: float | None = None,
 ) -> RTDETR:
     """Wire an RT-DETR from plain settings; RT-DETRv2 is the same model with its decoder settings
     (``offset_scale``, ``sampling="discrete"``). ``freeze_at``: -1 trains the whole backbone (R18 / R34).
     ``backbone_width`` / ``backbone_zero_init_residual``: a narrower ResNet-vd, residual blocks that start as the
     identity, for training from scratch (:class:`~detrkit.backbones.resnet_vd.ResNetVd`). ``one_to_many="hybrid"`` /
-    ``"group"``: one-to-many queries in training (see :func:`~detrkit.layers.one_to_many.one_to_many_branch`)."""
+    ``"group"``: one-to-many queries in training (see :func:`~detrkit.layers.one_to_many.one_to_many_branch`).
+    ``query_nms``: DDQ's distinct query selection at this IoU (0.8 in DDQ DETR), in training and inference."""
     backbone = ResNetVd(depth, norm=backbone_norm, freeze_at=freeze_at, width=backbone_width,
                         zero_init_residual=backbone_zero_init_residual)
     encoder = HybridEncoder(tuple(backbone.channels.values()), hidden_dim=hidden_dim, nhead=nhead,
@@ -247,7 +258,8 @@ def build_rt_detr(
     return RTDETR(backbone, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                   num_feature_levels=num_feature_levels, denoising=as_denoising_config(denoising),
                   learn_query=learn_query,
-                  o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups))
+                  o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups),
+                  query_nms=query_nms)
 
 
 # The sizes of the official configs: R18 / R34 train every backbone layer with BatchNorm and use half-width CSP
