@@ -66,6 +66,13 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # fewer queries, fewer candidates for a second box on an object (at most 20 objects an image)
     "demo (MAL), 50 queries": {**MAL, "model_args": {"num_queries": 50}},
     "demo (MAL), 300 queries (the RT-DETR papers' count)": {**MAL, "model_args": {"num_queries": 300}},
+    # DDQ's distinct queries: a class-agnostic NMS on the encoder's proposals before the top-k (DDQ DETR: IoU 0.8;
+    # on the demo-recipe run above 3.5% of the selected queries overlap a better one by more than 0.8, 32% by 0.5)
+    "demo (MAL), distinct queries (DDQ), IoU 0.5": {**MAL, "model_args": {"query_nms": 0.5}},
+    "demo (MAL), distinct queries (DDQ), IoU 0.8": {**MAL, "model_args": {"query_nms": 0.8}},
+    # the encoder's loss trains one proposal per object (the matched one of the top-k); dense one-to-many
+    # supervision trains every proposal, k per object (H-DETR's k), for the classification the demo lacks most
+    "demo (MAL), dense encoder supervision, k = 6": {**MAL, "model_args": {"enc_o2m_k": 6}},
 }
 
 

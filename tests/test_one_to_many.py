@@ -204,11 +204,11 @@ def _rt_train_forward(model, monkeypatch, *, perturb: bool):
     select = rt_detr.RTDETR._select_queries
 
     def selected(self, memory, shapes, extra=0):
-        tgt, anchors, enc = select(self, memory, shapes, extra)
+        tgt, anchors, enc, dense = select(self, memory, shapes, extra)
         if perturb and extra:
             noise = torch.randn(tgt[:, -extra:].shape, generator=torch.Generator().manual_seed(2))
             tgt = torch.cat([tgt[:, :-extra], tgt[:, -extra:] + noise], 1)
-        return tgt, anchors, enc
+        return tgt, anchors, enc, dense
 
     monkeypatch.setattr(rt_detr.RTDETR, "_select_queries", selected)
     torch.manual_seed(1)  # the same denoising queries
@@ -241,8 +241,8 @@ def test_rtdetr_one_to_many_queries_are_the_next_proposals_and_get_mal_losses():
     out = model(RT_IMAGES, targets=TARGETS)
     # the one-to-many queries start from the proposals ranked 9..32 by score (the decoder refines them)
     memory, shapes, _ = model._flatten_levels(model.encoder([f for f, _ in model.backbone(RT_IMAGES).values()]))
-    _, anchors, _ = model._select_queries(memory, shapes, 24)
-    _, first8, _ = model._select_queries(memory, shapes, 0)
+    _, anchors, _, _ = model._select_queries(memory, shapes, 24)
+    _, first8, _, _ = model._select_queries(memory, shapes, 0)
     torch.testing.assert_close(anchors[:, :8], first8)
     criterion = build_criterion(model, class_loss="mal")
     losses = criterion(out, TARGETS)
@@ -262,3 +262,39 @@ def test_rtdetr_group_and_learned_queries_and_a_count_too_large():
     fitted = create_model("rtdetr_lite", num_classes=3, **RT_SMALL, one_to_many="hybrid").train()
     # 8 + 5 x 8 queries, more than a 32 px image's 4^2 + 2^2 + 1 = 21 proposals: the default count takes what is left
     assert fitted(torch.rand(2, 3, 32, 32), targets=TARGETS).o2m_outputs[-1].pred_logits.shape[1] == 21 - 8
+
+
+def test_rtdetr_dense_encoder_supervision_matches_each_object_k_times_and_reaches_every_proposal():
+    """``enc_o2m_k``: every encoder proposal takes part in a one-to-many loss (``_enc_o2m``), each object matched
+    k times; the model's outputs at inference are those of the same weights without it. Negative control: RT-DETR's
+    own encoder loss trains only the top-k proposals, so the class head gets no gradient at the others."""
+    model, plain = _rt_pair(enc_o2m_k=3)
+    with torch.no_grad():
+        a, b = model.eval()(RT_IMAGES), plain.eval()(RT_IMAGES)
+    assert a.enc_dense is None and torch.equal(a.pred_logits, b.pred_logits)
+
+    def train_step(m):
+        scored = []
+        m.enc_out_class_embed.register_forward_hook(lambda mod, i, o: scored.append(o) or o.retain_grad())
+        criterion = build_criterion(m, class_loss="mal")
+        matched = []
+        criterion.matcher.register_forward_hook(lambda mod, i, o: matched.append((i[0].shape[1], o)))
+        torch.manual_seed(1)
+        out = m.train()(RT_IMAGES, targets=TARGETS)
+        losses = criterion(out, TARGETS)
+        sum(losses.values()).backward()
+        return out, losses, matched, scored[0].grad
+
+    out, losses, matched, grad = train_step(model)
+    assert out.enc_dense.pred_logits.shape == (2, 189, 3) and out.enc_dense_k == 3
+    assert {"loss_class_enc_o2m", "loss_bbox_enc_o2m", "loss_giou_enc_o2m"} <= set(losses)
+    (dense_matches,) = [m for n, m in matched if n == 189]  # the one matching over all 189 proposals
+    for (src, tgt), t in zip(dense_matches, TARGETS, strict=True):
+        assert len(src) == 3 * len(t["labels"]) and len(set(src.tolist())) == len(src)  # k distinct proposals each
+        assert sorted((tgt % len(t["labels"])).tolist()) == sorted(list(range(len(t["labels"]))) * 3)
+    assert (grad.abs().sum(-1) > 0).all()  # every proposal's score is trained
+    _, losses, _, grad = train_step(plain)
+    assert not any(k.endswith("_enc_o2m") for k in losses)
+    assert (grad.abs().sum(-1) > 0).sum(1).max() <= RT_SMALL["num_queries"]  # only the selected ones
+    with pytest.raises(ValueError, match="enc_o2m_k must be >= 1"):
+        create_model("rtdetr_lite", num_classes=3, **RT_SMALL, enc_o2m_k=-1)

@@ -9,7 +9,8 @@ term to the sigmoid focal loss (``focal=True``).
 Returned losses are already weighted; their sum is the training objective. Keys: ``loss_class``,
 ``loss_bbox``, ``loss_giou``, with ``_aux{i}`` for decoder layer i, ``_enc`` for two-stage proposals,
 ``_dn`` / ``_dn_aux{i}`` for the denoising queries of the last / i-th decoder layer (DN-DETR, DINO), ``_o2m`` /
-``_o2m_aux{i}`` for hybrid matching's one-to-many queries (H-DETR).
+``_o2m_aux{i}`` for hybrid matching's one-to-many queries (H-DETR), ``_enc_o2m`` for the dense one-to-many
+supervision of the encoder's proposals.
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ class SetCriterion(nn.Module):
             losses.update(self._layer_losses(enc.pred_logits, enc.pred_boxes, enc_targets, num_boxes, "_enc"))
         if outputs.dn_meta is not None and outputs.dn_outputs is not None:
             losses.update(self._dn_losses(outputs.dn_meta, outputs.dn_outputs, targets, num_boxes))
+        if outputs.enc_dense is not None:  # every encoder proposal, k per object (see RTDETR's enc_o2m_k)
+            k, dense = outputs.enc_dense_k, outputs.enc_dense
+            losses.update(self._layer_losses(dense.pred_logits, dense.pred_boxes, repeat_targets(targets, k),
+                                             num_boxes * k, "_enc_o2m"))
         if outputs.o2m_outputs:
             losses.update(self._o2m_losses(outputs.o2m_outputs, targets, outputs.o2m_k, outputs.o2m_groups,
                                            num_boxes))

@@ -29,6 +29,9 @@ class DetectionOutput:
             per decoder layer, first to last, of the extra queries.
         o2m_k: how many times their targets repeat each object (hybrid matching; 1 for groups).
         o2m_groups: how many groups they form, each matched one-to-one on its own (Group DETR; 1 for hybrid).
+        enc_dense: dense one-to-many supervision of the encoder in training (RT-DETR ``enc_o2m_k``): every valid
+            encoder proposal (B, S, *), matched to the objects repeated ``enc_dense_k`` times.
+        enc_dense_k: how many proposals each object is matched to there.
     """
 
     pred_logits: Tensor
@@ -40,6 +43,8 @@ class DetectionOutput:
     o2m_outputs: list[LayerOutput] | None = None
     o2m_k: int = 0
     o2m_groups: int = 1
+    enc_dense: LayerOutput | None = None
+    enc_dense_k: int = 0
 
 
 @dataclass(frozen=True)

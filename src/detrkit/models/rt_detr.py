@@ -25,6 +25,7 @@ official and HF models do; its class says so (``preprocess = "rtdetr"``) and eve
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +80,9 @@ class RTDETR(nn.Module):
         o2m: one-to-many queries in training (hybrid matching / Group DETR); None = none.
         query_nms: IoU of DDQ's distinct query selection (a class-agnostic NMS on the proposals before the top-k,
             :func:`~detrkit.models.deformable_detr.distinct_topk`); None = the plain top-k of RT-DETR.
+        enc_o2m_k: dense one-to-many supervision of the encoder in training: every valid proposal takes part in a
+            loss where each object is matched ``enc_o2m_k`` times; 0 = none (RT-DETR's encoder loss sees the top-k
+            proposals only, one per object).
     """
 
     score_activation = "sigmoid"
@@ -91,8 +95,12 @@ class RTDETR(nn.Module):
     def __init__(self, backbone: nn.Module, encoder: HybridEncoder, decoder: RTDETRDecoder, *, num_classes: int,
                  num_queries: int = 300, d_model: int = 256, num_feature_levels: int = 3,
                  denoising: DenoisingConfig | None = None, learn_query: bool = False,
-                 o2m: OneToMany | None = None, query_nms: float | None = None) -> None:
+                 o2m: OneToMany | None = None, query_nms: float | None = None, enc_o2m_k: int = 0) -> None:
         super().__init__()
+        if enc_o2m_k < 0:
+            raise ValueError(f"enc_o2m_k must be >= 1 (objects matched k times among the encoder's proposals) or 0 "
+                             f"for none; got {enc_o2m_k}")
+        self.enc_o2m_k = enc_o2m_k
         if query_nms is not None and not 0 < query_nms <= 1:
             raise ValueError(f"query_nms must be an IoU in (0, 1] (DDQ uses 0.8) or None for none; got {query_nms}")
         self.query_nms = query_nms
@@ -145,7 +153,7 @@ class RTDETR(nn.Module):
         extra = 0  # one-to-many queries, training only (the default count fits the image's proposals)
         if self.training and self.o2m is not None:
             extra = self.o2m.count(self.num_queries, memory.shape[1])
-        tgt, anchors, enc_outputs = self._select_queries(memory, shapes, extra)
+        tgt, anchors, enc_outputs, enc_dense = self._select_queries(memory, shapes, extra)
         tgt, anchors, attn_mask, dn_meta = add_dn_queries(
             tgt, anchors, targets, config=self.denoising, num_classes=self.num_classes,
             label_enc=getattr(self, "label_enc", None), eps=self.eps, training=self.training)
@@ -153,7 +161,8 @@ class RTDETR(nn.Module):
             attn_mask = hide_after_denoising(attn_mask, tgt.shape[1], dn_meta.num_dn if dn_meta is not None else 0,
                                              extra, self.o2m.groups, tgt.device)
         hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, attn_mask)
-        return self._heads(hidden, refs, enc_outputs, dn_meta, extra)
+        out = self._heads(hidden, refs, enc_outputs, dn_meta, extra)
+        return out if enc_dense is None else replace(out, enc_dense=enc_dense, enc_dense_k=self.enc_o2m_k)
 
     def _flatten_levels(self, maps: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]], Tensor]:
         """The decoder's levels: each encoder map projected (1x1 conv + BN), extra levels by stride-2 convolutions
@@ -174,7 +183,8 @@ class RTDETR(nn.Module):
         and HF code score invalid anchors too (on zeroed features) and may select them, with a box at the image
         corner; here they are never selected. Returns tgt (B, Q, C), anchors (B, Q, 4) before the sigmoid and the
         selected proposals for the encoder loss. With ``extra`` one-to-many queries they follow: the next ``extra``
-        proposals by score, selected the same way (the encoder loss sees the one-to-one queries' only)."""
+        proposals by score, selected the same way (the encoder loss sees the one-to-one queries' only). Last, with
+        ``enc_o2m_k`` in training, every valid proposal for the dense one-to-many loss, else None."""
         no_padding = memory.new_zeros(memory.shape[:2], dtype=torch.bool)
         out_memory, proposals = encoder_proposals(memory, no_padding, shapes)  # zeroed / +inf where invalid
         out_memory = self.enc_output_norm(self.enc_output(out_memory))  # (B, S, C)
@@ -188,7 +198,18 @@ class RTDETR(nn.Module):
         else:  # DDQ: the best distinct proposals
             scores = logits.max(-1).values.masked_fill(proposals[..., 0].isinf(), float("-inf"))
             topk = distinct_topk(scores, coords.sigmoid(), k + extra, self.query_nms)
-        coords, logits = gather_queries(coords, topk), gather_queries(logits, topk)  # (B, k, 4), (B, k, K)
+        gathered, gathered_logits = gather_queries(coords, topk), gather_queries(logits, topk)  # (B, k, 4), (B, k, K)
+        dense = None
+        if self.training and self.enc_o2m_k:
+            # Dense one-to-many supervision of the encoder: the selection loss above trains one proposal per object
+            # (the matched one of the top-k); here every valid proposal (the same for every image: RT-DETR has no
+            # padding) is a positive for one of k copies of an object, or a negative, so the backbone and encoder
+            # learn class and box from k times the positives and from every pixel's negatives. The idea of Co-DETR's
+            # auxiliary heads (Zong et al. ICCV 2023, section 3.2) and RT-DETRv3's one-to-many branch on the encoder
+            # (Wang et al. 2024, section 3.2), with hybrid matching's k-fold Hungarian assignment (H-DETR) instead of
+            # their ATSS / TAL assigners and no extra head: the encoder's own heads. Training only.
+            valid = proposals[0, :, 0].isfinite()
+            dense = LayerOutput(logits[:, valid], coords[:, valid].sigmoid())
         if self.tgt_embed is not None:
             tgt = self.tgt_embed.weight
             if extra:
@@ -196,7 +217,8 @@ class RTDETR(nn.Module):
             tgt = tgt[None].expand(memory.shape[0], -1, -1)
         else:
             tgt = gather_queries(out_memory, topk).detach()  # (B, k, C)
-        return tgt, coords.detach(), LayerOutput(logits[:, :k], coords[:, :k].sigmoid())
+        selected = LayerOutput(gathered_logits[:, :k], gathered[:, :k].sigmoid())
+        return tgt, gathered.detach(), selected, dense
 
     def _heads(self, hidden: Tensor, refs: list[Tensor], enc_outputs: LayerOutput,
                dn_meta: DenoisingLayout | None, extra: int = 0) -> DetectionOutput:
@@ -240,13 +262,15 @@ def build_rt_detr(
     o2m_k: int = 6,
     o2m_groups: int = 11,
     query_nms: float | None = None,
+    enc_o2m_k: int = 0,
 ) -> RTDETR:
     """Wire an RT-DETR from plain settings; RT-DETRv2 is the same model with its decoder settings
     (``offset_scale``, ``sampling="discrete"``). ``freeze_at``: -1 trains the whole backbone (R18 / R34).
     ``backbone_width`` / ``backbone_zero_init_residual``: a narrower ResNet-vd, residual blocks that start as the
     identity, for training from scratch (:class:`~detrkit.backbones.resnet_vd.ResNetVd`). ``one_to_many="hybrid"`` /
     ``"group"``: one-to-many queries in training (see :func:`~detrkit.layers.one_to_many.one_to_many_branch`).
-    ``query_nms``: DDQ's distinct query selection at this IoU (0.8 in DDQ DETR), in training and inference."""
+    ``query_nms``: DDQ's distinct query selection at this IoU (0.8 in DDQ DETR), in training and inference.
+    ``enc_o2m_k``: every encoder proposal supervised, k per object (training only; 0 = none)."""
     backbone = ResNetVd(depth, norm=backbone_norm, freeze_at=freeze_at, width=backbone_width,
                         zero_init_residual=backbone_zero_init_residual)
     encoder = HybridEncoder(tuple(backbone.channels.values()), hidden_dim=hidden_dim, nhead=nhead,
@@ -259,7 +283,7 @@ def build_rt_detr(
                   num_feature_levels=num_feature_levels, denoising=as_denoising_config(denoising),
                   learn_query=learn_query,
                   o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups),
-                  query_nms=query_nms)
+                  query_nms=query_nms, enc_o2m_k=enc_o2m_k)
 
 
 # The sizes of the official configs: R18 / R34 train every backbone layer with BatchNorm and use half-width CSP
