@@ -168,3 +168,19 @@ def test_rtdetrv2_discrete_sampling_exports_without_grid_sample(tmp_path):
     for shape in [(1, 3, 64, 96), (2, 3, 96, 64), (1, 3, 128, 160)]:
         diff = check_onnx(path, model, torch.rand(shape), label_to_cat=CATS, top_k=20)
         assert diff["scores"] <= 1e-4 and diff["boxes"] <= 1e-4, (shape, diff)
+
+
+@SLOW  # about two minutes: an RT-DETR export
+def test_distinct_query_selection_exports_as_non_max_suppression(tmp_path):
+    """RT-DETR with DDQ's distinct queries (``query_nms``): the NMS before the top-k is an ONNX NonMaxSuppression
+    whose batch and image size stay dynamic. At IoU 0.1 it suppresses neighbouring anchors even at initialisation
+    (their IoU is 0.17 - 0.25), so the check runs through real suppression."""
+    from detrkit.export import graph_operators
+
+    torch.manual_seed(0)
+    model = create_model("rtdetr_lite", num_classes=3, **TINY, hidden_dim=32, encoder_ffn=64, query_nms=0.1).eval()
+    path = export_onnx(model, tmp_path / "ddq.onnx", image_size=(64, 96), label_to_cat=CATS, top_k=20)
+    assert "NonMaxSuppression" in graph_operators(path)
+    for shape in [(1, 3, 64, 96), (2, 3, 96, 128)]:
+        diff = check_onnx(path, model, torch.randn(shape), label_to_cat=CATS, top_k=20)
+        assert diff["scores"] <= 1e-4 and diff["boxes"] <= 1e-4, (shape, diff)

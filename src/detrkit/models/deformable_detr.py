@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import box_convert, nms
 
 from detrkit.backbones import ResNetBackbone
 from detrkit.layers import (
@@ -98,11 +98,10 @@ def distinct_topk(scores: Tensor, boxes: Tensor, k: int, iou: float) -> Tensor:
     one box per object with no NMS after it. scores (B, S), -inf where never to be selected; boxes (B, S, 4) cxcywh
     in [0, 1]."""
     b, s = scores.shape
-    flat = scores.detach().flatten().float()
-    xyxy = box_convert(boxes.detach().flatten(0, 1).float(), "cxcywh", "xyxy")
-    image = torch.arange(b, device=scores.device).repeat_interleave(s)
-    distinct = torch.zeros_like(flat, dtype=torch.bool)
-    distinct[batched_nms(xyxy, flat, image, iou)] = True
+    xyxy = box_convert(boxes.detach().float(), "cxcywh", "xyxy")  # (B, S, 4), within [-0.5, 1.5]
+    apart = torch.arange(b, device=scores.device, dtype=xyxy.dtype)[:, None, None] * 4  # images never overlap
+    keep = nms((xyxy + apart).flatten(0, 1), scores.detach().flatten().float(), iou)  # one NMS for the batch
+    distinct = torch.zeros(b * s, dtype=torch.bool, device=scores.device).index_fill(0, keep, True)
     # the suppressed ones rank after every distinct one (logits stay far above -1e4; -inf stays -inf)
     return torch.where(distinct.view(b, s), scores, scores - 1e4).topk(k, dim=1).indices
 
