@@ -70,6 +70,8 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # on the demo-recipe run above 3.5% of the selected queries overlap a better one by more than 0.8, 32% by 0.5)
     "demo (MAL), distinct queries (DDQ), IoU 0.5": {**MAL, "model_args": {"query_nms": 0.5}},
     "demo (MAL), distinct queries (DDQ), IoU 0.8": {**MAL, "model_args": {"query_nms": 0.8}},
+    "demo (MAL), distinct queries (DDQ), IoU 0.4": {**MAL, "model_args": {"query_nms": 0.4}},
+    "demo (MAL), distinct queries (DDQ), IoU 0.6": {**MAL, "model_args": {"query_nms": 0.6}},
     # the encoder's loss trains one proposal per object (the matched one of the top-k); dense one-to-many
     # supervision trains every proposal, k per object (H-DETR's k), for the classification the demo lacks most
     "demo (MAL), dense encoder supervision, k = 6": {**MAL, "model_args": {"enc_o2m_k": 6}},

@@ -100,6 +100,11 @@ def test_distinct_query_selection_skips_proposals_that_overlap_a_better_one():
     # each image of a batch is its own NMS: the same boxes in the second image do not suppress the first's
     two = distinct_topk(scores.repeat(2, 1), boxes.repeat(2, 1, 1), 3, 0.8)
     assert two.tolist() == [[0, 3, 4], [0, 3, 4]]
+    # the NMS over the best 4k only gives what the NMS over all gives (a box is suppressed only by better ones)
+    gen = torch.Generator().manual_seed(0)
+    many = torch.cat([torch.rand(2, 500, 2, generator=gen), torch.rand(2, 500, 2, generator=gen) * 0.3 + 0.05], -1)
+    noisy = torch.randn(2, 500, generator=gen)
+    assert torch.equal(distinct_topk(noisy, many, 30, 0.3), distinct_topk(noisy, many, 30, 0.3, pool=500 // 30 + 1))
 
 
 def test_model_with_distinct_queries_starts_from_proposals_that_overlap_less_than_the_iou():

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -181,7 +182,7 @@ def test_demo_recipe_is_the_train_command_its_docs_give():
 
     demo = demo_config("data", "out")
     command = " ".join(re.search(r"``detrkit train (.+?)``", demo_config.__doc__, re.S).group(1).split())
-    args = train_parser().parse_args([*command.split(), "--data", "data", "--output_dir", "out"])
+    args = train_parser().parse_args([*shlex.split(command), "--data", "data", "--output_dir", "out"])  # as a shell
     keys = ("model", "image_size", "epochs", "batch_size", "lr", "lr_backbone", "lr_drop", "crop", "lr_schedule",
             "warmup_steps", "model_args", "class_loss", "mosaic", "ema")
     assert {k: getattr(args, k) for k in keys} == {k: getattr(demo, k) for k in keys}
