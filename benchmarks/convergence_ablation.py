@@ -42,6 +42,9 @@ ROWS = {  # name: TrainConfig fields that differ from the preset as it is
     "hybrid + varifocal": {"model_args": HYBRID, "class_loss": "varifocal"},
     "hybrid + mal": {"model_args": HYBRID, "class_loss": "mal"},
     "hybrid + varifocal + mosaic": {"model_args": HYBRID, "class_loss": "varifocal", "mosaic": 0.5},
+    # DDQ's distinct query selection (two-stage models: dino_lite; it changes inference too), at the demo's IoU
+    "distinct queries": {"model_args": {"query_nms": 0.5}},
+    "hybrid + distinct queries": {"model_args": {**HYBRID, "query_nms": 0.5}},
     # a cheaper step, not a training technique: only the stride-16 map and one extra stride-32 level
     "no stride-8 level": {"model_args": {"feature_stages": ["layer3"], "num_feature_levels": 2}},
 }

@@ -31,6 +31,7 @@ from detrkit.engine.train import train
 NO_CROP = {"crop": False}
 DEMO = {**NO_CROP, "lr_drop": 3}  # the demo's recipe (detrkit.cli.train.demo_config) before it took MAL
 MAL = {**DEMO, "class_loss": "mal"}  # the demo's recipe since it took MAL
+DDQ = {**MAL, "model_args": {"query_nms": 0.5}}  # the demo's recipe since it took distinct queries
 ROWS = {  # name: TrainConfig fields that differ from the budget below
     "RT-DETR augmentation (zoom-out + IoU crop)": {},
     "no crop": NO_CROP,
@@ -75,6 +76,9 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # the encoder's loss trains one proposal per object (the matched one of the top-k); dense one-to-many
     # supervision trains every proposal, k per object (H-DETR's k), for the classification the demo lacks most
     "demo (MAL), dense encoder supervision, k = 6": {**MAL, "model_args": {"enc_o2m_k": 6}},
+    # the demo's step costs ~1.5 s for 4 images at 224 px, ~60% of it the backbone's convolutions (their backward
+    # three times their forward); convolutions cost in proportion to the pixels: 192 px is 0.73 of 224 px's
+    "demo (DDQ 0.5), 192 px": {**DDQ, "image_size": 192},
 }
 
 

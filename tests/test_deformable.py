@@ -2,7 +2,9 @@
 
 import math
 
+import pytest
 import torch
+from conftest import TINY
 
 from detrkit import create_model
 from detrkit.layers import MultiScaleDeformableAttention
@@ -114,3 +116,43 @@ def test_two_stage_queries_are_the_top_k_encoder_proposals():
 def test_focal_prior_initialisation():
     model = create_model("deformable_detr_lite", num_classes=3, **SMALL)
     torch.testing.assert_close(model.class_embed[0].bias, torch.full((3,), -math.log(99.0)))
+
+
+
+def _selected_boxes(name: str, **kw) -> torch.Tensor:
+    """The reference boxes a two-stage model's decoder starts from (cxcywh in [0, 1]) for one random image, with
+    the encoder's box head set to widen every proposal (inverse-sigmoid w, h + 2: the anchors' side 0.05 becomes
+    0.28), so that neighbouring proposals overlap (IoU about 0.6)."""
+    torch.manual_seed(0)
+    images = torch.rand(1, 3, 128, 128)
+    dino = name == "dino_lite"
+    model = create_model(name, num_classes=3, **{**(TINY if dino else SMALL), "num_queries": 20}, **kw,
+                         **({} if dino else {"backbone": "resnet18"})).eval()
+    last = (model.enc_out_bbox_embed if dino else model.bbox_embed[-1]).layers[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 0.0, 2.0, 2.0]))
+        if dino:
+            return model(images).enc_outputs.pred_boxes[0]  # DINO: the selected proposals' boxes
+        memory, mask, shapes, _, _ = model._encode(images, None)
+        return model._select_topk_proposals(memory, mask, shapes)[2][0]
+
+
+@pytest.mark.parametrize("name", ["dino_lite", "deformable_detr_r50_two_stage"])
+def test_distinct_queries_in_two_stage_models(name):
+    """DDQ's distinct query selection (``query_nms``) in DINO and two-stage Deformable DETR: the selected proposals
+    overlap each other by at most the IoU. Negative control: the plain top-k selects ones that overlap more.
+    Without two-stage there are no proposals to select among: the error says so."""
+    from torchvision.ops import box_convert, box_iou
+
+    def worst_overlap(boxes):
+        xyxy = box_convert(boxes, "cxcywh", "xyxy")
+        return box_iou(xyxy, xyxy).triu(1).max().item()
+
+    assert worst_overlap(_selected_boxes(name, query_nms=0.5)) <= 0.5
+    assert worst_overlap(_selected_boxes(name)) > 0.5
+    with pytest.raises(ValueError, match=r"query_nms must be an IoU in \(0, 1\]"):
+        _selected_boxes(name, query_nms=0.0)
+    single = "dino_lite" if name == "dino_lite" else "deformable_detr_lite"
+    with pytest.raises(ValueError, match="needs two_stage=True"):
+        create_model(single, num_classes=3, two_stage=False, query_nms=0.5)

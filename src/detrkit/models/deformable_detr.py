@@ -113,6 +113,23 @@ def distinct_topk(scores: Tensor, boxes: Tensor, k: int, iou: float, pool: int =
     return candidates.gather(1, ranked)
 
 
+def check_query_nms(query_nms: float | None) -> float | None:
+    """``query_nms`` as the models take it: an IoU in (0, 1] or None (the paper's plain top-k)."""
+    if query_nms is not None and not 0 < query_nms <= 1:
+        raise ValueError(f"query_nms must be an IoU in (0, 1] (DDQ uses 0.8) or None for none; got {query_nms}")
+    return query_nms
+
+
+def select_proposals(scores: Tensor, coords: Tensor, k: int, query_nms: float | None) -> Tensor:
+    """Two-stage query selection: indices (B, k) of the best proposals by ``scores`` (B, S), the plain top-k of
+    the papers; with ``query_nms``, DDQ's best *distinct* ones (:func:`distinct_topk`) among the valid proposals
+    (``coords`` (B, S, 4) before the sigmoid, +inf where invalid)."""
+    if query_nms is None:
+        return scores.topk(k, dim=1).indices
+    valid_scores = scores.masked_fill(coords[..., 0].isinf(), float("-inf"))
+    return distinct_topk(valid_scores, coords.sigmoid(), k, query_nms)
+
+
 class DeformableDETR(nn.Module):
     """The Deformable DETR detector.
 
@@ -127,6 +144,8 @@ class DeformableDETR(nn.Module):
         refine: iterative bounding box refinement.
         two_stage: encoder proposals as queries (implies per-layer heads plus one for the encoder).
         o2m: one-to-many queries in training (hybrid matching, Group DETR; :mod:`detrkit.layers.one_to_many`).
+        query_nms: two-stage only: DDQ's distinct query selection at this IoU (:func:`distinct_topk`); None = the
+            paper's plain top-k.
     """
 
     score_activation = "sigmoid"
@@ -137,10 +156,14 @@ class DeformableDETR(nn.Module):
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
                  decoder: DeformableDecoder, *, num_classes: int, num_queries: int = 300, d_model: int = 256,
                  num_feature_levels: int = 4, refine: bool = False, two_stage: bool = False,
-                 o2m: OneToMany | None = None) -> None:
+                 o2m: OneToMany | None = None, query_nms: float | None = None) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
         self.refine, self.two_stage, self.o2m = refine, two_stage, o2m
+        if query_nms is not None and not two_stage:
+            raise ValueError("query_nms (DDQ's distinct query selection) selects among the encoder's proposals: it "
+                             "needs two_stage=True")
+        self.query_nms = check_query_nms(query_nms)
         self.eps = decoder.eps  # inverse-sigmoid clamp of the references, the decoder's (official: 1e-5)
         self.backbone = backbone
         self.position_encoding = position_encoding
@@ -212,7 +235,8 @@ class DeformableDETR(nn.Module):
                                                  enc_output_norm=self.enc_output_norm,
                                                  class_head=self.class_embed[-1], box_head=self.bbox_embed[-1])
         check_proposals(self.num_queries, extra, enc_logits.shape[1])
-        topk = enc_logits[..., 0].topk(self.num_queries + extra, dim=1).indices  # class-agnostic objectness: channel 0
+        # class-agnostic objectness: channel 0; with query_nms, DDQ's distinct proposals
+        topk = select_proposals(enc_logits[..., 0], enc_coords, self.num_queries + extra, self.query_nms)
         coords = gather_queries(enc_coords, topk).detach()  # (B, Q, 4)
         query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords, self.d_model // 2)))  # (B, Q, 2C)
         query_pos, tgt = query.split(self.d_model, -1)
@@ -266,13 +290,15 @@ def build_deformable_detr(
     o2m_queries: int | None = None,
     o2m_k: int = 6,
     o2m_groups: int = 11,
+    query_nms: float | None = None,
 ) -> DeformableDETR:
     """Wire a Deformable DETR from plain settings; the presets call this with the paper's values.
 
     ``one_to_many="hybrid"`` adds H-DETR's one-to-many queries in training: ``o2m_queries`` of them (default five
     times ``num_queries``, the paper's 1500 beside 300, or the proposals left on small images), matched to the
     ground truth repeated ``o2m_k`` times;
-    ``"group"`` adds Group DETR's ``o2m_groups`` - 1 extra copies of the queries (:mod:`detrkit.layers.one_to_many`)."""
+    ``"group"`` adds Group DETR's ``o2m_groups`` - 1 extra copies of the queries (:mod:`detrkit.layers.one_to_many`).
+    ``query_nms`` (two-stage only): DDQ's distinct query selection at this IoU, in training and inference."""
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
     pos = PositionEmbeddingSine(d_model // 2, normalize=True, offset=-0.5)
@@ -293,6 +319,7 @@ def build_deformable_detr(
         refine=refine,
         two_stage=two_stage,
         o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups),
+        query_nms=query_nms,
     )
 
 

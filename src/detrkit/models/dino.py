@@ -48,9 +48,11 @@ from detrkit.layers.one_to_many import (
     split_o2m_outputs,
 )
 from detrkit.models.deformable_detr import (
+    check_query_nms,
     gather_queries,
     init_deformable_transformer,
     score_proposals,
+    select_proposals,
 )
 from detrkit.models.encode import encode_multi_scale
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
@@ -77,6 +79,9 @@ class DINO(nn.Module):
         denoising: denoising settings (DINO: contrastive, 100 queries); None = no denoising.
         share_heads: one class head and one box head for all decoder layers (official DINO); False = one per
             layer (detrex's DINO).
+        o2m: one-to-many queries in training (hybrid matching, Group DETR; :mod:`detrkit.layers.one_to_many`).
+        query_nms: two-stage only: DDQ's distinct query selection at this IoU
+            (:func:`~detrkit.models.deformable_detr.distinct_topk`); None = DINO's plain top-k.
     """
 
     score_activation = "sigmoid"
@@ -87,9 +92,13 @@ class DINO(nn.Module):
     def __init__(self, backbone: nn.Module, position_encoding: nn.Module, encoder: DeformableEncoder,
                  decoder: DeformableAnchorDecoder, *, num_classes: int, num_queries: int = 900, d_model: int = 256,
                  num_feature_levels: int = 4, two_stage: bool = True, denoising: DenoisingConfig | None = None,
-                 share_heads: bool = True, o2m: OneToMany | None = None) -> None:
+                 share_heads: bool = True, o2m: OneToMany | None = None, query_nms: float | None = None) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
+        if query_nms is not None and not two_stage:
+            raise ValueError("query_nms (DDQ's distinct query selection) selects among the encoder's proposals: it "
+                             "needs two_stage=True")
+        self.query_nms = check_query_nms(query_nms)
         self.two_stage, self.denoising, self.o2m = two_stage, denoising, o2m
         self.eps = decoder.eps  # inverse-sigmoid clamp of the boxes, the decoder's (official: 1e-3)
         self.backbone, self.position_encoding = backbone, position_encoding
@@ -165,7 +174,8 @@ class DINO(nn.Module):
         if extra:
             check_proposals(self.num_queries, extra, memory.shape[1])
         k = min(self.num_queries, memory.shape[1])
-        topk = enc_logits.max(-1).values.topk(k + extra, dim=1).indices  # (B, k): by the best class score
+        # (B, k): by the best class score; with query_nms, DDQ's distinct proposals
+        topk = select_proposals(enc_logits.max(-1).values, enc_coords, k + extra, self.query_nms)
         coords, logits = gather_queries(enc_coords, topk), gather_queries(enc_logits, topk)  # (B, k, 4), (B, k, K)
         tgt = torch.cat([tgt_embed[:k], tgt_embed[self.num_queries:self.num_queries + extra]])[None].expand(b, -1, -1)
         return tgt, coords.detach(), LayerOutput(logits[:, :k], coords[:, :k].sigmoid())
@@ -210,12 +220,14 @@ def build_dino(
     o2m_queries: int | None = None,
     o2m_k: int = 6,
     o2m_groups: int = 11,
+    query_nms: float | None = None,
 ) -> DINO:
     """Wire a DINO (or, with the flags off, DN-Deformable-DETR) from plain settings.
 
     The official DINO encodes positions with temperature 20 and no offset; detrex's DINO with 10000 and -0.5
     (``pe_temperature=10000, pe_offset=-0.5, share_heads=False`` reproduce a detrex model).
     ``one_to_many="hybrid"`` / ``"group"``: one-to-many queries in training (see :func:`build_deformable_detr`).
+    ``query_nms`` (two-stage only): DDQ's distinct query selection at this IoU, in training and inference.
     """
     body = ResNetBackbone(backbone, return_layers=tuple(feature_stages), pretrained=pretrained_backbone,
                           norm=backbone_norm, trainable_layers=trainable_layers)
@@ -229,7 +241,8 @@ def build_dino(
     return DINO(body, pos, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
                 num_feature_levels=num_feature_levels, two_stage=two_stage, denoising=as_denoising_config(denoising),
                 share_heads=share_heads,
-                o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups))
+                o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups),
+                query_nms=query_nms)
 
 
 _PAPER = "DINO (Zhang et al. 2022)"

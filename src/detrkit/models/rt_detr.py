@@ -48,7 +48,7 @@ from detrkit.layers.one_to_many import (
     one_to_many_branch,
     split_o2m_outputs,
 )
-from detrkit.models.deformable_detr import distinct_topk, encoder_proposals, gather_queries
+from detrkit.models.deformable_detr import check_query_nms, distinct_topk, encoder_proposals, gather_queries
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.ops import level_shapes_tensor
 from detrkit.registry import Weights, register_model
@@ -101,9 +101,7 @@ class RTDETR(nn.Module):
             raise ValueError(f"enc_o2m_k must be >= 1 (objects matched k times among the encoder's proposals) or 0 "
                              f"for none; got {enc_o2m_k}")
         self.enc_o2m_k = enc_o2m_k
-        if query_nms is not None and not 0 < query_nms <= 1:
-            raise ValueError(f"query_nms must be an IoU in (0, 1] (DDQ uses 0.8) or None for none; got {query_nms}")
-        self.query_nms = query_nms
+        self.query_nms = check_query_nms(query_nms)
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
         self.denoising, self.eps, self.o2m = denoising, decoder.eps, o2m
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
