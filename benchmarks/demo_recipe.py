@@ -79,6 +79,10 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # the demo's step costs ~1.5 s for 4 images at 224 px, ~60% of it the backbone's convolutions (their backward
     # three times their forward); convolutions cost in proportion to the pixels: 192 px is 0.73 of 224 px's
     "demo (DDQ 0.5), 192 px": {**DDQ, "image_size": 192},
+    # the model is still learning fastest at the end; a batch of 2 runs at 0.96x the images/s of a batch of 4
+    # (demo_step_192.json) for twice the optimizer steps
+    "demo (DDQ 0.5), batch 2": {**DDQ, "batch_size": 2},
+    "demo (DDQ 0.5), batch 2, 2 epochs": {**DDQ, "batch_size": 2, "epochs": 2},
 }
 
 

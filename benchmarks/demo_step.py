@@ -2,10 +2,10 @@
 baseline, in the same run) against other batch sizes and ``torch.compile``.
 
 The step is the demo's (``rtdetr_lite``, MAL class loss, 224 px synthetic shapes without crop, AdamW, gradient
-clipping at 0.1); batches come from the demo's data pipeline and are loaded before the clock starts, so the table
-is the model's cost alone. Each row: the first ``--warmup`` steps (with ``torch.compile``, the compilation, and a
-new one for each new padded batch shape), then ``--steps`` timed steps; a row that runs past ``--max_seconds``
-stops and says how far it got.
+clipping at 0.1; a row may take another image size); batches come from the demo's data pipeline and are loaded
+before the clock starts, so the table is the model's cost alone. Each row: the first ``--warmup`` steps (with
+``torch.compile``, the compilation, and a new one for each new padded batch shape), then ``--steps`` timed steps;
+a row that runs past ``--max_seconds`` stops and says how far it got.
 
     python benchmarks/demo_step.py                                   # batch 4, batch 8, batch 4 compiled
     python benchmarks/demo_step.py --rows '["batch 4", "batch 2"]'    # some rows
@@ -30,13 +30,16 @@ from detrkit.registry import model_info
 
 ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "batch 4, torch.compile": (4, True),
         # DDQ's distinct query selection (an NMS over the encoder's proposals before the top-k): what it adds to a step
-        "batch 4, distinct queries (DDQ), IoU 0.5": (4, False, {"query_nms": 0.5})}
+        "batch 4, distinct queries (DDQ), IoU 0.5": (4, False, {"query_nms": 0.5}),
+        # the demo's model (with DDQ) on the same images resized to 192 px: what a smaller image saves
+        "batch 4, DDQ, 192 px": (4, False, {"query_nms": 0.5}, 192),
+        "batch 2, DDQ": (2, False, {"query_nms": 0.5})}
 
 
-def run_row(batch: int, compile_model: bool, model_args: dict | None = None, *, data: Path, warmup: int, steps: int,
-            max_seconds: float) -> dict:
-    cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(data.parent / "unused"), image_size=224,
-                      batch_size=batch, num_workers=0, crop=False, class_loss="mal")
+def run_row(batch: int, compile_model: bool, model_args: dict | None = None, image_size: int = 224, *, data: Path,
+            warmup: int, steps: int, max_seconds: float) -> dict:
+    cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(data.parent / "unused"),
+                      image_size=image_size, batch_size=batch, num_workers=0, crop=False, class_loss="mal")
     train_set, _ = build_datasets(cfg, progress=False)
     loader = iter(DataLoader(train_set, batch_size=batch, collate_fn=collate, shuffle=True,
                              generator=torch.Generator().manual_seed(0)))
@@ -60,7 +63,8 @@ def run_row(batch: int, compile_model: bool, model_args: dict | None = None, *, 
             break
     warm = time.perf_counter() - start - sum(times)
     done = len(times) == steps
-    row = {"batch": batch, "compile": compile_model, "warmup_s": round(warm, 1), "timed_steps": len(times)}
+    row = {"batch": batch, "image_size": image_size, "compile": compile_model, "warmup_s": round(warm, 1),
+           "timed_steps": len(times)}
     if times:
         per_step = sorted(times)[len(times) // 2]
         row |= {"ms_per_step": round(1000 * per_step, 1), "images_per_s": round(batch / per_step, 2)}

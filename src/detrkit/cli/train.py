@@ -39,7 +39,7 @@ from detrkit.weights.files import resolve_weights_file
 # encoder's proposals before the top-k, `query_nms`): AP50 35.5 -> 46.8 on the tuning copy, where most of the
 # missing AP was duplicate boxes (0.8, DDQ's value, suppresses almost nothing this early: 33.6; 0.4: 40.8).
 # `--quick` shrinks everything for smoke tests.
-DEMO = dict(model="rtdetr_lite", num_train=800, num_val=200, image_size=224, epochs=3, batch_size=4, lr=2e-4,
+DEMO = dict(model="rtdetr_lite", num_train=800, num_val=200, image_size=224, epochs=3, batch_size=2, lr=2e-4,
             crop=False, class_loss="mal", model_args={"query_nms": 0.5})
 DEMO_QUICK = dict(num_train=8, num_val=4, image_size=128, epochs=1, batch_size=4)
 
@@ -49,7 +49,7 @@ def demo_config(data: str | Path, output_dir: str | Path, *, model: str = DEMO["
                 batch_size: int = DEMO["batch_size"], device: str = "auto") -> TrainConfig:
     """The demo's training recipe on the dataset at ``data`` (the demo's own, or any other: the
     benchmarks train it unchanged on data it was never tuned on). The same as
-    ``detrkit train --model rtdetr_lite --image_size 224 --epochs 3 --batch_size 4 --lr 2e-4 --lr_backbone 2e-4
+    ``detrkit train --model rtdetr_lite --image_size 224 --epochs 3 --batch_size 2 --lr 2e-4 --lr_backbone 2e-4
     --lr_drop 3 --crop false --class_loss mal --model_args '{query_nms: 0.5}'`` (``lr_drop`` = ``epochs``: the learning
     rate never drops). Another ``model`` keeps its family's class loss and query selection (MAL needs a sigmoid
     classifier, and both were measured on RT-DETR only)."""
