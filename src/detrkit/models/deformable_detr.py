@@ -113,10 +113,14 @@ def distinct_topk(scores: Tensor, boxes: Tensor, k: int, iou: float, pool: int =
     return candidates.gather(1, ranked)
 
 
-def check_query_nms(query_nms: float | None) -> float | None:
-    """``query_nms`` as the models take it: an IoU in (0, 1] or None (the paper's plain top-k)."""
+def check_query_nms(query_nms: float | None, two_stage: bool = True) -> float | None:
+    """``query_nms`` as the models take it: an IoU in (0, 1] or None (the paper's plain top-k); it selects among
+    the encoder's proposals, so a model without them (``two_stage`` False) takes None only."""
     if query_nms is not None and not 0 < query_nms <= 1:
         raise ValueError(f"query_nms must be an IoU in (0, 1] (DDQ uses 0.8) or None for none; got {query_nms}")
+    if query_nms is not None and not two_stage:
+        raise ValueError("query_nms (DDQ's distinct query selection) selects among the encoder's proposals: it "
+                         "needs two_stage=True")
     return query_nms
 
 
@@ -160,10 +164,7 @@ class DeformableDETR(nn.Module):
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
         self.refine, self.two_stage, self.o2m = refine, two_stage, o2m
-        if query_nms is not None and not two_stage:
-            raise ValueError("query_nms (DDQ's distinct query selection) selects among the encoder's proposals: it "
-                             "needs two_stage=True")
-        self.query_nms = check_query_nms(query_nms)
+        self.query_nms = check_query_nms(query_nms, two_stage)
         self.eps = decoder.eps  # inverse-sigmoid clamp of the references, the decoder's (official: 1e-5)
         self.backbone = backbone
         self.position_encoding = position_encoding

@@ -95,10 +95,7 @@ class DINO(nn.Module):
                  share_heads: bool = True, o2m: OneToMany | None = None, query_nms: float | None = None) -> None:
         super().__init__()
         self.num_classes, self.num_queries, self.d_model = num_classes, num_queries, d_model
-        if query_nms is not None and not two_stage:
-            raise ValueError("query_nms (DDQ's distinct query selection) selects among the encoder's proposals: it "
-                             "needs two_stage=True")
-        self.query_nms = check_query_nms(query_nms)
+        self.query_nms = check_query_nms(query_nms, two_stage)
         self.two_stage, self.denoising, self.o2m = two_stage, denoising, o2m
         self.eps = decoder.eps  # inverse-sigmoid clamp of the boxes, the decoder's (official: 1e-3)
         self.backbone, self.position_encoding = backbone, position_encoding

@@ -48,7 +48,7 @@ from detrkit.layers.one_to_many import (
     one_to_many_branch,
     split_o2m_outputs,
 )
-from detrkit.models.deformable_detr import check_query_nms, distinct_topk, encoder_proposals, gather_queries
+from detrkit.models.deformable_detr import check_query_nms, encoder_proposals, gather_queries, select_proposals
 from detrkit.models.outputs import DetectionOutput, LayerOutput, LossConfig
 from detrkit.ops import level_shapes_tensor
 from detrkit.registry import Weights, register_model
@@ -193,9 +193,8 @@ class RTDETR(nn.Module):
         k = min(self.num_queries, memory.shape[1])
         if self.query_nms is None:
             topk = top_valid(logits.max(-1).values, proposals, k + extra)  # (B, k + extra)
-        else:  # DDQ: the best distinct proposals
-            scores = logits.max(-1).values.masked_fill(proposals[..., 0].isinf(), float("-inf"))
-            topk = distinct_topk(scores, coords.sigmoid(), k + extra, self.query_nms)
+        else:  # DDQ: the best distinct proposals (coords are +inf where the proposal is invalid)
+            topk = select_proposals(logits.max(-1).values, coords, k + extra, self.query_nms)
         gathered, gathered_logits = gather_queries(coords, topk), gather_queries(logits, topk)  # (B, k, 4), (B, k, K)
         dense = None
         if self.training and self.enc_o2m_k:
