@@ -1,9 +1,10 @@
 """Images per second of the demo's training step on this machine: the demo's batch of 4 in eager mode (the
 baseline, in the same run) against other batch sizes and ``torch.compile``.
 
-The step is the demo's (``rtdetr_lite``, MAL class loss, 224 px synthetic shapes without crop, AdamW, gradient
-clipping at 0.1; a row may take another image size); batches come from the demo's data pipeline and are loaded
-before the clock starts, so the table is the model's cost alone. Each row: the first ``--warmup`` steps (with
+The step is the demo's (``rtdetr_lite``, MAL class loss, 224 px synthetic shapes without crop, the trainer's AdamW
+(its fused kernel), gradient clipping at 0.1; a row may take another image size, the per-tensor AdamW loop or a
+frozen stem); batches come from the demo's data pipeline and are loaded before the clock starts, so the table is
+the model's cost alone. Each row: the first ``--warmup`` steps (with
 ``torch.compile``, the compilation, and a new one for each new padded batch shape), then ``--steps`` timed steps;
 a row that runs past ``--max_seconds`` stops and says how far it got.
 
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from detrkit.data import collate, make_synthetic_dataset
 from detrkit.engine.config import TrainConfig, build_datasets
+from detrkit.engine.train import adamw
 from detrkit.losses import build_criterion
 from detrkit.registry import model_info
 
@@ -33,10 +35,16 @@ ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "ba
         "batch 4, distinct queries (DDQ), IoU 0.5": (4, False, {"query_nms": 0.5}),
         # the demo's model (with DDQ) on the same images resized to 192 px: what a smaller image saves
         "batch 4, DDQ, 192 px": (4, False, {"query_nms": 0.5}, 192),
-        "batch 2, DDQ": (2, False, {"query_nms": 0.5})}
+        "batch 2, DDQ": (2, False, {"query_nms": 0.5}),
+        # the demo's step (batch 2, DDQ) with AdamW's per-tensor loop instead of its fused kernel (the trainer's)
+        "batch 2, DDQ, AdamW loop": (2, False, {"query_nms": 0.5}, 224, False),
+        # ... with the backbone's stem (and its first stage) frozen at their random initialisation: no backward there
+        "batch 2, DDQ, stem frozen": (2, False, {"query_nms": 0.5, "freeze_at": 0}),
+        "batch 2, DDQ, stem + res2 frozen": (2, False, {"query_nms": 0.5, "freeze_at": 1})}
 
 
-def run_row(batch: int, compile_model: bool, model_args: dict | None = None, image_size: int = 224, *, data: Path,
+def run_row(batch: int, compile_model: bool, model_args: dict | None = None, image_size: int = 224,
+            fused: bool = True, *, data: Path,
             warmup: int, steps: int, max_seconds: float) -> dict:
     cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(data.parent / "unused"),
                       image_size=image_size, batch_size=batch, num_workers=0, crop=False, class_loss="mal")
@@ -47,7 +55,8 @@ def run_row(batch: int, compile_model: bool, model_args: dict | None = None, ima
     torch.manual_seed(0)
     model = model_info("rtdetr_lite").builder(num_classes=train_set.num_classes, **(model_args or {}))
     criterion = build_criterion(model, class_loss="mal")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 2e-4}]
+    optimizer = adamw(groups, 1e-4) if fused else torch.optim.AdamW(groups, weight_decay=1e-4)
     forward = torch.compile(model) if compile_model else model
     start, times = time.perf_counter(), []
     for i, b in enumerate(batches):
@@ -63,8 +72,8 @@ def run_row(batch: int, compile_model: bool, model_args: dict | None = None, ima
             break
     warm = time.perf_counter() - start - sum(times)
     done = len(times) == steps
-    row = {"batch": batch, "image_size": image_size, "compile": compile_model, "warmup_s": round(warm, 1),
-           "timed_steps": len(times)}
+    row = {"batch": batch, "image_size": image_size, "compile": compile_model, "fused_adamw": fused,
+           "warmup_s": round(warm, 1), "timed_steps": len(times)}
     if times:
         per_step = sorted(times)[len(times) // 2]
         row |= {"ms_per_step": round(1000 * per_step, 1), "images_per_s": round(batch / per_step, 2)}
@@ -93,9 +102,10 @@ def main(rows: list[str] = ["batch 4", "batch 8", "batch 4, torch.compile"],  # 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({**meta, "rows": table}, indent=2))
     print(f"\nrtdetr_lite training step, 224 px, {torch.get_num_threads()} threads ({meta['cpu']})")
-    print(f"{'row':<24} {'warm-up s':>9} {'ms/step':>8} {'img/s':>6} {'vs b4':>6}")
+    width = max(24, *map(len, table))
+    print(f"{'row':<{width}} {'warm-up s':>9} {'ms/step':>8} {'img/s':>6} {'vs b4':>6}")
     for name, r in table.items():
-        print(f"{name:<24} {r['warmup_s']:9.1f} {r.get('ms_per_step', float('nan')):8.0f} "
+        print(f"{name:<{width}} {r['warmup_s']:9.1f} {r.get('ms_per_step', float('nan')):8.0f} "
               f"{r.get('images_per_s', float('nan')):6.2f} {r.get('vs_batch_4', float('nan')):6.2f}"
               + (f"  ({r['stopped']})" if "stopped" in r else ""))
     return table

@@ -1,5 +1,7 @@
 """The parts of the training loop: schedules, EMA, the epoch sampler, the non-finite step guard, checkpoints."""
 
+import copy
+import json
 import math
 import warnings
 
@@ -13,7 +15,7 @@ from detrkit.engine.checkpoint import latest_checkpoint, load_state, save_step_c
 from detrkit.engine.config import TrainConfig
 from detrkit.engine.ema import ModelEMA
 from detrkit.engine.schedule import LRSchedule
-from detrkit.engine.train import Trainer, TrainingError
+from detrkit.engine.train import Trainer, TrainingError, adamw
 from detrkit.weights.files import step_checkpoints
 
 
@@ -93,9 +95,9 @@ def test_step_checkpoints_keep_the_last_n_and_skip_half_written(tmp_path):
 
 
 def _tiny_trainer(synth_dir, out, **kw) -> Trainer:
-    cfg = TrainConfig(model="detr_lite", data=str(synth_dir), output_dir=str(out), model_args=dict(TINY), image_size=96,
-                      batch_size=2, num_workers=0, progress=False, crop=False, epochs=1, max_train_images=8,
-                      max_val_images=2, checkpoint_every=1, log_every=1, **kw)
+    cfg = TrainConfig(**{**dict(model="detr_lite", data=str(synth_dir), output_dir=str(out), model_args=dict(TINY),
+                             image_size=96, batch_size=2, num_workers=0, progress=False, crop=False, epochs=1,
+                             max_train_images=8, max_val_images=2, checkpoint_every=1, log_every=1), **kw})
     return Trainer(cfg)
 
 
@@ -176,3 +178,35 @@ def test_param_groups_train_the_models_slow_params_at_its_factor():
                                   for p in slow["params"])
     detr = create_model("detr_lite", num_classes=3)  # no slow parameters
     assert not param_groups(detr, lr=1e-4, lr_backbone=1e-5)[2]["params"]
+
+
+def test_logged_lr_is_the_lr_each_step_used(synth_dir, tmp_path):
+    """The logs and the progress bar show the learning rate of the step just taken, not the one the optimizer
+    already holds for the next step (which, after the last step before a drop, is the dropped one)."""
+    trainer = _tiny_trainer(synth_dir, tmp_path / "run", epochs=2, lr_drop=1, lr=1e-4, eval_every=2)
+    trainer.fit()
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [s["lr"] for s in steps] == pytest.approx([1e-4] * 4 + [1e-5] * 4)
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["lr"] for e in epochs] == pytest.approx([1e-4, 1e-5])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)  # what a further step would use
+
+
+def test_the_fused_adamw_makes_the_loops_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    twin = copy.deepcopy(model)
+    groups = [{"params": list(model[:2].parameters()), "lr": 1e-3}, {"params": list(model[2].parameters()), "lr": 1e-4},
+              {"params": [], "lr": 1e-3}]  # an empty group, as a model without slow params has
+    fused, loop = adamw(groups, 1e-4), torch.optim.AdamW(
+        [{"params": list(twin[:2].parameters()), "lr": 1e-3}, {"params": list(twin[2].parameters()), "lr": 1e-4}],
+        weight_decay=1e-4)
+    assert fused.defaults["fused"]  # this torch (>= 2.4) has the CPU kernel
+    for _ in range(5):
+        x = torch.randn(4, 8)
+        for m, opt in ((model, fused), (twin, loop)):
+            m(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
