@@ -32,6 +32,7 @@ NO_CROP = {"crop": False}
 DEMO = {**NO_CROP, "lr_drop": 3}  # the demo's recipe (detrkit.cli.train.demo_config) before it took MAL
 MAL = {**DEMO, "class_loss": "mal"}  # the demo's recipe since it took MAL
 DDQ = {**MAL, "model_args": {"query_nms": 0.5}}  # the demo's recipe since it took distinct queries
+BATCH2 = {**DDQ, "batch_size": 2}  # the demo's recipe since it took batches of 2
 ROWS = {  # name: TrainConfig fields that differ from the budget below
     "RT-DETR augmentation (zoom-out + IoU crop)": {},
     "no crop": NO_CROP,
@@ -83,6 +84,13 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # (demo_step_192.json) for twice the optimizer steps
     "demo (DDQ 0.5), batch 2": {**DDQ, "batch_size": 2},
     "demo (DDQ 0.5), batch 2, 2 epochs": {**DDQ, "batch_size": 2, "epochs": 2},
+    # the row above again (the same settings) since the trainer's AdamW is the fused kernel: the same update up to
+    # rounding, 0.91x the step time (demo_step_fused.json); what rounding alone moves the AP by
+    "demo (batch 2), fused AdamW": BATCH2,
+    # no backward through the backbone's stem (and first stage), frozen at their random initialisation: 0.94x
+    # (0.85x) the step time (demo_step_fused.json); random convolutions still pass on edges and colours
+    "demo (batch 2), stem frozen": {**BATCH2, "model_args": {"query_nms": 0.5, "freeze_at": 0}},
+    "demo (batch 2), stem + res2 frozen": {**BATCH2, "model_args": {"query_nms": 0.5, "freeze_at": 1}},
 }
 
 

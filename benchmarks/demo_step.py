@@ -40,11 +40,16 @@ ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "ba
         "batch 2, DDQ, AdamW loop": (2, False, {"query_nms": 0.5}, 224, False),
         # ... with the backbone's stem (and its first stage) frozen at their random initialisation: no backward there
         "batch 2, DDQ, stem frozen": (2, False, {"query_nms": 0.5, "freeze_at": 0}),
-        "batch 2, DDQ, stem + res2 frozen": (2, False, {"query_nms": 0.5, "freeze_at": 1})}
+        "batch 2, DDQ, stem + res2 frozen": (2, False, {"query_nms": 0.5, "freeze_at": 1}),
+        # twice the optimizer steps again for the same images
+        "batch 1, DDQ": (1, False, {"query_nms": 0.5}),
+        # the demo's step on channels-last (NHWC) images, as the trainer fed them on every device until it kept
+        # them for CUDA
+        "batch 2, DDQ, channels last": (2, False, {"query_nms": 0.5}, 224, True, True)}
 
 
 def run_row(batch: int, compile_model: bool, model_args: dict | None = None, image_size: int = 224,
-            fused: bool = True, *, data: Path,
+            fused: bool = True, channels_last: bool = False, *, data: Path,
             warmup: int, steps: int, max_seconds: float) -> dict:
     cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(data.parent / "unused"),
                       image_size=image_size, batch_size=batch, num_workers=0, crop=False, class_loss="mal")
@@ -61,7 +66,8 @@ def run_row(batch: int, compile_model: bool, model_args: dict | None = None, ima
     start, times = time.perf_counter(), []
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
-        loss = sum(criterion(forward(b.images, b.padding_mask, b.targets), b.targets).values())
+        images = b.images.contiguous(memory_format=torch.channels_last) if channels_last else b.images
+        loss = sum(criterion(forward(images, b.padding_mask, b.targets), b.targets).values())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
@@ -73,7 +79,7 @@ def run_row(batch: int, compile_model: bool, model_args: dict | None = None, ima
     warm = time.perf_counter() - start - sum(times)
     done = len(times) == steps
     row = {"batch": batch, "image_size": image_size, "compile": compile_model, "fused_adamw": fused,
-           "warmup_s": round(warm, 1), "timed_steps": len(times)}
+           "channels_last": channels_last, "warmup_s": round(warm, 1), "timed_steps": len(times)}
     if times:
         per_step = sorted(times)[len(times) // 2]
         row |= {"ms_per_step": round(1000 * per_step, 1), "images_per_s": round(batch / per_step, 2)}

@@ -406,7 +406,8 @@ class Trainer:
         total_batches = cfg.epochs * self.batches_per_epoch
         for batch in bar:
             batch = batch.to(self.device, non_blocking=True)
-            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
+            if self.device.type == "cuda":  # NHWC convolutions for the tensor cores; on CPU (oneDNN) 4% slower
+                batch.images = batch.images.contiguous(memory_format=torch.channels_last)
             if self.step == 0 and self.batch == 0 and cfg.plots and self.main:  # what the model is fed, at the start
                 plot_batch(batch.images, batch.padding_mask, batch.targets, self.train_set.class_names,
                            self.out / "train_batch.png", preprocess=preprocess_of(cfg.model))
