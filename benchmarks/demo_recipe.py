@@ -87,10 +87,15 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # the row above again (the same settings) since the trainer's AdamW is the fused kernel: the same update up to
     # rounding, 0.91x the step time (demo_step_fused.json); what rounding alone moves the AP by
     "demo (batch 2), fused AdamW": BATCH2,
-    # no backward through the backbone's stem (and first stage), frozen at their random initialisation: 0.94x
-    # (0.85x) the step time (demo_step_fused.json); random convolutions still pass on edges and colours
+    # no backward through the backbone's stem, frozen at its random initialisation: 0.94x the step time
+    # (demo_step_fused.json); random convolutions still pass on edges and colours
     "demo (batch 2), stem frozen": {**BATCH2, "model_args": {"query_nms": 0.5, "freeze_at": 0}},
-    "demo (batch 2), stem + res2 frozen": {**BATCH2, "model_args": {"query_nms": 0.5, "freeze_at": 1}},
+    # RT-DETR's contrastive denoising (DINO's) with 100 pairs: at ~10-15 objects in a batch's fullest image that is
+    # ~200 denoising queries beside the 100 matched ones, most of the decoder's work; 50 pairs: 0.92x the step time
+    # (paired A/B); none: what the denoising queries buy at this budget
+    "demo (batch 2), 50 denoising pairs": {**BATCH2, "model_args": {
+        "query_nms": 0.5, "denoising": {"num_dn_pairs": 50, "box_noise_scale": 1.0}}},  # RT-DETR's noise otherwise
+    "demo (batch 2), no denoising": {**BATCH2, "model_args": {"query_nms": 0.5, "denoising": None}},
 }
 
 

@@ -200,3 +200,21 @@ def test_inference_ignores_denoising(name):
     a, b = model(images, mask), model(images, mask, targets)
     assert a.dn_meta is None and b.dn_meta is None
     assert torch.equal(a.pred_logits, b.pred_logits) and torch.equal(a.pred_boxes, b.pred_boxes)
+
+
+@pytest.mark.parametrize("preset, base", [("rtdetr_lite", "RTDETR_NOISE"), ("dino_lite", "DINO_NOISE"),
+                                          ("dn_dab_detr_lite", "DN_DETR_NOISE")])
+def test_a_denoising_dict_changes_only_the_fields_it_names_of_the_presets_setting(preset, base):
+    import dataclasses
+
+    from detrkit.layers import denoising as dn
+    from detrkit.models import rt_detr
+
+    own = getattr(rt_detr if base == "RTDETR_NOISE" else dn, base)
+    assert create_model(preset, num_classes=3).denoising == own
+    model = create_model(preset, num_classes=3, denoising={"num_dn_pairs": 50})
+    assert model.denoising == dataclasses.replace(own, num_dn_pairs=50)
+    if base == "RTDETR_NOISE":  # RT-DETR's box noise (1.0) is not DenoisingConfig's default (0.4, DINO's)
+        assert model.denoising.box_noise_scale == 1.0 != DenoisingConfig().box_noise_scale
+    assert create_model(preset, num_classes=3, denoising=None).denoising is None
+    assert create_model(preset, num_classes=3, denoising=DenoisingConfig(num_groups=2)).denoising.num_groups == 2

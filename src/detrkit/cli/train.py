@@ -40,7 +40,7 @@ from detrkit.weights.files import resolve_weights_file
 # missing AP was duplicate boxes (0.8, DDQ's value, suppresses almost nothing this early: 33.6; 0.4: 40.8).
 # `--quick` shrinks everything for smoke tests.
 DEMO = dict(model="rtdetr_lite", num_train=800, num_val=200, image_size=224, epochs=3, batch_size=2, lr=2e-4,
-            crop=False, class_loss="mal", model_args={"query_nms": 0.5})
+            crop=False, class_loss="mal", model_args={"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}})
 DEMO_QUICK = dict(num_train=8, num_val=4, image_size=128, epochs=1, batch_size=4)
 
 
@@ -50,8 +50,8 @@ def demo_config(data: str | Path, output_dir: str | Path, *, model: str = DEMO["
     """The demo's training recipe on the dataset at ``data`` (the demo's own, or any other: the
     benchmarks train it unchanged on data it was never tuned on). The same as
     ``detrkit train --model rtdetr_lite --image_size 224 --epochs 3 --batch_size 2 --lr 2e-4 --lr_backbone 2e-4
-    --lr_drop 3 --crop false --class_loss mal --model_args '{query_nms: 0.5}'`` (``lr_drop`` = ``epochs``: the learning
-    rate never drops). Another ``model`` keeps its family's class loss and query selection (MAL needs a sigmoid
+    --lr_drop 3 --crop false --class_loss mal --model_args '{query_nms: 0.5, denoising: {num_dn_pairs: 50}}'``
+    (``lr_drop`` = ``epochs``: the learning rate never drops; 50 denoising pairs, RT-DETR's noise otherwise). Another ``model`` keeps its family's class loss and query selection (MAL needs a sigmoid
     classifier, and both were measured on RT-DETR only)."""
     return TrainConfig(
         model=model, data=str(data), output_dir=str(output_dir), image_size=image_size, epochs=epochs,

@@ -20,7 +20,7 @@ leave slots empty; empty slots are not supervised.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -76,8 +76,10 @@ DN_DETR_NOISE = DenoisingConfig(num_groups=5, label_noise=0.2, box_noise_scale=0
 DINO_NOISE = DenoisingConfig(num_dn_pairs=100, label_noise=0.25, box_noise_scale=0.4, contrastive=True)
 
 
-def as_denoising_config(value) -> DenoisingConfig | None:
-    """A builder's ``denoising`` argument (None / False, a DenoisingConfig, or a dict of its fields from YAML / CLI)."""
+def as_denoising_config(value, base: DenoisingConfig | None = None) -> DenoisingConfig | None:
+    """A builder's ``denoising`` argument: None / False (none), a DenoisingConfig, or a dict (YAML / CLI) that
+    changes the fields it names of ``base``, the model family's own setting (``{num_dn_pairs: 50}`` on RT-DETR keeps
+    RT-DETR's box noise), or of DenoisingConfig's defaults where there is none."""
     if value is None or value is False:
         return None
     if isinstance(value, DenoisingConfig):
@@ -85,8 +87,14 @@ def as_denoising_config(value) -> DenoisingConfig | None:
     if isinstance(value, dict):
         if "num_queries" in value:  # the field's name in checkpoints saved before it was renamed
             value = {"num_dn_pairs": value["num_queries"], **{k: v for k, v in value.items() if k != "num_queries"}}
-        return DenoisingConfig(**value)
+        return replace(base or DenoisingConfig(), **value)
     raise TypeError(f"denoising must be None, a DenoisingConfig or a dict of its fields, got {value!r}")
+
+
+def preset_denoising(overrides: dict, base: DenoisingConfig) -> DenoisingConfig | None:
+    """A preset's denoising: its own ``base``, or the user's ``denoising`` override of it (a dict changes only the
+    fields it names: ``{num_dn_pairs: 50}`` keeps the preset's noise)."""
+    return as_denoising_config(overrides.get("denoising", base), base)
 
 
 def _noise_boxes(boxes: Tensor, scale: float, negative: Tensor | None) -> Tensor:

@@ -22,6 +22,7 @@ from detrkit.layers.denoising import (
     as_denoising_config,
     build_dn_queries,
     prepend_dn_queries,
+    preset_denoising,
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, zero_box_head
@@ -207,10 +208,12 @@ def dab_detr_lite(*, num_classes: int = 91, **overrides) -> DABDETR:
                 weights={"coco": Weights(f"{_DETREX_URL}/v0.1.0/dn_detr_r50_50ep.pth", 0.447, _DETREX)})
 def dn_dab_detr_r50(*, num_classes: int = 91, **overrides) -> DABDETR:
     """DN-DAB-DETR, ResNet-50: DAB-DETR trained with 5 denoising groups."""
-    return build_dab_detr(**{"num_classes": num_classes, "denoising": DN_DETR_NOISE, **overrides})
+    return build_dab_detr(**{"num_classes": num_classes, **overrides,
+                             "denoising": preset_denoising(overrides, DN_DETR_NOISE)})
 
 
 @register_model(paper="DN-DETR (Li et al. 2022), lite preset", input_size=(640, 640), coco_ap=None)
 def dn_dab_detr_lite(*, num_classes: int = 91, **overrides) -> DABDETR:
     """DN-DAB-DETR-Lite: dab_detr_lite trained with 5 denoising groups."""
-    return build_dab_detr(num_classes=num_classes, **{**_LITE, "denoising": DN_DETR_NOISE, **overrides})
+    return build_dab_detr(num_classes=num_classes, **{**_LITE, **overrides,
+                                                      "denoising": preset_denoising(overrides, DN_DETR_NOISE)})

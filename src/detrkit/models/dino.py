@@ -37,6 +37,7 @@ from detrkit.layers.denoising import (
     DenoisingLayout,
     add_dn_queries,
     as_denoising_config,
+    preset_denoising,
     split_dn_outputs,
 )
 from detrkit.layers.heads import aux_outputs, focal_class_head, refined_predictions, zero_box_head
@@ -250,16 +251,16 @@ _RECIPE = {"epochs": 12, "lr": 1e-4, "lr_backbone": 1e-5, "lr_drop": 11}  # DINO
                 weights={"coco": Weights(f"{_DETREX_URL}/v0.2.0/dino_r50_4scale_12ep_49_2AP.pth", 0.492, _DETREX)})
 def dino_r50_4scale(*, num_classes: int = 91, **overrides) -> DINO:
     """DINO-4scale, ResNet-50: 900 queries, contrastive denoising, 12-epoch recipe (lr 1e-4, backbone 1e-5, drop 11)."""
-    return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE, **overrides})
+    return build_dino(**{"num_classes": num_classes, **overrides,
+                         "denoising": preset_denoising(overrides, DINO_NOISE)})
 
 
 @register_model(paper=_PAPER, input_size=(800, 1333), coco_ap=0.494, recipe=_RECIPE,
                 weights={"coco": Weights(f"{_DETREX_URL}/v0.2.1/dino_r50_5scale_12ep.pth", 0.496, _DETREX)})
 def dino_r50_5scale(*, num_classes: int = 91, **overrides) -> DINO:
     """DINO-5scale, ResNet-50: adds the stride-4 level (layer1), 12-epoch recipe."""
-    return build_dino(**{"num_classes": num_classes, "denoising": DINO_NOISE,
-                         "feature_stages": ("layer1", "layer2", "layer3", "layer4"), "num_feature_levels": 5,
-                         **overrides})
+    return build_dino(**{"num_classes": num_classes, "feature_stages": ("layer1", "layer2", "layer3", "layer4"),
+                         "num_feature_levels": 5, **overrides, "denoising": preset_denoising(overrides, DINO_NOISE)})
 
 
 @register_model(paper=f"{_PAPER}, lite preset", input_size=(640, 640), coco_ap=None)
@@ -267,8 +268,9 @@ def dino_lite(*, num_classes: int = 91, **overrides) -> DINO:
     """DINO-Lite: ResNet-18 (strides 8/16 + one extra level), width 128, 3+3 layers, 100 queries, 100 DN queries."""
     defaults = dict(backbone="resnet18", feature_stages=("layer2", "layer3"), num_feature_levels=3,
                     backbone_norm="batch", trainable_layers=5, d_model=128, nhead=8, num_encoder_layers=3,
-                    num_decoder_layers=3, dim_feedforward=512, num_queries=100, denoising=DINO_NOISE)
-    return build_dino(num_classes=num_classes, **{**defaults, **overrides})
+                    num_decoder_layers=3, dim_feedforward=512, num_queries=100)
+    return build_dino(num_classes=num_classes, **{**defaults, **overrides,
+                                                  "denoising": preset_denoising(overrides, DINO_NOISE)})
 
 
 @register_model(paper="DN-DETR (Li et al. 2022), DN-Deformable-DETR", input_size=(800, 1333), coco_ap=None,
@@ -276,4 +278,5 @@ def dino_lite(*, num_classes: int = 91, **overrides) -> DINO:
 def dn_deformable_detr_r50(*, num_classes: int = 91, **overrides) -> DINO:
     """DN-Deformable-DETR, ResNet-50: Deformable DETR with 300 learned anchor boxes, refinement, 5 denoising groups."""
     return build_dino(**{"num_classes": num_classes, "num_queries": 300, "dim_feedforward": 1024, "dropout": 0.1,
-                         "two_stage": False, "look_forward_twice": False, "denoising": DN_DETR_NOISE, **overrides})
+                         "two_stage": False, "look_forward_twice": False, **overrides,
+                         "denoising": preset_denoising(overrides, DN_DETR_NOISE)})

@@ -277,7 +277,7 @@ def build_rt_detr(
                                    offset_scale=offset_scale, sampling=sampling)
     decoder = RTDETRDecoder(layer, num_decoder_layers, d_model)
     return RTDETR(backbone, encoder, decoder, num_classes=num_classes, num_queries=num_queries, d_model=d_model,
-                  num_feature_levels=num_feature_levels, denoising=as_denoising_config(denoising),
+                  num_feature_levels=num_feature_levels, denoising=as_denoising_config(denoising, RTDETR_NOISE),
                   learn_query=learn_query,
                   o2m=one_to_many_branch(one_to_many, num_queries, o2m_queries, o2m_k, o2m_groups),
                   query_nms=query_nms, enc_o2m_k=enc_o2m_k)
