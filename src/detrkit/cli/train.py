@@ -51,8 +51,9 @@ def demo_config(data: str | Path, output_dir: str | Path, *, model: str = DEMO["
     benchmarks train it unchanged on data it was never tuned on). The same as
     ``detrkit train --model rtdetr_lite --image_size 224 --epochs 3 --batch_size 2 --lr 2e-4 --lr_backbone 2e-4
     --lr_drop 3 --crop false --class_loss mal --model_args '{query_nms: 0.5, denoising: {num_dn_pairs: 50}}'``
-    (``lr_drop`` = ``epochs``: the learning rate never drops; 50 denoising pairs, RT-DETR's noise otherwise). Another ``model`` keeps its family's class loss and query selection (MAL needs a sigmoid
-    classifier, and both were measured on RT-DETR only)."""
+    (``lr_drop`` = ``epochs``: the learning rate never drops; 50 denoising pairs, RT-DETR's noise otherwise).
+    Another ``model`` keeps its family's class loss, query selection and denoising (MAL needs a sigmoid classifier,
+    and all three were measured on RT-DETR only)."""
     return TrainConfig(
         model=model, data=str(data), output_dir=str(output_dir), image_size=image_size, epochs=epochs,
         batch_size=batch_size, lr=DEMO["lr"], lr_backbone=DEMO["lr"], lr_drop=epochs, device=device,
