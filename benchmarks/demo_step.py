@@ -45,7 +45,10 @@ ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "ba
         "batch 1, DDQ": (1, False, {"query_nms": 0.5}),
         # the demo's step on channels-last (NHWC) images, as the trainer fed them on every device until it kept
         # them for CUDA
-        "batch 2, DDQ, channels last": (2, False, {"query_nms": 0.5}, 224, True, True)}
+        "batch 2, DDQ, channels last": (2, False, {"query_nms": 0.5}, 224, True, True),
+        # the demo's step before 11d1fc3 (AdamW loop, channels-last images) and since e45db32 (50 denoising pairs)
+        "batch 2, DDQ, AdamW loop, channels last": (2, False, {"query_nms": 0.5}, 224, False, True),
+        "batch 2, DDQ, 50 denoising pairs": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}})}
 
 
 def run_row(batch: int, compile_model: bool, model_args: dict | None = None, image_size: int = 224,

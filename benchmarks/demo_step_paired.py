@@ -1,0 +1,105 @@
+"""Paired A/B of the demo's training step: rows of ``demo_step.py`` (one batch size, eager) timed on the same
+batches, step by step in turn (the order rotating every step), so that the shared machine's drift, which moves
+absolute times by 25% or more between runs, hits every row alike. Each row's median step time, and the median of
+its per-step ratio to the first row's.
+
+    python benchmarks/demo_step_paired.py                      # the demo's step before and after 11d1fc3 / e45db32
+    python benchmarks/demo_step_paired.py --rows '["batch 2, DDQ", "batch 2, DDQ, channels last"]'
+
+Prints a table and writes benchmarks/results/demo_step_paired.json.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from demo_step import ROWS
+from torch.utils.data import DataLoader
+
+from detrkit.data import collate, make_synthetic_dataset
+from detrkit.engine.config import TrainConfig, build_datasets
+from detrkit.engine.train import adamw
+from detrkit.losses import build_criterion
+from detrkit.registry import model_info
+
+
+def setup(batch: int, compile_model: bool, model_args: dict | None = None, image_size: int = 224,
+          fused: bool = True, channels_last: bool = False, *, num_classes: int):
+    if compile_model or image_size != 224:
+        raise ValueError("paired rows run eager at 224 px (the batches are shared)")
+    torch.manual_seed(0)
+    model = model_info("rtdetr_lite").builder(num_classes=num_classes, **(model_args or {}))
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 2e-4}]
+    optimizer = adamw(groups, 1e-4) if fused else torch.optim.AdamW(groups, weight_decay=1e-4)
+    return model, build_criterion(model, class_loss="mal"), optimizer, channels_last
+
+
+def step(model, criterion, optimizer, channels_last: bool, b) -> float:
+    t0 = time.perf_counter()
+    images = b.images.contiguous(memory_format=torch.channels_last) if channels_last else b.images
+    loss = sum(criterion(model(images, b.padding_mask, b.targets), b.targets).values())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def main(rows: list[str] = ["batch 2, DDQ, AdamW loop, channels last", "batch 2, DDQ",  # noqa: B006
+                            "batch 2, DDQ, 50 denoising pairs"],
+         warmup: int = 3, steps: int = 28, work_dir: str = "runs/demo_step",
+         out: str = "benchmarks/results/demo_step_paired.json") -> dict:
+    batch = {ROWS[name][0] for name in rows}
+    if len(batch) != 1:
+        raise ValueError(f"paired rows need one batch size, got {sorted(batch)}")
+    batch = batch.pop()
+    data = Path(work_dir) / "data"
+    if not (data / "annotations" / "instances_val.json").is_file():
+        make_synthetic_dataset(data, num_train=64, num_val=1, image_size=224, progress=False)
+    cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(data.parent / "unused"), image_size=224,
+                      batch_size=batch, num_workers=0, crop=False, class_loss="mal")
+    train_set, _ = build_datasets(cfg, progress=False)
+    loader = DataLoader(train_set, batch_size=batch, collate_fn=collate, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    batches = [b for _, b in zip(range(warmup + steps), _cycle(loader), strict=False)]
+    setups = {name: setup(*ROWS[name], num_classes=train_set.num_classes) for name in rows}
+    times = {name: [] for name in rows}
+    for i, b in enumerate(batches):
+        order = rows[i % len(rows):] + rows[:i % len(rows)]  # who goes first rotates
+        for name in order:
+            t = step(*setups[name], b)
+            if i >= warmup:
+                times[name].append(t)
+    first = times[rows[0]]
+    table = {}
+    for name, ts in times.items():
+        ratios = sorted(t / f for t, f in zip(ts, first, strict=True))
+        table[name] = {"ms_per_step": round(1000 * sorted(ts)[len(ts) // 2], 1),
+                       "images_per_s": round(batch / sorted(ts)[len(ts) // 2], 2),
+                       f"vs_{rows[0]}": round(ratios[len(ratios) // 2], 3)}
+    meta = {"model": "rtdetr_lite", "image_size": 224, "batch": batch,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "warmup": warmup, "steps": steps}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({**meta, "rows": table}, indent=2))
+    width = max(24, *map(len, table))
+    print(f"\nrtdetr_lite training step, paired, batch {batch}, 224 px, {torch.get_num_threads()} threads")
+    print(f"{'row':<{width}} {'ms/step':>8} {'img/s':>6} {'vs first':>8}")
+    for name, r in table.items():
+        print(f"{name:<{width}} {r['ms_per_step']:8.0f} {r['images_per_s']:6.2f} {r[f'vs_{rows[0]}']:8.3f}")
+    return table
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main)
