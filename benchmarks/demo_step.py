@@ -51,6 +51,27 @@ ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "ba
         "batch 2, DDQ, 50 denoising pairs": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}})}
 
 
+def build_step(model_args: dict | None, fused: bool, *, num_classes: int):
+    """The demo's model, criterion and optimizer (AdamW as the trainer makes it, or its per-tensor loop)."""
+    torch.manual_seed(0)
+    model = model_info("rtdetr_lite").builder(num_classes=num_classes, **(model_args or {}))
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 2e-4}]
+    optimizer = adamw(groups, 1e-4) if fused else torch.optim.AdamW(groups, weight_decay=1e-4)
+    return model, build_criterion(model, class_loss="mal"), optimizer
+
+
+def timed_step(forward, model, criterion, optimizer, channels_last: bool, b) -> float:
+    """Seconds for one training step (forward, losses, backward, clipping at 0.1, AdamW) on batch ``b``."""
+    t0 = time.perf_counter()
+    images = b.images.contiguous(memory_format=torch.channels_last) if channels_last else b.images
+    loss = sum(criterion(forward(images, b.padding_mask, b.targets), b.targets).values())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
 def run_row(batch: int, compile_model: bool, model_args: dict | None = None, image_size: int = 224,
             fused: bool = True, channels_last: bool = False, *, data: Path,
             warmup: int, steps: int, max_seconds: float) -> dict:
@@ -60,23 +81,13 @@ def run_row(batch: int, compile_model: bool, model_args: dict | None = None, ima
     loader = iter(DataLoader(train_set, batch_size=batch, collate_fn=collate, shuffle=True,
                              generator=torch.Generator().manual_seed(0)))
     batches = [next(loader) for _ in range(warmup + steps)]
-    torch.manual_seed(0)
-    model = model_info("rtdetr_lite").builder(num_classes=train_set.num_classes, **(model_args or {}))
-    criterion = build_criterion(model, class_loss="mal")
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 2e-4}]
-    optimizer = adamw(groups, 1e-4) if fused else torch.optim.AdamW(groups, weight_decay=1e-4)
+    model, criterion, optimizer = build_step(model_args, fused, num_classes=train_set.num_classes)
     forward = torch.compile(model) if compile_model else model
     start, times = time.perf_counter(), []
     for i, b in enumerate(batches):
-        t0 = time.perf_counter()
-        images = b.images.contiguous(memory_format=torch.channels_last) if channels_last else b.images
-        loss = sum(criterion(forward(images, b.padding_mask, b.targets), b.targets).values())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        t = timed_step(forward, model, criterion, optimizer, channels_last, b)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(t)
         if time.perf_counter() - start > max_seconds:
             break
     warm = time.perf_counter() - start - sum(times)

@@ -13,40 +13,22 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
-from demo_step import ROWS
+from demo_step import ROWS, build_step, timed_step
 from torch.utils.data import DataLoader
 
 from detrkit.data import collate, make_synthetic_dataset
 from detrkit.engine.config import TrainConfig, build_datasets
-from detrkit.engine.train import adamw
-from detrkit.losses import build_criterion
-from detrkit.registry import model_info
 
 
 def setup(batch: int, compile_model: bool, model_args: dict | None = None, image_size: int = 224,
           fused: bool = True, channels_last: bool = False, *, num_classes: int):
     if compile_model or image_size != 224:
         raise ValueError("paired rows run eager at 224 px (the batches are shared)")
-    torch.manual_seed(0)
-    model = model_info("rtdetr_lite").builder(num_classes=num_classes, **(model_args or {}))
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 2e-4}]
-    optimizer = adamw(groups, 1e-4) if fused else torch.optim.AdamW(groups, weight_decay=1e-4)
-    return model, build_criterion(model, class_loss="mal"), optimizer, channels_last
-
-
-def step(model, criterion, optimizer, channels_last: bool, b) -> float:
-    t0 = time.perf_counter()
-    images = b.images.contiguous(memory_format=torch.channels_last) if channels_last else b.images
-    loss = sum(criterion(model(images, b.padding_mask, b.targets), b.targets).values())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    model, criterion, optimizer = build_step(model_args, fused, num_classes=num_classes)
+    return model, model, criterion, optimizer, channels_last
 
 
 def main(rows: list[str] = ["batch 2, DDQ, AdamW loop, channels last", "batch 2, DDQ",  # noqa: B006
@@ -71,7 +53,7 @@ def main(rows: list[str] = ["batch 2, DDQ, AdamW loop, channels last", "batch 2,
     for i, b in enumerate(batches):
         order = rows[i % len(rows):] + rows[:i % len(rows)]  # who goes first rotates
         for name in order:
-            t = step(*setups[name], b)
+            t = timed_step(*setups[name], b)
             if i >= warmup:
                 times[name].append(t)
     first = times[rows[0]]
