@@ -15,7 +15,8 @@ from conftest import TINY
 
 def train_argv(data: Path, out: Path, **overrides) -> list[str]:
     """``detrkit train`` arguments of a tiny deformable run with a checkpoint and a log line every step."""
-    opts = dict(model="deformable_detr_lite", model_args=json.dumps(TINY), image_size=96, batch_size=2, epochs=2,
+    opts = dict(recipe="none", model="deformable_detr_lite", model_args=json.dumps(TINY), image_size=96,
+                batch_size=2, epochs=2,
                 num_workers=0, progress="false", checkpoint_every=1, log_every=1, keep_checkpoints=2, lr=1e-3,
                 lr_backbone=1e-3, max_train_images=8, max_val_images=2, device="cpu")
     opts.update(overrides)

@@ -41,7 +41,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(square_data, tmp_pat
     """torchrun --nproc_per_node 2 with batch 2 per process vs one process with batch 4: the same losses step by
     step (DDP averages gradients; losses are normalised by the global number of boxes), parameters identical on
     both ranks, and the evaluation gathered from both shards scores the same as one process."""
-    base = dict(model="deformable_detr_lite", data=str(square_data), model_args={**TINY, "backbone_norm": "frozen"},
+    base = dict(recipe="none", model="deformable_detr_lite", data=str(square_data), model_args={**TINY,
+                "backbone_norm": "frozen"},
                 image_size=96, epochs=2, num_workers=0, progress=False, lr=1e-3, lr_backbone=1e-3, log_every=1,
                 checkpoint_every=0, device="cpu", max_val_images=3,  # 3 val images: one rank gets a padded duplicate
                 augment=False)  # same-size images: no batch pads differently in one process and in two
@@ -67,8 +68,10 @@ def test_rtdetr_trains_under_torchrun(square_data, tmp_path):
     """RT-DETR under torchrun (2 processes, CPU / gloo): the ranks hold the same parameters after every step and the
     evaluation is gathered. (The 2-vs-1 loss equality above does not apply: its hybrid encoder's BatchNorm is
     synchronised across processes on CUDA only, so on CPU each process normalises its own half batch.)"""
+
     out = tmp_path / "ddp"
-    cfg = dict(model="rtdetr_lite", data=str(square_data), model_args={**TINY, "backbone_norm": "frozen"},
+    cfg = dict(recipe="none", model="rtdetr_lite", data=str(square_data),
+               model_args={**TINY, "backbone_norm": "frozen"},
                image_size=96, epochs=1, num_workers=0, progress=False, lr=1e-3, lr_backbone=1e-3, log_every=1,
                checkpoint_every=0, device="cpu", max_val_images=3, augment=False, batch_size=2, output_dir=str(out))
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"], cfg)

@@ -86,7 +86,8 @@ def test_score_writes_the_evaluation_pictures(tmp_path):
 
 
 def _cfg(synth_dir, out, **kw):
-    base = dict(model="detr_lite", data=str(synth_dir), output_dir=str(out), model_args=dict(TINY), image_size=96,
+    base = dict(recipe="none", model="detr_lite", data=str(synth_dir), output_dir=str(out),
+                model_args=dict(TINY), image_size=96,
                 batch_size=2, num_workers=0, progress=False, crop=False, lr=1e-3, lr_backbone=1e-3,
                 max_train_images=4, max_val_images=4)
     return TrainConfig(**{**base, **kw})

@@ -53,7 +53,8 @@ def test_training_with_amp_scales_fp16_only_and_resumes_the_scaler(synth_dir, tm
     from detrkit.engine.config import TrainConfig
     from detrkit.engine.train import Trainer
 
-    cfg = TrainConfig(model="deformable_detr_lite", data=str(synth_dir), output_dir=str(tmp_path / "run"),
+    cfg = TrainConfig(recipe="none", model="deformable_detr_lite", data=str(synth_dir),
+                      output_dir=str(tmp_path / "run"),
                       model_args=dict(TINY), image_size=96, batch_size=2, epochs=1, num_workers=0, progress=False,
                       amp=amp, device="cuda", ema=True)
     trainer = Trainer(cfg)

@@ -1,8 +1,6 @@
 """Training end to end: a few-image overfit, checkpoints, resume, evaluation, the CLI."""
 
 import json
-import re
-import shlex
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,8 @@ from detrkit.engine.train import train
 
 
 def _cfg(synth_dir, out, **kw):
-    base = dict(model="detr_lite", data=str(synth_dir), output_dir=str(out), model_args=dict(TINY), image_size=96,
+    base = dict(recipe="none", model="detr_lite", data=str(synth_dir), output_dir=str(out),
+                model_args=dict(TINY), image_size=96,
                 batch_size=2, num_workers=0, progress=False, crop=False, lr=1e-3, lr_backbone=1e-3, clip_max_norm=1.0)
     return TrainConfig(**{**base, **kw})
 
@@ -176,27 +175,17 @@ def test_demo_quick(tmp_path, capsys):
         assert (tmp_path / "demo" / "run" / picture).is_file() and picture in out  # made, and named to the user
 
 
-def test_demo_recipe_is_the_train_command_its_docs_give():
-    """The `detrkit train` command demo_config's docstring (and the README) names trains what the demo trains."""
+def test_demo_is_the_fast_cpu_recipe_the_readme_gives(synth_dir):
+    """The demo trains what `detrkit train --data DIR --recipe fast-cpu` trains, the command the README shows."""
     from detrkit.cli.train import demo_config, train_parser
+    from detrkit.engine.recipes import resolve_recipe
 
-    demo = demo_config("data", "out")
-    command = " ".join(re.search(r"``detrkit train (.+?)``", demo_config.__doc__, re.S).group(1).split())
-    args = train_parser().parse_args([*shlex.split(command), "--data", "data", "--output_dir", "out"])  # as a shell
-    keys = ("model", "image_size", "epochs", "batch_size", "lr", "lr_backbone", "lr_drop", "crop", "lr_schedule",
-            "warmup_steps", "model_args", "class_loss", "mosaic", "ema")
-    assert {k: getattr(args, k) for k in keys} == {k: getattr(demo, k) for k in keys}
+    args = train_parser().parse_args(["--data", str(synth_dir), "--output_dir", "out", "--recipe", "fast-cpu"])
+    fields = TrainConfig.__dataclass_fields__
+    command = resolve_recipe(TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})).config
+    assert resolve_recipe(demo_config(synth_dir, "out")).config == command
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert f"detrkit train {command}" in " ".join(readme.split())
-
-
-def test_paper_recipe():
-    from detrkit.engine.config import TrainConfig, apply_recipe
-
-    cfg = apply_recipe(TrainConfig(model="dino_r50_4scale", epochs=3, lr=5e-4, batch_size=7, recipe=True))
-    assert (cfg.epochs, cfg.lr, cfg.lr_backbone, cfg.lr_drop, cfg.batch_size) == (12, 1e-4, 1e-5, 11, 7)
-    with pytest.raises(ValueError, match="no paper recipe"):
-        apply_recipe(TrainConfig(model="dino_lite", recipe=True))
+    assert "detrkit train --data my_data --recipe fast-cpu" in " ".join(readme.split())
 
 
 def test_fine_tune_from_official_weights(synth_dir, tmp_path):

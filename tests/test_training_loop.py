@@ -95,7 +95,8 @@ def test_step_checkpoints_keep_the_last_n_and_skip_half_written(tmp_path):
 
 
 def _tiny_trainer(synth_dir, out, **kw) -> Trainer:
-    cfg = TrainConfig(**{**dict(model="detr_lite", data=str(synth_dir), output_dir=str(out), model_args=dict(TINY),
+    cfg = TrainConfig(**{**dict(recipe="none", model="detr_lite", data=str(synth_dir), output_dir=str(out),
+                      model_args=dict(TINY),
                              image_size=96, batch_size=2, num_workers=0, progress=False, crop=False, epochs=1,
                              max_train_images=8, max_val_images=2, checkpoint_every=1, log_every=1), **kw})
     return Trainer(cfg)

@@ -61,7 +61,8 @@ def test_training_with_compile_saves_plain_checkpoints(synth_dir, tmp_path):
     from detrkit.engine.config import TrainConfig
     from detrkit.engine.train import train
 
-    cfg = TrainConfig(model="detr_lite", data=str(synth_dir), output_dir=str(tmp_path / "run"), model_args=dict(TINY),
+    cfg = TrainConfig(recipe="none", model="detr_lite", data=str(synth_dir), output_dir=str(tmp_path / "run"),
+                      model_args=dict(TINY),
                       image_size=96, batch_size=2, num_workers=0, progress=False, epochs=1, max_train_images=4,
                       max_val_images=2, compile=True)
     train(cfg)

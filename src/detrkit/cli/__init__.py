@@ -1,6 +1,6 @@
 """The ``detrkit`` command: parse the arguments, call the library, print. No library logic lives here.
 
-Subcommands: demo, train, eval (:mod:`.train`); predict, explain, export (:mod:`.predict`); models, convert
+Subcommands: demo, train, eval, recipes (:mod:`.train`); predict, explain, export (:mod:`.predict`); models, convert
 (:mod:`.weights`); data synth | check | convert (:mod:`.data`).
 """
 
@@ -20,9 +20,10 @@ from detrkit.weights.files import CheckpointError
 
 SUBCOMMANDS = {  # name: (parser, command, one-line help)
     "demo": (train.demo_parser, train.cmd_demo, "end-to-end demo on built-in synthetic data"),
-    "train": (train.train_parser, train.cmd_train, "train on your own COCO-format data"),
+    "train": (train.train_parser, train.cmd_train, "train on your own data (COCO, YOLO, VOC folders)"),
     "eval": (train.eval_parser, train.cmd_eval, "evaluate a checkpoint (COCO AP)"),
     "predict": (predict.predict_parser, predict.cmd_predict, "predict on images, folders, globs or a video"),
+    "recipes": (train.recipes_parser, train.cmd_recipes, "list the training recipes and what each sets"),
     "models": (weights.models_parser, weights.cmd_models, "list presets"),
     "explain": (predict.explain_parser, predict.cmd_explain, "draw what each detection attended to"),
     "export": (predict.export_parser, predict.cmd_export, "export to ONNX (with an onnxruntime parity check)"),

@@ -23,53 +23,37 @@ from detrkit.engine.evaluate import (
     format_per_class,
     write_metrics,
 )
+from detrkit.engine.recipes import describe_recipes
 from detrkit.engine.train import train
 from detrkit.inference.detector import Detector
 from detrkit.inference.predict import predict_files
 from detrkit.weights.files import resolve_weights_file
 
-# The demo: the built-in synthetic dataset and the lite preset and recipe that learned most in 10-13 minutes
-# of training on 2 cores (benchmarks/demo_recipe.py, README "The demo's recipe"), each choice measured one at a time
-# on a tuning copy of the data (seed 1, its own held-out images): RT-DETR-Lite without the zoom-out / IoU-crop
-# augmentation (crop=False doubled AP at this budget), AdamW 2e-4 for every weight (5e-4 for all or for the
-# backbone alone collapsed to AP 0), no lr drop (the last epoch at lr / 10 cost 7 AP50: after 2400 images the
-# model is still learning fastest), and DEIM's matchability-aware loss instead of RT-DETR's varifocal one (+12
-# AP50). 800 images per epoch is where the model is learning fastest too: 700 fit 10 minutes but left the demo
-# (then with the lr drop) at AP50 7.2 instead of 17.2. Then DDQ's distinct queries (an NMS at IoU 0.5 over the
-# encoder's proposals before the top-k, `query_nms`): AP50 35.5 -> 46.8 on the tuning copy, where most of the
-# missing AP was duplicate boxes (0.8, DDQ's value, suppresses almost nothing this early: 33.6; 0.4: 40.8).
+# The demo: the built-in synthetic dataset, trained with the fast-cpu recipe (detrkit.engine.recipes: the preset and
+# settings that learned most in ~10 minutes on 2 cores, each measured one change at a time on a tuning copy of the
+# data, benchmarks/demo_recipe.py); the recipe sizes the schedule from the 800 training images of 224 px: 3 epochs.
 # `--quick` shrinks everything for smoke tests.
-DEMO = dict(model="rtdetr_lite", num_train=800, num_val=200, image_size=224, epochs=3, batch_size=2, lr=2e-4,
-            crop=False, class_loss="mal", model_args={"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}})
+DEMO = dict(recipe="fast-cpu", num_train=800, num_val=200, image_size=224)
 DEMO_QUICK = dict(num_train=8, num_val=4, image_size=128, epochs=1, batch_size=4)
 
 
-def demo_config(data: str | Path, output_dir: str | Path, *, model: str = DEMO["model"],
-                image_size: int = DEMO["image_size"], epochs: int = DEMO["epochs"],
-                batch_size: int = DEMO["batch_size"], device: str = "auto") -> TrainConfig:
-    """The demo's training recipe on the dataset at ``data`` (the demo's own, or any other: the
-    benchmarks train it unchanged on data it was never tuned on). The same as
-    ``detrkit train --model rtdetr_lite --image_size 224 --epochs 3 --batch_size 2 --lr 2e-4 --lr_backbone 2e-4
-    --lr_drop 3 --crop false --class_loss mal --model_args '{query_nms: 0.5, denoising: {num_dn_pairs: 50}}'``
-    (``lr_drop`` = ``epochs``: the learning rate never drops; 50 denoising pairs, RT-DETR's noise otherwise).
-    Another ``model`` keeps its family's class loss, query selection and denoising (MAL needs a sigmoid classifier,
-    and all three were measured on RT-DETR only)."""
-    return TrainConfig(
-        model=model, data=str(data), output_dir=str(output_dir), image_size=image_size, epochs=epochs,
-        batch_size=batch_size, lr=DEMO["lr"], lr_backbone=DEMO["lr"], lr_drop=epochs, device=device,
-        crop=DEMO["crop"], class_loss=DEMO["class_loss"] if model == DEMO["model"] else None,
-        model_args=dict(DEMO["model_args"]) if model == DEMO["model"] else {},
-        num_workers=1, eval_every=epochs,
-    )
+def demo_config(data: str | Path, output_dir: str | Path, *, model: str | None = None, image_size: int | None = None,
+                epochs: int | None = None, batch_size: int | None = None, device: str = "auto") -> TrainConfig:
+    """The demo's training run on the dataset at ``data`` (the demo's own, or any other: the benchmarks train it
+    unchanged on data it was never tuned on): ``detrkit train --recipe fast-cpu`` (the options left unset take the
+    recipe's values, sized from the dataset; ``detrkit recipes`` lists them)."""
+    return TrainConfig(recipe=DEMO["recipe"], model=model, data=str(data), output_dir=str(output_dir),
+                       image_size=image_size, epochs=epochs, batch_size=batch_size, device=device)
 
 
 def demo_parser() -> ArgumentParser:
-    demo = ArgumentParser(description="Generate the synthetic dataset, train a lite detector on it, evaluate (COCO AP) "
-                                      "and draw predictions, all on this machine (CPU is fine).")
+    demo = ArgumentParser(description="Generate the synthetic dataset, train a lite detector on it with the fast-cpu "
+                                      "recipe, evaluate (COCO AP) and draw predictions, all on this machine (CPU is "
+                                      "fine).")
     demo.add_argument("--output", default="detrkit-demo", help="folder for the dataset, the run and the predictions")
-    demo.add_argument("--model", default=DEMO["model"], help="preset to train")
-    demo.add_argument("--epochs", type=int, default=DEMO["epochs"])
-    demo.add_argument("--batch_size", type=int, default=DEMO["batch_size"])
+    demo.add_argument("--model", type=str | None, default=None, help="preset to train (default: the recipe's)")
+    demo.add_argument("--epochs", type=int | None, default=None, help="default: the recipe's, sized from the data")
+    demo.add_argument("--batch_size", type=int | None, default=None, help="default: the recipe's")
     demo.add_argument("--image_size", type=int, default=DEMO["image_size"], help="synthetic image size and training "
                                                                                  "scale")
     demo.add_argument("--num_train", type=int, default=DEMO["num_train"])
@@ -79,9 +63,21 @@ def demo_parser() -> ArgumentParser:
     return demo
 
 
+def recipes_parser() -> ArgumentParser:
+    return ArgumentParser(description="The named training recipes (detrkit train --recipe NAME) and what each sets.")
+
+
+def cmd_recipes(_: Namespace) -> None:
+    print(describe_recipes())
+
+
 def train_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Train a detector on a COCO-format dataset. Every option can also come from "
-                                        "a YAML file (--config); the resolved config is saved in the output folder.")
+    parser = ArgumentParser(description="Train a detector on your dataset folder (COCO, COCO per split / Roboflow, "
+                                        "YOLO or Pascal VOC). With only --data it trains the recipe measured best for "
+                                        "this device (--recipe auto; `detrkit recipes` lists them) with a schedule "
+                                        "sized from the dataset; every option given overrides the recipe. Options "
+                                        "can also come from a YAML file (--config); the resolved config is saved in "
+                                        "the output folder.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of options")
     parser.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
     return parser
@@ -161,7 +157,7 @@ def cmd_demo(args: Namespace) -> dict:
         marker.touch()
     else:
         print(f"[1/3] reusing the synthetic dataset in {data}")
-    print(f"[2/3] training {opts['model']} for {opts['epochs']} epochs")
+    print(f"[2/3] training with the {DEMO['recipe']} recipe")
     metrics = train(demo_config(data, out / "run", model=opts["model"], image_size=opts["image_size"],
                                 epochs=opts["epochs"], batch_size=opts["batch_size"], device=opts["device"]))
     print(f"[3/3] drawing predictions on validation images into {out / 'predictions'}")

@@ -8,7 +8,7 @@ folder so that it can be repeated exactly.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -17,7 +17,7 @@ from detrkit.data import CocoDetection, build_transforms
 from detrkit.data.coco import DatasetError, load_coco_json
 from detrkit.data.formats import resolve_split, split_coco, subset_coco
 from detrkit.data.transforms import scales_for, val_transforms
-from detrkit.registry import image_size_of, model_info, preprocess_of
+from detrkit.registry import image_size_of, preprocess_of
 
 
 @dataclass
@@ -25,15 +25,21 @@ class TrainConfig:
     """Everything a training run needs.
 
     Attributes:
-        model: registered preset name (``detrkit models`` lists them).
-        data: dataset folder with ``annotations/instances_{train,val}.json`` and ``train/`` ``val/`` image
-            folders (what ``detrkit data synth`` writes); or set the four explicit paths below.
+        recipe: the named recipe that fills every option left unset (``detrkit recipes`` lists them): ``auto``
+            (``fast-cpu`` on a CPU, ``gpu`` on CUDA), ``fast-cpu`` (the demo's), ``gpu``, ``paper`` (the preset's
+            published schedule: it sets epochs / lr / lr_backbone / lr_drop, as ``--recipe true`` did) or ``none``.
+            Options shown as ``null`` below take the recipe's value (or a plain default).
+        model: registered preset name (``detrkit models`` lists them); unset: the recipe's (``rtdetr_lite``).
+        data: the dataset folder: COCO (``annotations/instances_{train,val}.json`` + ``train/`` ``val/``, what
+            ``detrkit data synth`` writes), COCO per split (Roboflow: ``train/`` ``valid/`` each with its json),
+            YOLO (``data.yaml`` or ``classes.txt``) or Pascal VOC; or set the four explicit paths below.
         output_dir: where checkpoints, metrics.jsonl, metrics.json and config.yaml go.
         model_args: builder overrides, e.g. ``{num_queries: 50, pretrained_backbone: true}``.
         weights: weights to start from (fine-tuning): any checkpoint ``create_model`` reads (detrkit, official,
             detrex, HF transformers, a URL) or ``coco`` for the preset's released COCO weights. The class heads
             are re-initialised (with a warning) when the dataset's number of classes differs.
-        image_size: training scale; None = the preset's (800 for the papers' models, 640 for lite ones). Train
+        image_size: training scale; unset: the recipe's size for the dataset's images and boxes, else the preset's
+            (800 for the papers' models, 640 for lite ones). Train
             scales are 0.6..1.0 of it (multi-scale, step 32), the longer side is capped at 1333/800 of it, validation
             resizes to it (DETR's 480-800 / 1333 / 800 recipe at 800).
         augment: train with DETR's augmentation (flip, multi-scale, crop); false = validation transforms
@@ -63,8 +69,7 @@ class TrainConfig:
         sync_bn: with several GPUs, trainable BatchNorm layers compute statistics over the global batch.
         find_unused_parameters: DDP's option, for models with parameters a step does not use.
         max_train_images / max_val_images: use only the first N images (quick experiments, tests).
-        recipe: take epochs / lr / lr_backbone / lr_drop from the preset's paper schedule (``detrkit models``
-            shows it), overriding those four fields.
+        time_limit: stop training after this many minutes (then evaluate and save, as at the end); None = none.
         check_images: before training, the dataset doctor reads each image's ``header`` (exists, readable,
             size; fast), decodes it (``full``: also finds truncated files) or skips the files (``none``).
             Annotations are always checked; ``detrkit data check DIR`` prints the full report.
@@ -88,7 +93,7 @@ class TrainConfig:
             instead of stopping with its report.
     """
 
-    model: str = "detr_lite"
+    model: str | None = None
     data: str | None = None
     train_images: str | None = None
     train_ann: str | None = None
@@ -99,11 +104,11 @@ class TrainConfig:
     weights: str | None = None
     image_size: int | None = None
     augment: bool = True
-    crop: bool = True
-    epochs: int = 50
-    batch_size: int = 4
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
+    crop: bool | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_backbone: float | None = None
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     lr_drop: int | None = None
@@ -112,19 +117,20 @@ class TrainConfig:
     amp: str = "auto"
     compile: bool = False
     device: str = "auto"
-    num_workers: int = 2
-    eval_every: int = 1
+    num_workers: int | None = None
+    eval_every: int | None = None
     resume: str | None = None
     seed: int = 42
     max_train_images: int | None = None
     max_val_images: int | None = None
     progress: bool = True
-    recipe: bool = False
+    recipe: bool | str = "auto"
+    time_limit: float | None = None
     check_images: str = "header"
     skip_invalid: bool = False
     lr_schedule: str = "step"
     lr_milestones: list[int] = field(default_factory=list)
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
     min_lr_ratio: float = 0.0
     ema: bool = False
     ema_decay: float = 0.9997
@@ -145,14 +151,6 @@ class TrainConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
-
-
-def apply_recipe(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with epochs / lr / lr_backbone / lr_drop from its preset's paper schedule."""
-    recipe = model_info(cfg.model).recipe
-    if recipe is None:
-        raise ValueError(f"{cfg.model} has no paper recipe (the lite presets are ours): set --epochs / --lr yourself")
-    return replace(cfg, **recipe, recipe=False)
 
 
 def dataset_split(cfg: TrainConfig, split: str) -> tuple[Path, Path | dict, str | None]:

@@ -31,10 +31,11 @@ from detrkit.engine.checkpoint import (
     save_step_checkpoint,
     truncate_log,
 )
-from detrkit.engine.config import TrainConfig, apply_recipe, build_datasets, write_val_split
+from detrkit.engine.config import TrainConfig, build_datasets, write_val_split
 from detrkit.engine.ema import ModelEMA
 from detrkit.engine.evaluate import evaluate, format_metrics, format_per_class, write_metrics
 from detrkit.engine.plots import plot_batch, plot_labels, plot_training_curves
+from detrkit.engine.recipes import RecipeError, resolve_recipe
 from detrkit.engine.schedule import LRSchedule
 from detrkit.engine.tracking import TensorBoardLogger
 from detrkit.losses import build_criterion
@@ -90,13 +91,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.dist = D.init_distributed(cfg.device)
         self.main = self.dist.is_main
-        if cfg.recipe:
-            cfg = apply_recipe(cfg)
-            if self.main:
-                tqdm.write(f"{cfg.model}: the paper's recipe {model_info(cfg.model).recipe}")
-        self.cfg = cfg
-        seed_everything(cfg.seed + self.dist.rank)
         self.device = resolve_device(cfg.device, self.dist.local_rank)
+        try:
+            resolved = resolve_recipe(cfg, self.device)
+        except RecipeError as e:
+            raise TrainingError(f"--recipe: {e}") from None
+        if self.main and cfg.progress:
+            tqdm.write(resolved.message)
+        self.cfg = cfg = resolved.config
+        seed_everything(cfg.seed + self.dist.rank)
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.out = Path(cfg.output_dir)
         if self.main:
@@ -316,10 +319,22 @@ class Trainer:
     # -- loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         cfg, metrics = self.cfg, {}
-        self.started, self.images_seen, self.batches_run = time.perf_counter(), 0, 0
+        self.started, self.images_seen, self.batches_run, self.timed_out = time.perf_counter(), 0, 0, False
         try:
             while self.epoch < cfg.epochs:
                 self._train_epoch()
+                if self.timed_out:  # --time_limit: evaluate and save the model as it is, mid-epoch or not
+                    if self.main:
+                        tqdm.write(f"time limit of {cfg.time_limit:g} min reached at step {self.step} (epoch "
+                                   f"{self.epoch + 1}, batch {self.batch}/{self.batches_per_epoch})")
+                    metrics = self._evaluate()
+                    self._keep_best(metrics)
+                    self._log("metrics.jsonl", {"epoch": self.epoch + self.batch / self.batches_per_epoch,
+                                                "step": self.step, "lr": self.step_lr,
+                                                "time": time.perf_counter() - self.started,
+                                                **{f"val_{k}": v for k, v in metrics.items()}})
+                    self._save()
+                    break
                 self.epoch, self.batch = self.epoch + 1, 0
                 record = {"epoch": self.epoch, "step": self.step,
                           **{k: v / max(1, self.batches_per_epoch) for k, v in self.running.items()},
@@ -439,6 +454,16 @@ class Trainer:
                 and self.batch < self.batches_per_epoch
             ):
                 self._save()
+            if stepped and self._out_of_time():
+                break
+
+    def _out_of_time(self) -> bool:
+        """``time_limit`` minutes of training spent (the same answer on every process)."""
+        limit = self.cfg.time_limit
+        if limit is None:
+            return False
+        self.timed_out = D.any_true(time.perf_counter() - self.started >= 60 * limit, self.device)
+        return self.timed_out
 
     def _train_step(self, batch, index: int) -> tuple[dict[str, float], bool]:
         """Forward and backward one batch; an optimizer step after every ``accumulate`` batches.
