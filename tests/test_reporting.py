@@ -143,3 +143,45 @@ def test_data_check_writes_a_labels_picture_per_split(synth_dir, tmp_path, capsy
     for split in ("train", "val"):
         assert (tmp_path / "pics" / f"labels_{split}.png").stat().st_size > 5000
     assert "labels picture" in capsys.readouterr().out
+
+
+def test_training_curves_plot_the_step_log_and_every_evaluation(synth_dir, tmp_path):
+    """training_curves.png draws the losses and lr of every logged step (steps.jsonl, not three epoch means) and each
+    evaluation's AP at its epoch, on an x axis that starts at 0 and ends at the run's end; a single evaluation is a
+    marker labelled with its value."""
+    from matplotlib.ticker import MaxNLocator
+
+    from detrkit.engine.plots import _read_jsonl, smooth, training_curves_figure
+
+    out = tmp_path / "run"
+    train(_cfg(synth_dir, out, epochs=3, log_every=1, eval_every=3))
+    steps, metrics = _read_jsonl(out / "steps.jsonl"), _read_jsonl(out / "metrics.jsonl")
+    per_epoch = metrics[0]["step"]
+    fig = training_curves_figure(metrics, steps)
+    lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines()}
+    assert len(steps) == 3 * per_epoch > len(metrics)  # a point per step, more than one per epoch
+    raw = lines["raw:loss"]
+    assert raw.get_xdata().tolist() == [r["step"] / per_epoch for r in steps]
+    assert raw.get_ydata().tolist() == [r["loss"] for r in steps]
+    np.testing.assert_allclose(lines["smooth:loss"].get_ydata(), smooth([r["loss"] for r in steps]))
+    assert lines["lr"].get_ydata().tolist() == [r["lr"] for r in steps]
+    evals = [r for r in metrics if "val_AP" in r]
+    assert len(evals) == 1 and lines["val_AP50"].get_xdata().tolist() == [3.0]
+    assert lines["val_AP50"].get_ydata().tolist() == [100 * evals[0]["val_AP50"]]
+    ap_axis = lines["val_AP50"].axes
+    assert ap_axis.get_xlim()[0] == 0 and ap_axis.get_xlim()[1] >= 3.0  # not a lone point on 2.84 .. 3.16
+    assert f"{100 * evals[0]['val_AP50']:.1f}" in [t.get_text() for t in ap_axis.texts]
+    assert isinstance(ap_axis.xaxis.get_major_locator(), MaxNLocator)
+    fig.draw_without_rendering()
+    for key in ("smooth:loss_bbox", "val_AP50"):  # legends beside the curves, not over them
+        ax = lines[key].axes
+        assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_smoothing_is_a_debiased_moving_average():
+    from detrkit.engine.plots import smooth
+
+    np.testing.assert_allclose(smooth([2.0, 2.0, 2.0]), [2.0, 2.0, 2.0])  # debiased: no pull towards 0 at the start
+    s = smooth([0.0, 10.0], weight=0.5)
+    assert s[0] == 0.0 and s[1] == pytest.approx(10 * 0.5 / 0.75)
+    assert smooth([float("nan"), 1.0]).tolist()[1] == 1.0

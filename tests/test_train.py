@@ -173,6 +173,12 @@ def test_demo_quick(tmp_path, capsys):
     assert len(list((tmp_path / "demo" / "predictions").glob("*.jpg"))) >= 1
     for picture in ("training_curves.png", "pr_curves.png", "per_class_ap.png", "confusion_matrix.png"):
         assert (tmp_path / "demo" / "run" / picture).is_file() and picture in out  # made, and named to the user
+    from PIL import Image
+
+    sheet = tmp_path / "demo" / "contact_sheet.jpg"  # the validation images: predictions beside the ground truth
+    assert str(sheet) in out and Image.open(sheet).width >= 4 * 300
+    drawn = Image.open(next((tmp_path / "demo" / "predictions").glob("*.jpg")))
+    assert max(drawn.size) >= 640  # the demo's small images are drawn at a readable size
 
 
 def test_demo_is_the_fast_cpu_recipe_the_readme_gives(synth_dir):

@@ -26,7 +26,7 @@ from detrkit.engine.evaluate import (
 from detrkit.engine.recipes import describe_recipes
 from detrkit.engine.train import train
 from detrkit.inference.detector import Detector
-from detrkit.inference.predict import predict_files
+from detrkit.inference.predict import predict_files, prediction_sheet
 from detrkit.weights.files import resolve_weights_file
 
 # The demo: the built-in synthetic dataset, trained with the fast-cpu recipe (detrkit.engine.recipes: the preset and
@@ -165,9 +165,11 @@ def cmd_demo(args: Namespace) -> dict:
     # A short CPU run gives modest confidences (scores of 0.2-0.5 for the boxes it finds): draw what clears 0.2.
     detector = Detector(str(out / "run"), device=opts["device"], threshold=0.2)
     predict_files(detector, val_images, out / "predictions", batch_size=4, max_detections=20)
+    sheet = prediction_sheet(detector, val_images, data / "annotations" / "instances_val.json",
+                             out / "contact_sheet.jpg", max_detections=20)
     run = out / "run"
     print(f"done in {time.perf_counter() - t0:.0f} s: metrics in {run / 'metrics.json'}, checkpoint in "
           f"{run / 'checkpoints'}; pictures: {run / 'training_curves.png'}, {run / 'pr_curves.png'}, "
           f"{run / 'per_class_ap.png'}, {run / 'confusion_matrix.png'}, {run / 'train_batch.png'}, predictions in "
-          f"{out / 'predictions'}")
+          f"{out / 'predictions'}, all of them beside the ground truth in {sheet}")
     return metrics

@@ -201,8 +201,9 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetecti
     train_tf = build_transforms(True, crop=cfg.crop, preprocess=preprocess, **recipe) if cfg.augment else val_tf
     opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
     (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
+    last = max(1, cfg.epochs - 1) if cfg.epochs else None  # epochs unset (no recipe resolved): mosaics throughout
     mosaic = dict(mosaic=cfg.mosaic, mosaic_epochs=cfg.mosaic_epochs if cfg.mosaic_epochs is not None
-                  else max(1, cfg.epochs - 1)) if cfg.augment else {}
+                  else last) if cfg.augment else {}
     train = CocoDetection(ti, ta, transforms=train_tf, source=ts, **opts, **mosaic)
     val = CocoDetection(vi, va, transforms=val_tf, source=vs, **opts)
     if train.cat_ids != val.cat_ids:

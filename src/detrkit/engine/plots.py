@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from detrkit.data.transforms import denormalize
 
@@ -30,33 +30,91 @@ def _short(names: list[str], n: int = 18) -> list[str]:
     return [s if len(s) <= n else s[: n - 1] + "…" for s in names]
 
 
-def plot_training_curves(metrics_jsonl: str | Path, path: str | Path) -> Path | None:
-    """Loss components, learning rate and validation AP / AP50 per epoch, from a run's ``metrics.jsonl``
-    (None when the log has no epoch yet)."""
-    file = Path(metrics_jsonl)
-    records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
-    if not records:
+def _read_jsonl(file: str | Path | None) -> list[dict]:
+    file = Path(file) if file is not None else None
+    if file is None or not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def smooth(values: list[float], weight: float = 0.8) -> np.ndarray:
+    """A debiased exponential moving average (TensorBoard's smoothing): each point is the weighted mean of the ones
+    before it, weights decaying by ``weight`` a point; NaNs are skipped."""
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        if np.isfinite(v):
+            avg, norm = weight * avg + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(avg / norm if norm else np.nan)
+    return np.asarray(out)
+
+
+def training_curves_figure(metrics: list[dict], steps: list[dict]) -> Figure | None:
+    """Losses and learning rate per logged step (``steps.jsonl``: each loss smoothed, its raw values faint behind),
+    and validation AP / AP50 at each evaluation (``metrics.jsonl``), on one x axis in epochs (fractions between
+    the epoch ends; optimizer steps while no epoch has ended). None when there is nothing to plot yet.
+
+    Without a step log (``--log_every 0``) the losses are the epoch means of ``metrics.jsonl``."""
+    points = steps or [r for r in metrics if "step" in r and any(k.startswith(_LOSS_PREFIX) for k in r)]
+    if not points and not metrics:
         return None
-    epochs = [r["epoch"] for r in records]
-    losses = sorted({k for r in records for k in r if k.startswith(_LOSS_PREFIX)}, key=lambda k: (k != "loss", k))
-    fig = Figure(figsize=(15, 4))
-    ax_loss, ax_lr, ax_ap = fig.subplots(1, 3)
-    for k in losses:
-        ax_loss.plot(epochs, [r.get(k, np.nan) for r in records], marker="o", ms=3, label=k,
-                     lw=2.5 if k == "loss" else 1.2)
-    ax_loss.set(title="training losses (epoch means)", xlabel="epoch", yscale="log")
-    ax_loss.legend(fontsize=7, ncol=2)
-    ax_lr.plot(epochs, [r.get("lr", np.nan) for r in records], marker="o", ms=3)
-    ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch")
-    evals = [r for r in records if "val_AP" in r]
-    for key, label in (("val_AP", "AP (0.5:0.95)"), ("val_AP50", "AP50")):
-        ax_ap.plot([r["epoch"] for r in evals], [100 * r[key] for r in evals], marker="o", label=label)
-    ax_ap.set(title="validation AP (%)", xlabel="epoch", ylim=(0, None))
-    ax_ap.legend()
-    for ax in (ax_loss, ax_lr, ax_ap):
+    first_epoch = next((r for r in metrics if r.get("epoch") == 1 and r.get("step")), None)
+    per_epoch = first_epoch["step"] if first_epoch else None
+
+    def x_of(r: dict) -> float:
+        if per_epoch and "step" in r:
+            return r["step"] / per_epoch
+        return r.get("step", r.get("epoch", 0))
+
+    xlabel = "epoch" if per_epoch else "optimizer step"
+    fig = Figure(figsize=(13, 8), layout="constrained")
+    (ax_total, ax_loss), (ax_lr, ax_ap) = fig.subplots(2, 2)
+    losses = sorted({k for r in points for k in r if k.startswith(_LOSS_PREFIX) and k != "loss"})
+    x = [x_of(r) for r in points]
+    what = "per logged step: smoothed, raw faint" if steps else "epoch means"
+    for ax, keys in ((ax_total, ["loss"]), (ax_loss, losses)):
+        for i, k in enumerate(keys):
+            raw, color = [r.get(k, np.nan) for r in points], "black" if k == "loss" else f"C{i % 10}"
+            ax.plot(x, raw, color=color, alpha=0.25, lw=0.8, gid=f"raw:{k}")
+            ax.plot(x, smooth(raw), color=color, lw=2 if k == "loss" else 1.3, label=k, gid=f"smooth:{k}")
+    ax_total.set(title=f"total loss ({what})", xlabel=xlabel)
+    ax_loss.set(title="loss components", xlabel=xlabel, yscale="log")
+    for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
+        axis(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.3, not 3 x 10^-1
+    if losses:
+        ax_loss.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    lr = [(x_of(r), r["lr"]) for r in points if "lr" in r]
+    if lr:
+        ax_lr.plot(*zip(*lr, strict=True), color="C0", gid="lr")
+        ax_lr.set_ylim(0, 1.1 * max(v for _, v in lr))
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax_lr.set(title="learning rate (first parameter group)", xlabel=xlabel)
+    evals = [r for r in metrics if "val_AP" in r]
+    for key, label, color in (("val_AP50", "AP50", "C1"), ("val_AP", "AP (0.5:0.95)", "C0")):
+        xs, ys = [x_of(r) for r in evals], [100 * r[key] for r in evals]
+        ax_ap.plot(xs, ys, marker="o", ms=6, color=color, label=label, gid=key)
+        if xs:
+            ax_ap.annotate(f"{ys[-1]:.1f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-8, 6), ha="right",
+                           color=color, fontweight="bold")
+    top = max([100 * r[k] for r in evals for k in ("val_AP", "val_AP50")], default=1.0)
+    ax_ap.set(title="validation AP (%)", xlabel=xlabel, ylim=(0, max(1.0, 1.15 * top)))
+    if evals:
+        ax_ap.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    right = max([*x, *(x_of(r) for r in metrics)], default=1.0)
+    for ax in (ax_total, ax_loss, ax_lr, ax_ap):
+        ax.set_xlim(0, max(right, 1e-9) * 1.02)  # from the start: one evaluation is a point on the whole run
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save(fig, path)
+        if per_epoch:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def plot_training_curves(metrics_jsonl: str | Path, path: str | Path, steps_jsonl: str | Path | None = None
+                         ) -> Path | None:
+    """:func:`training_curves_figure` of a run's ``metrics.jsonl`` and ``steps.jsonl`` (by default the one beside
+    it), written to ``path``; None when the logs hold nothing yet."""
+    steps_jsonl = Path(metrics_jsonl).with_name("steps.jsonl") if steps_jsonl is None else steps_jsonl
+    fig = training_curves_figure(_read_jsonl(metrics_jsonl), _read_jsonl(steps_jsonl))
+    return None if fig is None else _save(fig, path)
 
 
 def plot_pr_curves(curves: dict, names: list[str], path: str | Path) -> Path:

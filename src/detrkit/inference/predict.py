@@ -12,7 +12,7 @@ from tqdm import tqdm
 from detrkit.data.coco import to_coco_results
 from detrkit.data.image import IMAGE_SUFFIXES, to_pil
 from detrkit.inference.detector import Detector
-from detrkit.inference.draw import draw_detections
+from detrkit.inference.draw import contact_sheet, draw_detections
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 
@@ -61,8 +61,9 @@ def image_ids(files: list[Path], ann: str | Path | None) -> list[int]:
 
 def predict_files(detector: Detector, files: list[Path], out: str | Path, *, batch_size: int = 1,
                   max_detections: int = 100, ann: str | Path | None = None, tile: int | None = None,
-                  overlap: float = 0.2) -> int:
-    """Annotated images (``<stem>.jpg``), ``detections.json`` (per image) and ``results.json`` (COCO results, image ids
+                  overlap: float = 0.2, min_side: int | None = 640) -> int:
+    """Annotated images (``<stem>.jpg``, upscaled to ``min_side`` pixels on the long side where smaller, the score
+    threshold in a corner), ``detections.json`` (per image) and ``results.json`` (COCO results, image ids
     from ``ann`` or the file names) in ``out``; ``tile`` / ``overlap``: predict by tiles (``Detector.predict``).
     Returns the number of detections."""
     out = Path(out)
@@ -77,14 +78,43 @@ def predict_files(detector: Detector, files: list[Path], out: str | Path, *, bat
             found = detector.predict(images, max_detections=max_detections, tile=tile, overlap=overlap,
                                      batch_size=batch)
             for i, (f, image, det) in enumerate(zip(chunk, images, found, strict=True)):
-                draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names).save(
-                    out / f"{f.stem}.jpg")
+                draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), names, min_side=min_side,
+                                caption=f"score >= {detector.threshold:g}").save(out / f"{f.stem}.jpg", quality=92)
                 per_image[f.name] = det.to_list()
                 coco_results += to_coco_results(ids[start + i], det.boxes, det.scores, det.labels, rounded=True)
             bar.update(len(chunk))
     (out / "detections.json").write_text(json.dumps(per_image, indent=1))
     (out / "results.json").write_text(json.dumps(coco_results))
     return len(coco_results)
+
+
+def prediction_sheet(detector: Detector, files: list[Path], ann: str | Path, path: str | Path, *,
+                     columns: int = 4, max_detections: int = 100) -> Path:
+    """One picture of ``files`` with the detector's predictions beside the ground truth of COCO json ``ann`` (the
+    images matched by file name): what a run learned, seen at once."""
+    coco = json.loads(Path(ann).read_text())
+    by_name = {Path(im["file_name"]).name: im["id"] for im in coco["images"]}
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    truth: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        truth.setdefault(a["image_id"], []).append(a)
+    pred_names = dict(zip(detector.label_to_cat, detector.class_names, strict=False))
+    images = [to_pil(f) for f in files]
+    found = detector.predict(images, max_detections=max_detections, batch_size=4)
+    panels = []
+    for f, image, det in zip(files, images, found, strict=True):
+        gt = truth.get(by_name.get(f.name, -1), [])
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in gt)]
+        panels.append((draw_detections(image, det.boxes, det.labels.tolist(), det.scores.tolist(), pred_names,
+                                       min_side=640), f"predicted ({len(det.boxes)}): {f.name}"))
+        panels.append((draw_detections(image, boxes, [a["category_id"] for a in gt], None, names, min_side=640),
+                       f"ground truth ({len(gt)}): {f.name}"))
+    sheet = contact_sheet(panels, columns=columns,
+                          title=f"predictions (score >= {detector.threshold:g}) beside the ground truth")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, quality=92)
+    return path
 
 
 def predict_video(detector: Detector, source: str | Path, out: str | Path, *, batch_size: int = 1,
