@@ -208,3 +208,100 @@ def test_distillation_matches_hf():
                                  box_cxcywh_to_xyxy(targets[i]["boxes"][tgt])).diagonal()
     got = decoupled_distillation_loss(corners, teacher, weight, matched)
     torch.testing.assert_close(got, expected["loss_ddf"], rtol=0, atol=1e-13)
+
+
+def _hf_decoder_to_detrkit(state: dict) -> dict:
+    """HF DFineDecoder keys -> detrkit's FDRDecoder keys (q / k / v projections joined as nn.MultiheadAttention's)."""
+    import re
+
+    out = {}
+    renames = [(r"\.self_attn\.o_proj\.", ".self_attn.out_proj."), (r"\.self_attn_layer_norm\.", ".norm1."),
+               (r"\.encoder_attn\.", ".cross_attn."), (r"\.mlp\.layers\.0\.", ".linear1."),
+               (r"\.mlp\.layers\.1\.", ".linear2."), (r"\.final_layer_norm\.", ".norm3.")]
+    for key, value in state.items():
+        if key in ("reg_scale", "up") or key.endswith("num_points_scale") or re.search(r"\.[qkv]_proj\.", key):
+            continue
+        for old, new in renames:
+            key = re.sub(old, new, key)
+        out[key] = value
+    for prefix in sorted({k.rsplit(".self_attn.", 1)[0] for k in state if ".self_attn.q_proj." in k}):
+        for kind in ("weight", "bias"):
+            out[f"{prefix}.self_attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{prefix}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+    return out
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fdr_decoder_matches_hf(training):
+    """The whole FDR decoder (3 layers, points 3 / 6 / 3, 8 bins) against HF's DFineDecoder with its heads, in
+    float64 from the same random weights: pre-FDR box and logits, every layer's logits, boxes and corners."""
+    from detrkit.layers.dfine_decoder import DFineDecoderLayer, FDRDecoder
+
+    torch.manual_seed(5)
+    d, heads, levels, reg_max, classes = 32, 4, 3, 8, 5
+    config = transformers.DFineConfig(d_model=d, decoder_attention_heads=heads, decoder_layers=3,
+                                      decoder_ffn_dim=64, num_feature_levels=levels, decoder_n_points=[3, 6, 3],
+                                      max_num_bins=reg_max, num_labels=classes, reg_scale=4.0, up=0.5)
+    config._attn_implementation = "eager"
+    theirs = hf_dfine.DFineDecoder(config)
+    theirs.class_embed = torch.nn.ModuleList(torch.nn.Linear(d, classes) for _ in range(3))
+    theirs.bbox_embed = torch.nn.ModuleList(hf_dfine.DFineMLP(d, d, 4 * (reg_max + 1), 3) for _ in range(3))
+    with torch.no_grad():
+        for p in theirs.parameters():  # HF starts some heads at zero: random weights exercise every path
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    theirs = theirs.double().train(training)
+    for layer in theirs.layers:  # HF keeps 1 / points as a float32 buffer: rounded, whatever .double() does later
+        layer.encoder_attn.num_points_scale = torch.tensor([1 / n for n in (3, 6, 3) for _ in range(n)],
+                                                           dtype=torch.float64)
+    layer = DFineDecoderLayer(d, 64, 0.0, levels, heads, [3, 6, 3])
+    ours = FDRDecoder(layer, 3, d, classes, reg_max=reg_max, reg_scale=4.0, up=0.5).double().train(training)
+    ours.load_state_dict(_hf_decoder_to_detrkit(theirs.state_dict()))
+
+    shapes = [(8, 8), (4, 4), (2, 2)]
+    memory = torch.randn(2, sum(h * w for h, w in shapes), d, dtype=torch.float64)
+    tgt = torch.randn(2, 10, d, dtype=torch.float64)
+    anchors = torch.randn(2, 10, 4, dtype=torch.float64)
+    shapes_t = torch.tensor(shapes)
+    start = torch.tensor([0, 64, 80])
+    got = ours(tgt, anchors, memory, shapes_t, start)
+    with PromoteFloat32():
+        hf = theirs(encoder_hidden_states=memory, reference_points=anchors, inputs_embeds=tgt,
+                    spatial_shapes=shapes_t, spatial_shapes_list=shapes, level_start_index=start)
+    if training:  # HF: [layer 0's pre-FDR output, then every layer's]
+        torch.testing.assert_close(got.pre_logits, hf.intermediate_logits[:, 0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.pre_boxes, hf.intermediate_reference_points[:, 0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.logits.transpose(0, 1), hf.intermediate_logits[:, 1:], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.boxes.transpose(0, 1), hf.intermediate_reference_points[:, 1:], rtol=0,
+                                   atol=1e-12)
+        torch.testing.assert_close(got.corners.transpose(0, 1), hf.intermediate_predicted_corners, rtol=0,
+                                   atol=1e-12)
+    else:  # HF keeps the last layer's outputs only
+        torch.testing.assert_close(got.logits[-1], hf.intermediate_logits[:, -1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.boxes[-1], hf.intermediate_reference_points[:, -1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.hidden, hf.intermediate_hidden_states, rtol=0, atol=1e-12)
+
+
+def test_fdr_decoder_layers_add_residual_distributions_to_the_previous_layers():
+    """Eq. 4 in the decoder: layer l's logits are layer l-1's plus its head's output (from its hidden state and the
+    previous one's), its box is the anchor decoded at their expectation, and the sum stays undetached (layer l's
+    loss trains layer l-1's head). Negative control: the residual alone does not give layer l's logits."""
+    from detrkit.layers.dfine_decoder import DFineDecoderLayer, FDRDecoder
+
+    torch.manual_seed(6)
+    dec = FDRDecoder(DFineDecoderLayer(32, 64, 0.0, 2, 4, 2), 3, 32, 3, reg_max=8).double()
+    with torch.no_grad():
+        for head in dec.bbox_embed:  # non-zero distribution heads
+            head.layers[-1].weight.normal_(0, 0.5)
+    memory = torch.randn(1, 20, 32, dtype=torch.float64)
+    out = dec(torch.randn(1, 6, 32, dtype=torch.float64), torch.randn(1, 6, 4, dtype=torch.float64), memory,
+              torch.tensor([[4, 4], [2, 2]]), torch.tensor([0, 16]))
+    w = weighting_function(8, 0.5, 4.0, dtype=torch.float64)
+    for lid in (1, 2):
+        residual = dec.bbox_embed[lid](out.hidden[lid] + out.hidden[lid - 1])
+        torch.testing.assert_close(out.corners[lid], out.corners[lid - 1] + residual, rtol=0, atol=1e-12)
+        assert not torch.allclose(out.corners[lid], residual, atol=1e-3)
+        torch.testing.assert_close(out.boxes[lid], distances_to_boxes(out.anchors, expected_distances(
+            out.corners[lid], w), 4.0), rtol=0, atol=1e-12)
+    out.corners[2].sum().backward()
+    assert dec.bbox_embed[0].layers[-1].weight.grad.abs().sum() > 0

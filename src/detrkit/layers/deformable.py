@@ -40,10 +40,12 @@ class MultiScaleDeformableAttention(nn.Module):
             RT-DETRv2 makes it a setting).
         sampling: ``"bilinear"`` (the paper's) or ``"discrete"`` (RT-DETRv2's nearest-pixel read,
             :func:`~detrkit.ops.ms_deform_attn.ms_deform_attn_discrete`).
+        projections: the value and output projections; D-FINE's decoder drops both (Peng et al. 2025, section 4:
+            its lightweight cross-attention samples the encoder's memory directly).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int | Sequence[int] = 4, *,
-                 offset_scale: float = 0.5, sampling: str = "bilinear") -> None:
+                 offset_scale: float = 0.5, sampling: str = "bilinear", projections: bool = True) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -60,8 +62,8 @@ class MultiScaleDeformableAttention(nn.Module):
         self.recorded: tuple[Tensor, Tensor] | None = None
         self.sampling_offsets = nn.Linear(d_model, n_heads * sum(points) * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * sum(points))
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.value_proj = nn.Linear(d_model, d_model) if projections else nn.Identity()
+        self.output_proj = nn.Linear(d_model, d_model) if projections else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -77,10 +79,10 @@ class MultiScaleDeformableAttention(nn.Module):
             self.sampling_offsets.bias.copy_(grid.flatten())
         nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels x points at start
         nn.init.zeros_(self.attention_weights.bias)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.zeros_(self.value_proj.bias)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.zeros_(self.output_proj.bias)
+        for proj in (self.value_proj, self.output_proj):
+            if isinstance(proj, nn.Linear):
+                nn.init.xavier_uniform_(proj.weight)
+                nn.init.zeros_(proj.bias)
 
     def forward(self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: LevelShapes,
                 level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
