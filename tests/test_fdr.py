@@ -210,25 +210,29 @@ def test_distillation_matches_hf():
     torch.testing.assert_close(got, expected["loss_ddf"], rtol=0, atol=1e-13)
 
 
-def _hf_decoder_to_detrkit(state: dict) -> dict:
-    """HF DFineDecoder keys -> detrkit's FDRDecoder keys (q / k / v projections joined as nn.MultiheadAttention's)."""
+def _hf_to_detrkit(state: dict, renames: list[tuple[str, str]]) -> dict:
+    """HF D-FINE module keys -> detrkit's: the given renames, q / k / v joined as nn.MultiheadAttention's, HF's
+    derived buffers and fixed parameters (W(n)'s ``up`` / ``reg_scale``, 1 / points) dropped."""
     import re
 
+    from detrkit.weights.hf import _merge_qkv
+
     out = {}
-    renames = [(r"\.self_attn\.o_proj\.", ".self_attn.out_proj."), (r"\.self_attn_layer_norm\.", ".norm1."),
-               (r"\.encoder_attn\.", ".cross_attn."), (r"\.mlp\.layers\.0\.", ".linear1."),
-               (r"\.mlp\.layers\.1\.", ".linear2."), (r"\.final_layer_norm\.", ".norm3.")]
     for key, value in state.items():
-        if key in ("reg_scale", "up") or key.endswith("num_points_scale") or re.search(r"\.[qkv]_proj\.", key):
+        if key in ("reg_scale", "up") or key.endswith("num_points_scale"):
             continue
         for old, new in renames:
             key = re.sub(old, new, key)
         out[key] = value
-    for prefix in sorted({k.rsplit(".self_attn.", 1)[0] for k in state if ".self_attn.q_proj." in k}):
-        for kind in ("weight", "bias"):
-            out[f"{prefix}.self_attn.in_proj_{kind}"] = torch.cat(
-                [state[f"{prefix}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
-    return out
+    return _merge_qkv(out)
+
+
+_HF_DECODER = [(r"\.self_attn_layer_norm\.", ".norm1."), (r"\.encoder_attn\.", ".cross_attn."),
+               (r"\.mlp\.layers\.0\.", ".linear1."), (r"\.mlp\.layers\.1\.", ".linear2."),
+               (r"\.final_layer_norm\.", ".norm3.")]
+_HF_ENCODER = [(r"^aifi\.", "encoder."), (r"\.self_attn_layer_norm\.", ".norm1."),
+               (r"\.mlp\.layers\.0\.", ".linear1."), (r"\.mlp\.layers\.1\.", ".linear2."),
+               (r"\.final_layer_norm\.", ".norm2.")]
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -256,7 +260,7 @@ def test_fdr_decoder_matches_hf(training):
                                                            dtype=torch.float64)
     layer = DFineDecoderLayer(d, 64, 0.0, levels, heads, [3, 6, 3])
     ours = FDRDecoder(layer, 3, d, classes, reg_max=reg_max, reg_scale=4.0, up=0.5).double().train(training)
-    ours.load_state_dict(_hf_decoder_to_detrkit(theirs.state_dict()))
+    ours.load_state_dict(_hf_to_detrkit(theirs.state_dict(), _HF_DECODER))
 
     shapes = [(8, 8), (4, 4), (2, 2)]
     memory = torch.randn(2, sum(h * w for h, w in shapes), d, dtype=torch.float64)
@@ -305,3 +309,36 @@ def test_fdr_decoder_layers_add_residual_distributions_to_the_previous_layers():
             out.corners[lid], w), 4.0), rtol=0, atol=1e-12)
     out.corners[2].sum().backward()
     assert dec.bbox_embed[0].layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_gelan_hybrid_encoder_matches_hf():
+    """D-FINE's hybrid encoder (AIFI, then FPN / PAN with GELAN blocks and SCDown) against HF's
+    DFineHybridEncoder in float64, from the same random weights and BatchNorm statistics (input projections
+    aside: HF keeps them in the model)."""
+    from detrkit.layers.hybrid_encoder import HybridEncoder
+
+    torch.manual_seed(7)
+    d = 32
+    config = transformers.DFineConfig(encoder_hidden_dim=d, encoder_in_channels=[d, d, d], encoder_ffn_dim=64,
+                                      encoder_attention_heads=4, depth_mult=0.67, hidden_expansion=0.5)
+    config._attn_implementation = "eager"
+    theirs = hf_dfine.DFineHybridEncoder(config)
+    with torch.no_grad():
+        for name, t in theirs.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if "running_var" in name else torch.randn_like(t) * 0.3)
+    theirs = theirs.double().eval()
+    ours = HybridEncoder((d, d, d), hidden_dim=d, nhead=4, dim_feedforward=64, depth_mult=0.67, expansion=0.5,
+                         fusion="gelan").double().eval()
+    missing = ours.load_state_dict(_hf_to_detrkit(theirs.state_dict(), _HF_ENCODER), strict=False)
+    assert not missing.unexpected_keys and all(k.startswith("input_proj.") for k in missing.missing_keys)
+    ours.input_proj = torch.nn.ModuleList(torch.nn.Identity() for _ in range(3))
+    feats = [torch.randn(2, d, s, s * 5 // 4, dtype=torch.float64) for s in (16, 8, 4)]  # non-square
+    got = ours([f.clone() for f in feats])
+    with PromoteFloat32():
+        hf = theirs(inputs_embeds=[f.clone() for f in feats]).last_hidden_state
+    for a, b in zip(got, hf, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # negative control: RT-DETR's CSP fusion with the same names is a different network
+    assert HybridEncoder((d, d, d), hidden_dim=d, depth_mult=0.67, expansion=0.5).downsample_convs[0].__class__ \
+        is not ours.downsample_convs[0].__class__
