@@ -77,11 +77,31 @@ def test_a_wrong_option_is_caught():
         parser().parse_args(["train", "--data", "d", "--no_such_option", "1"])
 
 
-LINK = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
+LINK = re.compile(r"\]\(([^)#\s]*)(#[^)\s]*)?\)")
+
+
+def anchors(markdown: str) -> set[str]:
+    """The ``#anchor`` names GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    heads = re.findall(r"^#{1,6} +(.+?) *$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
+def test_anchors_follow_githubs_rule():
+    """A negative control for the check below: a heading's anchor is found, a made-up one is not."""
+    found = anchors("# Real photos: tree crowns\n## The demo's `fast-cpu` recipe\n```\n# not a heading\n```")
+    assert found == {"real-photos-tree-crowns", "the-demos-fast-cpu-recipe"}
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
 def test_relative_links_exist(doc):
-    missing = [target for target, _ in LINK.findall(doc.read_text())
-               if "://" not in target and not (doc.parent / target).exists()]
-    assert not missing, f"{doc.name} links to missing files: {missing}"
+    """Every relative link points at a file that exists, and its ``#anchor`` at a heading of that file."""
+    missing = []
+    for target, anchor in LINK.findall(doc.read_text()):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path = doc.parent / target if target else doc
+        if not path.exists():
+            missing.append(target)
+        elif anchor and path.suffix == ".md" and anchor[1:] not in anchors(path.read_text()):
+            missing.append(target + anchor)
+    assert not missing, f"{doc.name} links to missing files or headings: {missing}"
