@@ -346,3 +346,78 @@ def test_rt_detr_matches_hf(version, size, hw, tmp_path):
                        a64.pred_boxes, ref64.intermediate_reference_points[:, i])
     assert max_abs_diff(mine32.pred_logits, ref32.logits) <= 1e-4 and max_abs_diff(mine32.pred_boxes,
                                                                                     ref32.pred_boxes) <= 1e-4
+
+
+# D-FINE: a small HGNetv2 of the B0 form (every kind of block: plain and light, residual, downsampling)
+HGNET_TINY = ((3, 8, 8), ((8, 8, 16, 1, False, False, 3, 2), (16, 8, 32, 2, True, False, 3, 2),
+                          (32, 8, 48, 2, True, True, 5, 2), (48, 16, 64, 1, True, True, 5, 2)))
+
+
+def _d_fine_hf(width: int, d_model: int, eval_idx: int = -1):
+    """A random-weight HF DFineForObjectDetection: the tiny HGNetv2 (learnable affine blocks), GELAN encoder, 3 FDR
+    layers with 3 / 6 / 3 points and 8 + 1 bins; every tensor HF starts at a constant randomised."""
+    if not hasattr(transformers, "DFineForObjectDetection"):
+        pytest.skip(f"transformers {transformers.__version__} has no DFine (added in 4.52)")
+    from transformers import DFineConfig, DFineForObjectDetection, HGNetV2Config
+
+    torch.manual_seed(0)
+    stem, stages = HGNET_TINY
+    cols = list(zip(*stages, strict=True))
+    backbone = HGNetV2Config(
+        stem_channels=list(stem), stage_in_channels=list(cols[0]), stage_mid_channels=list(cols[1]),
+        stage_out_channels=list(cols[2]), stage_num_blocks=list(cols[3]), stage_downsample=list(cols[4]),
+        stage_light_block=list(cols[5]), stage_kernel_size=list(cols[6]), stage_numb_of_layers=list(cols[7]),
+        use_learnable_affine_block=True, out_features=["stage2", "stage3", "stage4"], hidden_sizes=list(cols[2]))
+    config = DFineConfig(backbone_config=backbone, encoder_in_channels=[32, 48, 64], encoder_hidden_dim=width,
+                         encoder_ffn_dim=64, encoder_attention_heads=4, d_model=d_model,
+                         decoder_in_channels=[width] * 3, decoder_ffn_dim=64, decoder_layers=3, eval_idx=eval_idx,
+                         decoder_attention_heads=4, num_queries=20, hidden_expansion=0.5, depth_mult=0.34,
+                         decoder_n_points=[3, 6, 3], max_num_bins=8, num_labels=5)
+    hf = DFineForObjectDetection(config)
+    with torch.no_grad():
+        for name, t in hf.state_dict().items():
+            if not t.is_floating_point() or name.endswith(("num_points_scale", ".up", ".reg_scale")):
+                continue
+            if "running_var" in name or name.endswith("lab.scale"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif "running_mean" in name:
+                t.normal_(0, 0.1)
+            elif any(s in name for s in ("sampling_offsets", "attention_weights", "bbox_embed", "bbox_head", "gate",
+                                         "lqe_layers", "lab.bias")):
+                t.normal_(0, 0.3)
+    return hf
+
+
+def _exact_point_scales(hf) -> None:
+    """HF keeps each decoder layer's 1 / points as a float32 buffer; in float64 it must be the exact fractions."""
+    for layer in hf.model.decoder.layers:
+        scale = layer.encoder_attn.num_points_scale
+        layer.encoder_attn.num_points_scale = (1 / (1 / scale.double()).round()).to(scale.device)
+
+
+D_FINE_CASES = [(32, 32, (64, 64)), (32, 32, (64, 96)), (48, 32, (96, 64))]
+
+
+@pytest.mark.parametrize("width,d_model,hw", D_FINE_CASES)
+def test_d_fine_matches_hf(width, d_model, hw, tmp_path):
+    """DFineForObjectDetection, loaded through create_model from its saved folder: the selected proposals, the
+    last layer's logits and boxes (with the location-quality score), square and non-square inputs; with an encoder
+    wider than the decoder, the decoder's input projections too (D-FINE-X's 384 -> 256)."""
+    hf = _d_fine_hf(width, d_model)
+    overrides = dict(backbone=HGNET_TINY, hidden_dim=width, encoder_ffn=64, nhead=4, d_model=d_model,
+                     dim_feedforward=64, num_decoder_layers=3, num_queries=20, reg_max=8, backbone_norm="frozen")
+    pair = Pair(hf, tmp_path, "dfine_s", num_classes=5, **overrides)
+    _exact_point_scales(pair.hf64)
+    images = torch.rand(2, 3, *hw)
+    mask = torch.zeros(2, *hw, dtype=torch.bool)
+    mine32, ref32, mine64, ref64 = pair.run(images, mask)
+    assert (ref64.init_reference_points.abs() < 1e30).all(), "HF selected an invalid anchor"
+    _assert_parity("selected proposal logits", mine32.enc_outputs.pred_logits, ref32.enc_topk_logits,
+                   mine64.enc_outputs.pred_logits, ref64.enc_topk_logits)
+    _assert_parity("selected proposal boxes", mine32.enc_outputs.pred_boxes, ref32.enc_topk_bboxes,
+                   mine64.enc_outputs.pred_boxes, ref64.enc_topk_bboxes)
+    _assert_parity("logits", mine32.pred_logits, ref32.logits, mine64.pred_logits, ref64.logits)
+    _assert_parity("boxes", mine32.pred_boxes, ref32.pred_boxes, mine64.pred_boxes, ref64.pred_boxes)
+    # the location-quality estimator changes the scores: without it they would differ (negative control)
+    assert max_abs_diff(mine64.pred_logits, pair.model64.decoder.class_embed[-1](
+        ref64.last_hidden_state)) > 1e-3

@@ -19,6 +19,7 @@ The last layer's distributions teach the earlier ones in training (GO-LSD, secti
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,8 @@ class Gate(nn.Module):
         super().__init__()
         self.gate = nn.Linear(2 * d_model, 2 * d_model)
         self.norm = nn.LayerNorm(d_model)
+        nn.init.zeros_(self.gate.weight)  # the official start: both halves weighted sigmoid(0.5)
+        nn.init.constant_(self.gate.bias, 0.5)
 
     def forward(self, residual: Tensor, update: Tensor) -> Tensor:
         g1, g2 = self.gate(torch.cat([residual, update], -1)).sigmoid().chunk(2, -1)
@@ -109,12 +112,17 @@ class FDRDecoder(nn.Module):
         num_classes: class logits per query.
         reg_max / reg_scale / up: the distributions' bins - 1 and the weighting function's shape (32, 4, 0.5).
         lqe_top_k / lqe_hidden / lqe_layers: the location-quality estimator (4, 64, 2).
+        eval_idx: the layer whose prediction inference returns (-1: the last); layers after it run in training
+            only (the last of them is GO-LSD's teacher): D-FINE-M trains 5 layers and infers with 4 (``-2``).
     """
 
     def __init__(self, layer: DFineDecoderLayer, num_layers: int, d_model: int, num_classes: int, *,
                  reg_max: int = 32, reg_scale: float = 4.0, up: float = 0.5, lqe_top_k: int = 4,
-                 lqe_hidden: int = 64, lqe_layers: int = 2) -> None:
+                 lqe_hidden: int = 64, lqe_layers: int = 2, eval_idx: int = -1) -> None:
         super().__init__()
+        if not -num_layers <= eval_idx < num_layers:
+            raise ValueError(f"eval_idx must index one of the {num_layers} decoder layers, got {eval_idx}")
+        self.eval_idx = eval_idx % num_layers
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.query_pos_head = MLP(4, 2 * d_model, d_model, 2)
         self.pre_bbox_head = MLP(d_model, d_model, 4, 3)
@@ -123,6 +131,20 @@ class FDRDecoder(nn.Module):
         self.lqe_layers = nn.ModuleList(LocationQualityEstimator(reg_max, lqe_top_k, lqe_hidden, lqe_layers)
                                         for _ in range(num_layers))
         self.reg_max, self.reg_scale, self.up = reg_max, reg_scale, up
+        self.eps = 1e-5  # inverse_sigmoid's clamp in the official and HF code (the denoising boxes use it too)
+        self._reset_heads()
+
+    def _reset_heads(self) -> None:
+        """The official init: class heads at the focal prior (probability 0.01), the pre-FDR box head and every
+        distribution head at zero (uniform distributions, whose expectation under the symmetric W is 0: every
+        layer starts at its anchor), the query-position MLP Xavier."""
+        for cls in self.class_embed:
+            nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))
+        for head in [self.pre_bbox_head, *self.bbox_embed]:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
 
     def forward(self, tgt: Tensor, anchors: Tensor, memory: Tensor, spatial_shapes: LevelShapes,
                 level_start_index: Tensor, self_attn_mask: Tensor | None = None) -> FDRDecoderOutput:
@@ -132,11 +154,12 @@ class FDRDecoder(nn.Module):
         ref = anchors.sigmoid()  # (B, Q, 4) the box each layer samples around, detached
         hidden, logits, boxes, corners = [], [], [], []
         prev_hidden, prev_corners = 0, 0
-        for lid, layer in enumerate(self.layers):
+        last = len(self.layers) - 1 if self.training else self.eval_idx  # inference stops at eval_idx
+        for lid, layer in enumerate(self.layers[:last + 1]):
             query_pos = self.query_pos_head(ref).clamp(-10, 10)  # (B, Q, C)
             tgt = layer(tgt, query_pos, ref[:, :, None], memory, spatial_shapes, level_start_index, self_attn_mask)
             if lid == 0:
-                pre_boxes = (self.pre_bbox_head(tgt) + inverse_sigmoid(ref)).sigmoid()
+                pre_boxes = (self.pre_bbox_head(tgt) + inverse_sigmoid(ref, self.eps)).sigmoid()
                 pre_logits = self.class_embed[0](tgt)
                 anchor = pre_boxes.detach()
             # FDR (eq. 4): residual logits on top of the previous layer's, from this and the previous hidden state

@@ -104,6 +104,8 @@ class LocationQualityEstimator(nn.Module):
         super().__init__()
         self.reg_max, self.top_k = reg_max, top_k
         self.reg_conf = MLP(4 * (top_k + 1), hidden_dim, 1, num_layers)  # named as in the official code
+        nn.init.zeros_(self.reg_conf.layers[-1].weight)  # starts adding nothing to the class logits
+        nn.init.zeros_(self.reg_conf.layers[-1].bias)
 
     def forward(self, logits: Tensor, corners: Tensor) -> Tensor:
         """logits (B, N, K), corners (B, N, 4 * (reg_max + 1)) -> logits + quality (B, N, K)."""

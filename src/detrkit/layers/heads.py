@@ -20,10 +20,14 @@ class LayerOutput:
     Attributes:
         pred_logits: (B, N, K) class logits.
         pred_boxes: (B, N, 4) boxes, normalized (cx, cy, w, h) in [0, 1].
+        corners: D-FINE: (B, N, 4 * (reg_max + 1)) the layer's edge-distribution logits (FDR), else None.
+        anchors: D-FINE: (B, N, 4) the detached boxes the distributions are measured from, else None.
     """
 
     pred_logits: Tensor
     pred_boxes: Tensor
+    corners: Tensor | None = None
+    anchors: Tensor | None = None
 
 
 def focal_class_head(d_model: int, num_classes: int, prior_prob: float = 0.01) -> nn.Linear:

@@ -10,7 +10,9 @@ Returned losses are already weighted; their sum is the training objective. Keys:
 ``loss_bbox``, ``loss_giou``, with ``_aux{i}`` for decoder layer i, ``_enc`` for two-stage proposals,
 ``_dn`` / ``_dn_aux{i}`` for the denoising queries of the last / i-th decoder layer (DN-DETR, DINO), ``_o2m`` /
 ``_o2m_aux{i}`` for hybrid matching's one-to-many queries (H-DETR), ``_enc_o2m`` for the dense one-to-many
-supervision of the encoder's proposals.
+supervision of the encoder's proposals. D-FINE adds ``loss_fgl`` / ``loss_ddf`` (its edge distributions: the
+fine-grained localization loss and GO-LSD's distillation from the last layer, :meth:`SetCriterion._local_losses`)
+and ``_pre`` / ``_dn_pre`` for layer 0's box before FDR.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from detrkit.layers.denoising import DenoisingLayout, dn_slots
+from detrkit.layers.fdr import bin_targets, boxes_to_distances, weighting_function
 from detrkit.layers.one_to_many import repeat_targets
+from detrkit.losses.distribution import decoupled_distillation_loss, fine_grained_localization_loss
 from detrkit.losses.matcher import HungarianMatcher
 from detrkit.models.outputs import LayerOutput, LossConfig
 from detrkit.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 LOSS_CLASS, LOSS_BBOX, LOSS_GIOU = "loss_class", "loss_bbox", "loss_giou"
+LOSS_FGL, LOSS_DDF = "loss_fgl", "loss_ddf"
 VARIFOCAL_ALPHA, VARIFOCAL_GAMMA = 0.75, 2.0  # RT-DETR's settings of the varifocal loss
 MAL_GAMMA = 1.5  # DEIM's
 
@@ -83,14 +88,23 @@ class SetCriterion(nn.Module):
     def forward(self, outputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """outputs: DetectionOutput; targets: per image {"labels": (n,) int64 in [0, K), "boxes": (n, 4) cxcywh}."""
         num_boxes = self._num_boxes(targets, outputs.pred_boxes.device)
-        layers = [("", outputs.pred_logits, outputs.pred_boxes)]
+        last = LayerOutput(outputs.pred_logits, outputs.pred_boxes, outputs.pred_corners, outputs.anchors)
+        layers = [("", last)]
         if self.config.aux_loss:
-            layers += [(f"_aux{i}", aux.pred_logits, aux.pred_boxes) for i, aux in enumerate(outputs.aux_outputs)]
+            layers += [(f"_aux{i}", aux) for i, aux in enumerate(outputs.aux_outputs)]
+            if outputs.pre_outputs is not None:  # D-FINE: layer 0's box before FDR
+                layers.append(("_pre", outputs.pre_outputs))
         # every decoder layer is matched in one pass (one device -> host transfer), then each gets its losses
-        matches = self.matcher.match_layers([lg for _, lg, _ in layers], [bx for _, _, bx in layers], targets)
+        matches = self.matcher.match_layers([o.pred_logits for _, o in layers], [o.pred_boxes for _, o in layers],
+                                            targets)
         losses = {}
-        for (suffix, logits, boxes), indices in zip(layers, matches, strict=False):
-            losses.update(self._layer_losses(logits, boxes, targets, num_boxes, suffix, indices))
+        for (suffix, out), indices in zip(layers, matches, strict=False):
+            losses.update(self._layer_losses(out.pred_logits, out.pred_boxes, targets, num_boxes, suffix, indices))
+            if out.corners is not None and self.config.fdr is not None:
+                b, q = _flat_indices(indices, out.pred_logits.device)
+                tgt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices,
+                                                                                          strict=True)]).float()
+                losses.update(self._local_losses(out, last, b, q, tgt.to(out.pred_boxes.device), num_boxes, suffix))
         if outputs.enc_outputs is not None:
             enc = outputs.enc_outputs
             enc_targets = targets
@@ -99,6 +113,9 @@ class SetCriterion(nn.Module):
             losses.update(self._layer_losses(enc.pred_logits, enc.pred_boxes, enc_targets, num_boxes, "_enc"))
         if outputs.dn_meta is not None and outputs.dn_outputs is not None:
             losses.update(self._dn_losses(outputs.dn_meta, outputs.dn_outputs, targets, num_boxes))
+            if outputs.dn_pre_outputs is not None and self.config.aux_loss:
+                losses.update(self._dn_losses(outputs.dn_meta, [outputs.dn_pre_outputs], targets, num_boxes,
+                                              "_dn_pre"))
         if outputs.enc_dense is not None:  # every encoder proposal, k per object (see RTDETR's enc_o2m_k)
             k, dense = outputs.enc_dense_k, outputs.enc_dense
             losses.update(self._layer_losses(dense.pred_logits, dense.pred_boxes, repeat_targets(targets, k),
@@ -140,7 +157,7 @@ class SetCriterion(nn.Module):
                 for layer in range(len(logits))]
 
     def _dn_losses(self, layout: DenoisingLayout, dn_outputs: list[LayerOutput], targets: list[dict],
-                   num_boxes: float) -> dict[str, Tensor]:
+                   num_boxes: float, name: str = "_dn") -> dict[str, Tensor]:
         """Denoising losses (DN-DETR section 3.1, DINO section 3.3): no matching, slot k of a group reconstructs
         object k. Positives: focal loss towards the true class + L1 + GIoU; DINO's negatives: focal loss towards
         no-object only. Empty slots (images with fewer objects than the batch maximum) are not supervised.
@@ -167,8 +184,41 @@ class SetCriterion(nn.Module):
             onehot[positive, labels[positive]] = 1.0  # negatives keep an all-zero target: "no object"
             pred = out.pred_boxes[b_idx[positive], slot[positive]].float()
             loss_class = self._class_loss(logits, onehot, positive, pred, boxes[positive]) / norm
-            losses.update(self._weighted(loss_class, pred, boxes[positive], norm, "_dn" if last else f"_dn_aux{lid}"))
+            suffix = name if last else f"{name}_aux{lid}"
+            losses.update(self._weighted(loss_class, pred, boxes[positive], norm, suffix))
+            if out.corners is not None and self.config.fdr is not None:  # D-FINE: the last dn layer teaches
+                losses.update(self._local_losses(out, dn_outputs[-1], b_idx[positive], slot[positive],
+                                                 boxes[positive], norm, suffix))
         return losses
+
+    def _local_losses(self, out: LayerOutput, teacher: LayerOutput, b: Tensor, q: Tensor, tgt_boxes: Tensor,
+                      num_boxes: float, suffix: str) -> dict[str, Tensor]:
+        """D-FINE's losses on a layer's edge distributions (``out.corners``), for its matched queries (image ``b``,
+        query ``q``) and their objects' boxes (M, 4) cxcywh:
+
+        - FGL (section 3.2, :func:`~detrkit.losses.distribution.fine_grained_localization_loss`): each edge's
+          distribution towards the two bins around the object's edge, measured from the layer's anchor, weighted by
+          the IoU of the layer's box;
+        - DDF (GO-LSD, section 3.3, :func:`~detrkit.losses.distribution.decoupled_distillation_loss`): every query's
+          distributions towards ``teacher``'s (the last layer's), weighted by the IoU where matched and by the
+          teacher's confidence elsewhere; zero for the teacher itself.
+        """
+        c = self.config
+        reg_max, reg_scale, up = c.fdr
+        corners = out.corners.float()
+        project = weighting_function(reg_max, up, reg_scale, device=corners.device)
+        with torch.no_grad():
+            distances = boxes_to_distances(out.anchors[b, q].float(), box_cxcywh_to_xyxy(tgt_boxes), reg_scale)
+            index, w_left, w_right = bin_targets(distances, project)
+            iou = _matched_iou(out.pred_boxes[b, q].float(), tgt_boxes)
+        fgl = fine_grained_localization_loss(corners[b, q], index, w_left, w_right, iou, num_boxes)
+        with torch.no_grad():
+            weight = teacher.pred_logits.float().sigmoid().max(-1).values  # (B, N) unmatched: the teacher's confidence
+            weight[b, q] = iou.to(weight.dtype)
+            matched = torch.zeros_like(weight, dtype=torch.bool)
+            matched[b, q] = True
+        ddf = decoupled_distillation_loss(corners, teacher.corners.float(), weight, matched, c.ddf_temperature)
+        return {LOSS_FGL + suffix: c.fgl_weight * fgl, LOSS_DDF + suffix: c.ddf_weight * ddf}
 
     def _weighted(
         self, loss_class: Tensor, src_boxes: Tensor, tgt_boxes: Tensor, num_boxes: float, suffix: str
@@ -231,6 +281,12 @@ class SetCriterion(nn.Module):
             dist.all_reduce(n)
             n = n / dist.get_world_size()
         return max(n.item(), 1.0)
+
+
+def _flat_indices(indices: list[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-image (query, object) matches -> (image index, query index) of every matched query, each (M,)."""
+    b = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+    return b, torch.cat([src for src, _ in indices]).to(device)
 
 
 def _matched_iou(src_boxes: Tensor, tgt_boxes: Tensor) -> Tensor:

@@ -32,6 +32,10 @@ class DetectionOutput:
         enc_dense: dense one-to-many supervision of the encoder in training (RT-DETR ``enc_o2m_k``): every valid
             encoder proposal (B, S, *), matched to the objects repeated ``enc_dense_k`` times.
         enc_dense_k: how many proposals each object is matched to there.
+        pred_corners / anchors: D-FINE: the last layer's edge-distribution logits (B, Q, 4 * (reg_max + 1)) and the
+            boxes they are measured from (B, Q, 4); the earlier layers' are on their :class:`LayerOutput`.
+        pre_outputs / dn_pre_outputs: D-FINE in training: layer 0's box before FDR (its pre-box head) and class
+            logits, of the matching / denoising queries.
     """
 
     pred_logits: Tensor
@@ -45,6 +49,10 @@ class DetectionOutput:
     o2m_groups: int = 1
     enc_dense: LayerOutput | None = None
     enc_dense_k: int = 0
+    pred_corners: Tensor | None = None
+    anchors: Tensor | None = None
+    pre_outputs: LayerOutput | None = None
+    dn_pre_outputs: LayerOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,13 @@ class LossConfig:
     # The class term: None = "focal" for sigmoid models, "ce" for softmax ones; "varifocal" or "mal" (sigmoid models)
     # train the score of a matched query towards its box's IoU instead of 1 (see detrkit.losses.criterion).
     class_loss: str | None = None
+    # D-FINE (Peng et al. ICLR 2025): the fine-grained localization loss on the edge distributions (section 3.2)
+    # and GO-LSD's decoupled distillation from the last layer (section 3.3); ``fdr`` = (reg_max, reg_scale, up) of
+    # the model's weighting function W(n). Zero / None for every other family.
+    fgl_weight: float = 0.0
+    ddf_weight: float = 0.0
+    ddf_temperature: float = 5.0
+    fdr: tuple[int, float, float] | None = None
 
     def __post_init__(self) -> None:
         kinds = ("focal", "varifocal", "mal") if self.focal else ("ce",)

@@ -158,9 +158,15 @@ class RTDETR(nn.Module):
         if extra:  # [denoising, one-to-one, one-to-many]: the last two (and the groups) unable to see each other
             attn_mask = hide_after_denoising(attn_mask, tgt.shape[1], dn_meta.num_dn if dn_meta is not None else 0,
                                              extra, self.o2m.groups, tgt.device)
-        hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, attn_mask)
-        out = self._heads(hidden, refs, enc_outputs, dn_meta, extra)
+        out = self._decode(tgt, anchors, memory, shapes, starts, attn_mask, enc_outputs, dn_meta, extra)
         return out if enc_dense is None else replace(out, enc_dense=enc_dense, enc_dense_k=self.enc_o2m_k)
+
+    def _decode(self, tgt: Tensor, anchors: Tensor, memory: Tensor, shapes: list[tuple[int, int]], starts: Tensor,
+                attn_mask: Tensor | None, enc_outputs: LayerOutput, dn_meta: DenoisingLayout | None,
+                extra: int) -> DetectionOutput:
+        """The decoder on the selected (and denoising) queries, then the per-layer heads."""
+        hidden, refs = self.decoder(tgt, anchors, memory, shapes, starts, attn_mask)
+        return self._heads(hidden, refs, enc_outputs, dn_meta, extra)
 
     def _flatten_levels(self, maps: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]], Tensor]:
         """The decoder's levels: each encoder map projected (1x1 conv + BN), extra levels by stride-2 convolutions

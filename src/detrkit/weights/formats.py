@@ -26,6 +26,7 @@ from torch import Tensor, nn
 import detrkit.models  # noqa: F401  (importing the models registers their presets)
 from detrkit.data.coco_classes import coco_label_space
 from detrkit.registry import DEFAULT_NUM_CLASSES, image_size_of, list_models, model_info
+from detrkit.weights.d_fine import convert_hf_d_fine
 from detrkit.weights.detrex import convert_detrex, detrex_family
 from detrkit.weights.files import WEIGHTS_NAME, CheckpointError, read_meta, resolve_weights_file
 from detrkit.weights.hf import convert_hf_dab_detr, convert_hf_deformable_detr, convert_hf_detr
@@ -136,6 +137,14 @@ FORMATS = {
             ((RT_DETR_DERIVED.pattern, "computed by detrkit (anchors, the points' scale)"),),
         ),
         CheckpointFormat(
+            "hf_d_fine",
+            "HF transformers DFineForObjectDetection",
+            "DFINE",
+            convert_hf_d_fine,
+            ((r"^model\.decoder\.(anchors|valid_mask|up|reg_scale)$|.*\.num_points_scale$",
+              "computed by detrkit (W(n)'s up / reg_scale, anchors, the points' scale)"),),
+        ),
+        CheckpointFormat(
             "official_rt_detr",
             "lyuwenyu/RT-DETR (rtdetr_pytorch, rtdetrv2_pytorch)",
             "RTDETR",
@@ -158,6 +167,8 @@ def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
         return any(k.startswith(prefix) for k in keys)
 
     if has("model.backbone."):  # HF transformers
+        if has("model.decoder.lqe_layers."):
+            return FORMATS["hf_d_fine"]
         if has("model.encoder_input_proj."):
             return FORMATS["hf_rt_detr"]
         if "class_labels_classifier.weight" in keys:
@@ -166,6 +177,8 @@ def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
             return FORMATS["hf_dab_detr"]
         if "model.level_embed" in keys:
             return FORMATS["hf_deformable_detr"]
+    elif has("backbone.stages.") and has("decoder.lqe_layers."):  # HGNetv2 + FDR decoder: detrkit's D-FINE
+        return FORMATS["detrkit"]
     elif has("backbone.stem.") or has("backbone.res2."):  # detectron2 ResNet: detrex
         return FORMATS[_DETREX_FORMATS[detrex_family(state_dict)]]
     elif has("backbone.0.body.") or has("detr.backbone.0.body."):  # the official repositories' Joiner
@@ -183,8 +196,8 @@ def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
     sample = ", ".join(sorted(keys)[:6])
     raise CheckpointError(f"unrecognised checkpoint layout (keys: {sample}, ...). detrkit reads detrkit, official "
                           f"DETR / Deformable-DETR / DAB-DETR / DN-DETR / DINO / RT-DETR(v2), detrex and HF "
-                          f"transformers (Detr, DeformableDetr, DabDetr, RTDetr, RTDetrV2) checkpoints of ResNet "
-                          f"models.")
+                          f"transformers (Detr, DeformableDetr, DabDetr, RTDetr, RTDetrV2, DFine) "
+                          f"checkpoints.")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
