@@ -421,3 +421,96 @@ def test_d_fine_matches_hf(width, d_model, hw, tmp_path):
     # the location-quality estimator changes the scores: without it they would differ (negative control)
     assert max_abs_diff(mine64.pred_logits, pair.model64.decoder.class_embed[-1](
         ref64.last_hidden_state)) > 1e-3
+
+
+# HF's own converter (transformers' convert_d_fine_original_pytorch_checkpoint_to_hf.py) names each official key's
+# HF counterpart; these are its rules read backwards, HF -> Peterande/D-FINE, to write an official-layout file.
+_HF_TO_OFFICIAL = [
+    (r"^model\.backbone\.model\.embedder\.", "backbone.stem."),
+    (r"^model\.backbone\.model\.encoder\.stages\.", "backbone.stages."),
+    (r"\.convolution\.", ".conv."),
+    (r"\.normalization\.", ".bn."),
+    (r"^model\.encoder_input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
+    (r"^model\.encoder_input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.norm."),
+    (r"^model\.encoder\.aifi\.(\d+)\.layers\.0\.self_attn_layer_norm\.", r"encoder.encoder.\1.layers.0.norm1."),
+    (r"^model\.encoder\.aifi\.(\d+)\.layers\.0\.final_layer_norm\.", r"encoder.encoder.\1.layers.0.norm2."),
+    (r"^model\.encoder\.aifi\.", "encoder.encoder."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv1\.", r"encoder.\1_blocks.\2.cv1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.csp_rep1\.", r"encoder.\1_blocks.\2.cv2.0."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv2\.", r"encoder.\1_blocks.\2.cv2.1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.csp_rep2\.", r"encoder.\1_blocks.\2.cv3.0."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv3\.", r"encoder.\1_blocks.\2.cv3.1."),
+    (r"^model\.encoder\.(fpn|pan)_blocks\.(\d+)\.conv4\.", r"encoder.\1_blocks.\2.cv4."),
+    (r"^model\.encoder\.downsample_convs\.(\d+)\.conv(\d)\.", r"encoder.downsample_convs.\1.0.cv\2."),
+    (r"^model\.encoder\.", "encoder."),
+    (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder.decoder.layers.\1.norm1."),
+    (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder.decoder.layers.\1.norm3."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.", r"decoder.decoder.layers.\1.cross_attn."),
+    (r"^model\.decoder\.(layers|lqe_layers|up$|reg_scale$)", r"decoder.decoder.\1"),
+    (r"^model\.decoder\.(pre_bbox_head|query_pos_head)\.", r"decoder.\1."),
+    (r"^model\.decoder\.class_embed\.", "decoder.dec_score_head."),
+    (r"^model\.decoder\.bbox_embed\.", "decoder.dec_bbox_head."),
+    (r"^model\.decoder_input_proj\.(\d+)\.0\.", r"decoder.input_proj.\1.conv."),
+    (r"^model\.decoder_input_proj\.(\d+)\.1\.", r"decoder.input_proj.\1.norm."),
+    (r"^model\.enc_output\.0\.", "decoder.enc_output.proj."),
+    (r"^model\.enc_output\.1\.", "decoder.enc_output.norm."),
+    (r"^model\.", "decoder."),  # denoising_class_embed, enc_score_head, enc_bbox_head
+    (r"\.mlp\.layers\.0\.", ".linear1."),
+    (r"\.mlp\.layers\.1\.", ".linear2."),
+    (r"\.o_proj\.", ".out_proj."),
+]
+
+
+def _official_d_fine_state(hf) -> dict:
+    """HF DFineForObjectDetection's tensors under Peterande/D-FINE's names: q / k / v as one in_proj, the tied
+    top-level heads dropped, the anchors buffers added (the official code saves them)."""
+    import re
+
+    state = {}
+    for key, value in hf.state_dict().items():
+        if key.startswith(("class_embed.", "bbox_embed.")):
+            continue
+        for pattern, repl in _HF_TO_OFFICIAL:
+            key = re.sub(pattern, repl, key)
+        state[key] = value.clone()
+    for key in [k for k in state if k.endswith(".self_attn.q_proj.weight")]:
+        stem = key.removesuffix("q_proj.weight")
+        for kind in ("weight", "bias"):
+            state[f"{stem}in_proj_{kind}"] = torch.cat([state.pop(f"{stem}{p}_proj.{kind}") for p in "qkv"])
+    state["decoder.anchors"], state["decoder.valid_mask"] = torch.zeros(1, 10, 4), torch.ones(1, 10, 1)
+    return state
+
+
+def test_d_fine_official_layout(tmp_path):
+    """A Peterande/D-FINE file (written from HF's model by HF's published key table) loads into the same model as
+    HF's folder: every tensor equal and the same outputs; the layers, bins, points and W(n)'s reg_scale come from
+    the file (negative control: the file's reg_scale 8 changes the boxes)."""
+    hf = _d_fine_hf(48, 32).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    state = _official_d_fine_state(hf)
+    torch.save({"model": state}, tmp_path / "dfine.pth")
+    conv = read_checkpoint(tmp_path / "dfine.pth")
+    assert conv.format.name == "official_d_fine"
+    assert conv.model_args == {"num_decoder_layers": 3, "reg_max": 8, "up": 0.5, "reg_scale": 4.0,
+                               "n_points": [3, 6, 3]}
+    tiny = dict(backbone=HGNET_TINY, hidden_dim=48, encoder_ffn=64, nhead=4, d_model=32, dim_feedforward=64,
+                num_queries=20, backbone_norm="frozen", expansion=0.5, depth_mult=0.34)
+    # dfine_m: 5 layers, eval_idx -2; the file's 3 layers evaluate at the last (as the released M file)
+    mine = create_model("dfine_m", weights=tmp_path / "dfine.pth", num_classes=5, **tiny).eval()
+    ref = create_model("dfine_m", weights=tmp_path / "hf", num_classes=5, **tiny).eval()
+    assert len(mine.decoder.layers) == 3 and mine.decoder.eval_idx == 2
+    assert mine.state_dict().keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(mine.state_dict()[k], v), k
+    images = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        a, b, c = mine(images), ref(images), hf(pixel_values=images)
+    assert torch.equal(a.pred_boxes, b.pred_boxes) and torch.equal(a.pred_logits, b.pred_logits)
+    torch.testing.assert_close(a.pred_boxes, c.pred_boxes, atol=1e-5, rtol=1e-4)
+
+    state["decoder.decoder.reg_scale"] = torch.tensor([8.0])
+    torch.save({"model": state}, tmp_path / "dfine_x_like.pth")
+    wider = create_model("dfine_m", weights=tmp_path / "dfine_x_like.pth", num_classes=5, **tiny).eval()
+    assert wider.decoder.reg_scale == 8.0
+    with torch.no_grad():
+        assert max_abs_diff(wider(images).pred_boxes, a.pred_boxes) > 1e-3

@@ -29,7 +29,7 @@ from detrkit.layers.hybrid_encoder import ConvNormLayer, HybridEncoder
 from detrkit.models.deformable_detr import check_query_nms
 from detrkit.models.outputs import DetectionOutput, LossConfig
 from detrkit.models.rt_detr import RTDETR
-from detrkit.registry import register_model
+from detrkit.registry import Weights, register_model
 
 # D-FINE's denoising (official configs): 100 queries, label noise 0.5, box noise 1.0, contrastive.
 DFINE_NOISE = DenoisingConfig(num_dn_pairs=100, label_noise=0.5, box_noise_scale=1.0, contrastive=True)
@@ -189,10 +189,19 @@ _PAPER, _DEIM = "D-FINE (Peng et al. ICLR 2025)", "DEIM (Huang et al. CVPR 2025)
 # COCO val2017 AP: D-FINE's table 1 (N: its README), DEIM-D-FINE's table 1.
 _DFINE_AP = {"n": 0.428, "s": 0.485, "m": 0.523, "l": 0.540, "x": 0.558}
 _DEIM_AP = {"n": 0.430, "s": 0.490, "m": 0.527, "l": 0.547, "x": 0.565}
+# The official releases (D-FINE's README): COCO-trained files of every size, read by the official_d_fine layout.
+_STORAGE = "https://github.com/Peterande/storage/releases/download/dfinev1.0"
 
 
 def _build(size: str, num_classes: int, overrides: dict, **extra) -> DFINE:
-    return build_d_fine(**{"num_classes": num_classes, **_SIZES[size], **extra, **overrides})
+    config = {"num_classes": num_classes, **_SIZES[size], **extra, **overrides}
+    # A size's eval_idx belongs to its own layer count (D-FINE-M: 5 layers, inference stops at the 4th). Another
+    # count without an eval_idx - the released M file, whose deployed model kept the 4 layers inference runs -
+    # evaluates at its last layer.
+    if "num_decoder_layers" in overrides and "eval_idx" not in overrides:
+        if overrides["num_decoder_layers"] != _SIZES[size].get("num_decoder_layers", 6):
+            config["eval_idx"] = -1
+    return build_d_fine(**config)
 
 
 def _register(size: str) -> None:
@@ -208,7 +217,9 @@ def _register(size: str) -> None:
     dfine.__doc__ = f"D-FINE-{size.upper()}: {what}."
     deim.__doc__ = f"DEIM-D-FINE-{size.upper()}: D-FINE-{size.upper()} trained with DEIM's matchability-aware loss."
     dfine.__name__, deim.__name__ = f"dfine_{size}", f"deim_dfine_{size}"
-    register_model(paper=_PAPER, input_size=(640, 640), coco_ap=_DFINE_AP[size], recipe=_RECIPES[size])(dfine)
+    register_model(paper=_PAPER, input_size=(640, 640), coco_ap=_DFINE_AP[size], recipe=_RECIPES[size],
+                   weights={"coco": Weights(f"{_STORAGE}/dfine_{size}_coco.pth", _DFINE_AP[size],
+                                            "Peterande/D-FINE")})(dfine)
     register_model(paper=_DEIM, input_size=(640, 640), coco_ap=_DEIM_AP[size], recipe=_RECIPES[size])(deim)
 
 

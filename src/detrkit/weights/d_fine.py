@@ -1,5 +1,9 @@
 """D-FINE / DEIM state dicts -> detrkit :class:`~detrkit.models.DFINE`.
 
+The official code (Peterande/D-FINE; DEIM trains the same modules): detrkit keeps its backbone, encoder-layer and
+decoder-layer names; the GELAN blocks' ``cv1`` / ``cv2`` = (CSP, conv) / ``cv3`` / ``cv4`` become ``conv1``,
+``csp_rep1`` + ``conv2``, ``csp_rep2`` + ``conv3``, ``conv4``; the decoder's heads move under ``decoder.``.
+
 HF transformers' ``DFineForObjectDetection`` (``save_pretrained`` folders, Hub files): its HGNetV2 backbone names
 (``embedder`` / ``encoder.stages``, ``convolution`` / ``normalization``), separate q/k/v projections, the AIFI layer
 under ``aifi``, the MLPs of the transformer layers as ``mlp.layers.0/1``. detrkit's decoder owns its heads, as HF's
@@ -14,6 +18,7 @@ import re
 from torch import Tensor
 
 from detrkit.weights.hf import _merge_qkv
+from detrkit.weights.rt_detr import _OFFICIAL_RULES as _RT_DETR_OFFICIAL_RULES
 
 # Tensors the HF model keeps that detrkit derives from its settings.
 D_FINE_DERIVED = re.compile(r"(^decoder\.(anchors|valid_mask|up|reg_scale)$|\.num_points_scale$)")
@@ -62,3 +67,65 @@ def convert_hf_d_fine(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, value in top_heads.items():  # files that kept the tied heads at the top level only
         out.setdefault(key, value)
     return _merge_qkv(out)
+
+
+# The official layout: RT-DETR's decoder-side names, D-FINE's decoder heads kept by the decoder, the GELAN blocks.
+_OFFICIAL_DERIVED = re.compile(r"(^decoder\.(anchors|valid_mask|decoder\.up|decoder\.reg_scale)$|\.num_points_scale$)")
+_OFFICIAL_RULES = [
+    (r"^decoder\.decoder\.lqe_layers\.", "decoder.lqe_layers."),
+    (r"^decoder\.dec_score_head\.", "decoder.class_embed."),
+    (r"^decoder\.dec_bbox_head\.", "decoder.bbox_embed."),
+    *_RT_DETR_OFFICIAL_RULES,
+    (r"^encoder\.(fpn|pan)_blocks\.(\d+)\.cv1\.", r"encoder.\1_blocks.\2.conv1."),
+    (r"^encoder\.(fpn|pan)_blocks\.(\d+)\.cv2\.0\.", r"encoder.\1_blocks.\2.csp_rep1."),
+    (r"^encoder\.(fpn|pan)_blocks\.(\d+)\.cv2\.1\.", r"encoder.\1_blocks.\2.conv2."),
+    (r"^encoder\.(fpn|pan)_blocks\.(\d+)\.cv3\.0\.", r"encoder.\1_blocks.\2.csp_rep2."),
+    (r"^encoder\.(fpn|pan)_blocks\.(\d+)\.cv3\.1\.", r"encoder.\1_blocks.\2.conv3."),
+    (r"^encoder\.(fpn|pan)_blocks\.(\d+)\.cv4\.", r"encoder.\1_blocks.\2.conv4."),
+    (r"^encoder\.downsample_convs\.(\d+)\.0\.cv(\d)\.", r"encoder.downsample_convs.\1.conv\2."),
+]
+
+
+def convert_official_d_fine(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Peterande/D-FINE (and DEIM's D-FINE) checkpoints (the ``ema`` module or ``model``) -> detrkit names."""
+    out = {}
+    for key, value in state_dict.items():
+        if _OFFICIAL_DERIVED.search(key):
+            continue
+        for pattern, repl in _OFFICIAL_RULES:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _d_fine_settings(state_dict: dict[str, Tensor], decoder: str, heads: str) -> dict:
+    """The builder settings a D-FINE file fixes: its decoder layers (released files keep only the layers inference
+    runs: D-FINE-M trains 5 and ships 4), the distributions' bins (the box heads' width), W(n)'s ``up`` and
+    ``reg_scale`` (D-FINE-X: 8) and the points per level (from the 1 / n scales)."""
+    args = {}
+    layers = {int(m[1]) for k in state_dict if (m := re.match(rf"{re.escape(decoder)}layers\.(\d+)\.", k))}
+    if layers:
+        args["num_decoder_layers"] = max(layers) + 1
+    head = sorted(k for k in state_dict if re.match(rf"{re.escape(heads)}0\.layers\.\d+\.weight$", k))
+    if head:
+        args["reg_max"] = state_dict[head[-1]].shape[0] // 4 - 1
+    for name in ("up", "reg_scale"):
+        if (t := state_dict.get(f"{decoder}{name}")) is not None:
+            args[name] = round(float(t.reshape(-1)[0]), 6)
+    scales = next((v for k, v in state_dict.items() if k.startswith(f"{decoder}layers.0.")
+                   and k.endswith("num_points_scale")), None)
+    if scales is not None:
+        points, i = [], 0
+        while i < scales.numel():
+            points.append(round(1 / float(scales[i])))
+            i += points[-1]
+        args["n_points"] = points
+    return args
+
+
+def official_d_fine_settings(state_dict: dict[str, Tensor]) -> dict:
+    return _d_fine_settings(state_dict, "decoder.decoder.", "decoder.dec_bbox_head.")
+
+
+def hf_d_fine_settings(state_dict: dict[str, Tensor]) -> dict:
+    return _d_fine_settings(state_dict, "model.decoder.", "model.decoder.bbox_embed.")

@@ -26,7 +26,12 @@ from torch import Tensor, nn
 import detrkit.models  # noqa: F401  (importing the models registers their presets)
 from detrkit.data.coco_classes import coco_label_space
 from detrkit.registry import DEFAULT_NUM_CLASSES, image_size_of, list_models, model_info
-from detrkit.weights.d_fine import convert_hf_d_fine
+from detrkit.weights.d_fine import (
+    convert_hf_d_fine,
+    convert_official_d_fine,
+    hf_d_fine_settings,
+    official_d_fine_settings,
+)
 from detrkit.weights.detrex import convert_detrex, detrex_family
 from detrkit.weights.files import WEIGHTS_NAME, CheckpointError, read_meta, resolve_weights_file
 from detrkit.weights.hf import convert_hf_dab_detr, convert_hf_deformable_detr, convert_hf_detr
@@ -63,6 +68,7 @@ class CheckpointFormat:
         convert: state dict in this layout -> detrkit names.
         ignore: source keys that are deliberately not loaded, and why.
         model_args: builder settings the layout implies (detrex DINO's per-layer heads, its sine encoding).
+        settings: source state dict -> builder settings the file itself fixes (D-FINE's layers, bins, W(n)).
     """
 
     name: str
@@ -71,6 +77,7 @@ class CheckpointFormat:
     convert: Callable[[dict[str, Tensor]], dict[str, Tensor]]
     ignore: tuple[tuple[str, str], ...] = ()
     model_args: dict = field(default_factory=dict)
+    settings: Callable[[dict[str, Tensor]], dict] | None = None
 
 
 _DEC_CLASS_COPY = (r"^(transformer|model)\.decoder\.class_embed\.", "the decoder's reference to class_embed")
@@ -143,6 +150,16 @@ FORMATS = {
             convert_hf_d_fine,
             ((r"^model\.decoder\.(anchors|valid_mask|up|reg_scale)$|.*\.num_points_scale$",
               "computed by detrkit (W(n)'s up / reg_scale, anchors, the points' scale)"),),
+            settings=hf_d_fine_settings,
+        ),
+        CheckpointFormat(
+            "official_d_fine",
+            "Peterande/D-FINE (and DEIM's D-FINE)",
+            "DFINE",
+            convert_official_d_fine,
+            ((r"^decoder\.(anchors|valid_mask|decoder\.up|decoder\.reg_scale)$|.*\.num_points_scale$",
+              "computed by detrkit (W(n)'s up / reg_scale, anchors, the points' scale)"),),
+            settings=official_d_fine_settings,
         ),
         CheckpointFormat(
             "official_rt_detr",
@@ -177,6 +194,8 @@ def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
             return FORMATS["hf_dab_detr"]
         if "model.level_embed" in keys:
             return FORMATS["hf_deformable_detr"]
+    elif has("decoder.decoder.lqe_layers."):  # Peterande/D-FINE: the FDR decoder's quality estimators
+        return FORMATS["official_d_fine"]
     elif has("backbone.stages.") and has("decoder.lqe_layers."):  # HGNetv2 + FDR decoder: detrkit's D-FINE
         return FORMATS["detrkit"]
     elif has("backbone.stem.") or has("backbone.res2."):  # detectron2 ResNet: detrex
@@ -195,7 +214,7 @@ def detect_format(state_dict: dict[str, Tensor]) -> CheckpointFormat:
         return FORMATS["detrkit"]
     sample = ", ".join(sorted(keys)[:6])
     raise CheckpointError(f"unrecognised checkpoint layout (keys: {sample}, ...). detrkit reads detrkit, official "
-                          f"DETR / Deformable-DETR / DAB-DETR / DN-DETR / DINO / RT-DETR(v2), detrex and HF "
+                          f"DETR / Deformable-DETR / DAB-DETR / DN-DETR / DINO / RT-DETR(v2) / D-FINE, detrex and HF "
                           f"transformers (Detr, DeformableDetr, DabDetr, RTDetr, RTDetrV2, DFine) "
                           f"checkpoints.")
 
@@ -278,6 +297,7 @@ class Conversion:
     ignored: list[tuple[str, str]]
     meta: dict | None = None
     num_source_keys: int = 0
+    model_args: dict = field(default_factory=dict)
 
     def num_classes(self, softmax: bool) -> int | None:
         """Classes of the checkpoint's head; ``softmax``: the head has one more output, DETR's no-object."""
@@ -295,7 +315,8 @@ def read_checkpoint(path: str | Path) -> Conversion:
     state, meta = read_state_dict(file)
     fmt = detect_format(state)
     ignored = [(k, reason) for k in state for pattern, reason in fmt.ignore if re.match(pattern, k)]
-    return Conversion(str(file), fmt, fmt.convert(state), ignored, meta, len(state))
+    settings = fmt.settings(state) if fmt.settings is not None else {}
+    return Conversion(str(file), fmt, fmt.convert(state), ignored, meta, len(state), settings)
 
 
 def load_converted(model: nn.Module, conv: Conversion, *, reinit_classes: bool = False) -> list[str]:
@@ -379,7 +400,7 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
         fits = [n for n in list_models() if model_info(n).model_class.__name__ == fmt.model_class]
         raise CheckpointError(f"{conv.file} is a {fmt.source} {fmt.model_class} checkpoint (layout {fmt.name}); "
                               f"{name} is not a {fmt.model_class} preset. Presets that fit: {', '.join(fits)}")
-    args = {**fmt.model_args, **stored_model_args(conv.meta), **overrides}
+    args = {**fmt.model_args, **conv.model_args, **stored_model_args(conv.meta), **overrides}
     ckpt_classes = conv.num_classes(softmax=info.model_class.score_activation == "softmax")  # DETR: + no-object
     n = num_classes or ckpt_classes or DEFAULT_NUM_CLASSES
     model = info.builder(num_classes=n, **args)
