@@ -18,8 +18,9 @@ CATS = [1, 5, 9]  # category ids the graph must output instead of class indices
 FAMILIES = {"detr_lite": ({}, (64, 96)), "deformable_detr_lite": ({}, (64, 96)), "dab_detr_lite": ({}, (64, 96)),
             "dino_lite": ({}, (64, 96)), "dn_dab_detr_lite": ({}, (64, 96)),
             "deformable_detr_r50_two_stage": ({"backbone": "resnet18"}, (128, 160)),
-            "rtdetr_lite": ({"hidden_dim": 32, "encoder_ffn": 64}, (64, 96))}
-DEFORMABLE = ["deformable_detr_lite", "dino_lite", "deformable_detr_r50_two_stage"]
+            "rtdetr_lite": ({"hidden_dim": 32, "encoder_ffn": 64}, (64, 96)),
+            "dfine_lite": ({"hidden_dim": 32, "encoder_ffn": 64}, (64, 96))}
+DEFORMABLE = ["deformable_detr_lite", "dino_lite", "deformable_detr_r50_two_stage", "dfine_lite"]
 # The default suite exports the deformable family (grid_sample, dynamic level sizes); every family: pytest -m slow
 SLOW = pytest.mark.slow
 
