@@ -1,10 +1,9 @@
-"""D-FINE as a detector: the criterion's FGL / DDF terms, inference at eval_idx, the commands end to end.
+"""D-FINE as a detector: the criterion's FGL / DDF terms, inference at eval_idx (the commands: tests/test_rt_detr.py).
 
 Its parts (FDR, the losses, the decoder, the GELAN encoder, HGNetv2) are checked against the paper's claims and HF in
 tests/test_fdr.py and tests/test_hgnetv2.py; the whole model against HF in tests/test_parity_hf.py.
 """
 
-import json
 import re
 
 import torch
@@ -72,18 +71,3 @@ def test_inference_stops_at_eval_idx():
         c = three(images)
     assert (c.pred_boxes - b.pred_boxes).abs().max() > 1e-4
 
-
-def test_cli_train_eval_predict_d_fine(synth_dir, tmp_path, capsys):
-    """`detrkit train --model dfine_lite` with the default recipe, then eval and predict from its checkpoint."""
-    from detrkit.cli import main
-
-    out = tmp_path / "run"
-    rc = main(["train", "--model", "dfine_lite", "--data", str(synth_dir), "--output_dir", str(out), "--epochs", "1",
-               "--image_size", "64", "--batch_size", "2", "--num_workers", "0", "--progress", "false",
-               "--max_train_images", "4", "--model_args", json.dumps(SMALL)])
-    assert rc == 0 and "AP50" in capsys.readouterr().out
-    rc = main(["eval", "--checkpoint", str(out), "--data", str(synth_dir), "--output", str(tmp_path / "m.json")])
-    assert rc == 0 and "per_class" in json.loads((tmp_path / "m.json").read_text())
-    rc = main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--output", str(tmp_path / "pred"),
-               "--threshold", "0.0", "--max_detections", "3"])
-    assert rc == 0 and len(json.loads((tmp_path / "pred" / "detections.json").read_text())) == 4

@@ -67,7 +67,8 @@ def test_bad_recipes_say_what_to_do(synth_dir):
         resolve_recipe(TrainConfig(data=str(synth_dir), recipe="fast"))
     # an explicit recipe whose settings a preset does not take: the setting, why, and the presets that take it
     with pytest.raises(RecipeError, match=r"does not fit detr_lite: class_loss='mal'.*query_nms=0.5 .*presets that "
-                                          r"take it: deformable_detr_r50_two_stage, dino_lite"):
+                                          r"take it: dfine_lite, dino_lite, rtdetr_lite and \d+ more \(`detrkit "
+                                          r"models`\);"):
         resolve_recipe(TrainConfig(data=str(synth_dir), recipe="fast-cpu", model="detr_lite"))
     # the automatic choice keeps what fits and says what it left out
     auto = resolve_recipe(TrainConfig(data=str(synth_dir), model="detr_lite"))

@@ -205,15 +205,17 @@ def test_discrete_sampling_reads_the_nearest_pixel():
     torch.testing.assert_close(out, expected.view(1, 5, 16))
 
 
-def test_cli_train_eval_predict_rtdetr(synth_dir, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["rtdetr_lite", "dfine_lite"])
+def test_cli_train_eval_predict_rtdetr(name, synth_dir, tmp_path, capsys):
     """The same commands as for the other families: RT-DETR's [0, 1] square input reaches the model everywhere (a
-    DETR-normalized or non-square input would fail its checks or its size rule)."""
+    DETR-normalized or non-square input would fail its checks or its size rule); D-FINE on the same engine, with
+    the default recipe's settings."""
     from conftest import TINY
 
     from detrkit.cli import main
 
     out = tmp_path / "run"
-    rc = main(["train", "--model", "rtdetr_lite", "--data", str(synth_dir), "--output_dir", str(out), "--epochs", "1",
+    rc = main(["train", "--model", name, "--data", str(synth_dir), "--output_dir", str(out), "--epochs", "1",
                "--image_size", "96", "--batch_size", "2", "--num_workers", "0", "--progress", "false",
                "--max_train_images", "4", "--model_args", json.dumps(TINY)])
     assert rc == 0 and "AP50" in capsys.readouterr().out

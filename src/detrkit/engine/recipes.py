@@ -136,6 +136,14 @@ def _misfit(model: str, key: str, value) -> str | None:
     return None
 
 
+def _few(presets: list[str]) -> str:
+    """The lite presets of a list (what a recipe for small data is meant for), and how many others: the zoo has
+    dozens, a message names a handful."""
+    lite = [p for p in presets if p.endswith("_lite")] or presets[:3]
+    rest = len(presets) - len(lite)
+    return ", ".join(lite) + (f" and {rest} more (`detrkit models`)" if rest else "")
+
+
 def _fitting_model_settings(recipe: Recipe, model: str, explicit: bool) -> tuple[dict, list[str]]:
     """(the recipe's class_loss / model_args that fit ``model``, notes about those that do not). With an explicit
     recipe a misfit is a :class:`RecipeError`."""
@@ -148,7 +156,7 @@ def _fitting_model_settings(recipe: Recipe, model: str, explicit: bool) -> tuple
         lines = []
         for key, why in misfits.items():
             takers = [m for m in list_models() if _misfit(m, key, settings[key]) is None]
-            lines.append(f"{key}={settings[key]!r} ({why}); presets that take it: {', '.join(takers)}")
+            lines.append(f"{key}={settings[key]!r} ({why}); presets that take it: {_few(takers)}")
         raise RecipeError(f"recipe {recipe.name} does not fit {model}: " + "; ".join(lines)
                           + ". Choose one of those presets, --recipe none, or override the setting "
                             "(--class_loss / --model_args)")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from detrkit.weights.hf import _merge_qkv
 from detrkit.weights.rt_detr import _OFFICIAL_RULES as _RT_DETR_OFFICIAL_RULES
+from detrkit.weights.rt_detr import HF_ENGINE_RULES
 
 # Tensors the HF model keeps that detrkit derives from its settings.
 D_FINE_DERIVED = re.compile(r"(^decoder\.(anchors|valid_mask|up|reg_scale)$|\.num_points_scale$)")
@@ -28,17 +29,7 @@ _HF_RULES = [
     (r"^backbone\.model\.encoder\.stages\.", "backbone.stages."),
     (r"^backbone\.(.*)\.convolution\.", r"backbone.\1.conv."),
     (r"^backbone\.(.*)\.normalization\.", r"backbone.\1.bn."),
-    (r"^encoder_input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
-    (r"^encoder_input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.norm."),
-    (r"^decoder_input_proj\.(\d+)\.0\.", r"input_proj.\1.conv."),
-    (r"^decoder_input_proj\.(\d+)\.1\.", r"input_proj.\1.norm."),
-    (r"^encoder\.aifi\.", "encoder.encoder."),
-    (r"^denoising_class_embed\.", "label_enc."),
-    (r"^enc_output\.0\.", "enc_output."),
-    (r"^enc_output\.1\.", "enc_output_norm."),
-    (r"^enc_score_head\.", "enc_out_class_embed."),
-    (r"^enc_bbox_head\.", "enc_out_bbox_embed."),
-    (r"^weight_embedding\.", "tgt_embed."),
+    *HF_ENGINE_RULES,
     (r"\.encoder_attn\.", ".cross_attn."),
     (r"\.mlp\.layers\.0\.", ".linear1."),  # the decoder layers' FFN in memory (transformers 5)
     (r"\.mlp\.layers\.1\.", ".linear2."),

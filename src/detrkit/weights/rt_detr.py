@@ -19,6 +19,20 @@ from detrkit.weights.hf import _merge_qkv
 # 1 / n_points scale.
 RT_DETR_DERIVED = re.compile(r"(^decoder\.(anchors|valid_mask)$|\.(n_points_scale|num_points_scale)$)")
 
+# HF's names around RT-DETR's engine (input projections, AIFI, query selection, denoising), D-FINE's too.
+HF_ENGINE_RULES = [
+    (r"^encoder_input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
+    (r"^encoder_input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.norm."),
+    (r"^decoder_input_proj\.(\d+)\.0\.", r"input_proj.\1.conv."),
+    (r"^decoder_input_proj\.(\d+)\.1\.", r"input_proj.\1.norm."),
+    (r"^encoder\.aifi\.", "encoder.encoder."),
+    (r"^denoising_class_embed\.", "label_enc."),
+    (r"^enc_output\.0\.", "enc_output."),
+    (r"^enc_output\.1\.", "enc_output_norm."),
+    (r"^enc_score_head\.", "enc_out_class_embed."),
+    (r"^enc_bbox_head\.", "enc_out_bbox_embed."),
+    (r"^weight_embedding\.", "tgt_embed."),
+]
 _HF_RULES = [
     (r"^backbone\.model\.embedder\.embedder\.(\d)\.convolution\.",
      lambda m: f"backbone.conv1.conv1_{int(m[1]) + 1}.conv."),
@@ -31,17 +45,7 @@ _HF_RULES = [
     (r"\.shortcut\.normalization\.", ".short.norm."),
     (r"\.layer\.(\d)\.convolution\.", lambda m: f".branch2{'abc'[int(m[1])]}.conv."),
     (r"\.layer\.(\d)\.normalization\.", lambda m: f".branch2{'abc'[int(m[1])]}.norm."),
-    (r"^encoder_input_proj\.(\d+)\.0\.", r"encoder.input_proj.\1.conv."),
-    (r"^encoder_input_proj\.(\d+)\.1\.", r"encoder.input_proj.\1.norm."),
-    (r"^decoder_input_proj\.(\d+)\.0\.", r"input_proj.\1.conv."),
-    (r"^decoder_input_proj\.(\d+)\.1\.", r"input_proj.\1.norm."),
-    (r"^encoder\.aifi\.", "encoder.encoder."),
-    (r"^denoising_class_embed\.", "label_enc."),
-    (r"^enc_output\.0\.", "enc_output."),
-    (r"^enc_output\.1\.", "enc_output_norm."),
-    (r"^enc_score_head\.", "enc_out_class_embed."),
-    (r"^enc_bbox_head\.", "enc_out_bbox_embed."),
-    (r"^weight_embedding\.", "tgt_embed."),
+    *HF_ENGINE_RULES,
     (r"^decoder\.(class_embed|bbox_embed)\.", r"\1."),  # the decoder's heads are the ones its forward uses
     (r"\.encoder_attn\.", ".cross_attn."),
     (r"\.(mlp\.)?fc1\.", ".linear1."),  # transformers 5 nests them under ``mlp`` in memory, not in the file
