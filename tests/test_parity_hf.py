@@ -25,6 +25,7 @@ from _float64 import PromoteFloat32, max_abs_diff
 
 from detrkit import create_model
 from detrkit.models.postprocess import postprocess
+from detrkit.weights.files import CheckpointError
 from detrkit.weights.formats import load_converted, read_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -484,7 +485,8 @@ def _official_d_fine_state(hf) -> dict:
 def test_d_fine_official_layout(tmp_path):
     """A Peterande/D-FINE file (written from HF's model by HF's published key table) loads into the same model as
     HF's folder: every tensor equal and the same outputs; the layers, bins, points and W(n)'s reg_scale come from
-    the file (negative control: the file's reg_scale 8 changes the boxes)."""
+    the file (negative control: the file's reg_scale 8 changes the boxes), and a reg_max it does not have is refused
+    with the file's value."""
     hf = _d_fine_hf(48, 32).eval()
     hf.save_pretrained(tmp_path / "hf")
     state = _official_d_fine_state(hf)
@@ -507,6 +509,9 @@ def test_d_fine_official_layout(tmp_path):
         a, b, c = mine(images), ref(images), hf(pixel_values=images)
     assert torch.equal(a.pred_boxes, b.pred_boxes) and torch.equal(a.pred_logits, b.pred_logits)
     torch.testing.assert_close(a.pred_boxes, c.pred_boxes, atol=1e-5, rtol=1e-4)
+
+    with pytest.raises(CheckpointError, match=r"trained with reg_max=8; reg_max=32 does not fit it. Leave reg_max out"):
+        create_model("dfine_m", weights=tmp_path / "dfine.pth", num_classes=5, reg_max=32, **tiny)
 
     state["decoder.decoder.reg_scale"] = torch.tensor([8.0])
     torch.save({"model": state}, tmp_path / "dfine_x_like.pth")

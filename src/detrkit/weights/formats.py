@@ -400,6 +400,10 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
         fits = [n for n in list_models() if model_info(n).model_class.__name__ == fmt.model_class]
         raise CheckpointError(f"{conv.file} is a {fmt.source} {fmt.model_class} checkpoint (layout {fmt.name}); "
                               f"{name} is not a {fmt.model_class} preset. Presets that fit: {', '.join(fits)}")
+    for key, value in conv.model_args.items():  # settings the file fixes (D-FINE's bins, layers, W(n)) cannot change
+        if key in overrides and _as_list(overrides[key]) != _as_list(value):
+            raise CheckpointError(f"{conv.file} was trained with {key}={value!r}; {key}={overrides[key]!r} does not "
+                                  f"fit it. Leave {key} out: detrkit reads it from the file")
     args = {**fmt.model_args, **conv.model_args, **stored_model_args(conv.meta), **overrides}
     ckpt_classes = conv.num_classes(softmax=info.model_class.score_activation == "softmax")  # DETR: + no-object
     n = num_classes or ckpt_classes or DEFAULT_NUM_CLASSES
@@ -420,6 +424,10 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
             "label_to_cat": label_to_cat, "image_size": image_size_of(conv.meta or name),
             "source": {"file": conv.file, "format": fmt.name, "reinitialised": reinit}}
     return model, meta
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 def _presets_that_fit(conv: Conversion, name: str, num_classes: int, args: dict) -> list[str]:
