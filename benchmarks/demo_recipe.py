@@ -96,6 +96,10 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     "demo (batch 2), 50 denoising pairs": {**BATCH2, "model_args": {
         "query_nms": 0.5, "denoising": {"num_dn_pairs": 50, "box_noise_scale": 1.0}}},  # RT-DETR's noise otherwise
     "demo (batch 2), no denoising": {**BATCH2, "model_args": {"query_nms": 0.5, "denoising": None}},
+    # the demo's recipe as it is (the row before last but one) on D-FINE's network at the lite size (issue 33):
+    # HGNetv2-B0, GELAN encoder, the FDR decoder with its FGL / DDF losses; run in the same call as that row
+    "demo (batch 2, 50 denoising pairs), dfine_lite": {**BATCH2, "model": "dfine_lite", "model_args": {
+        "query_nms": 0.5, "denoising": {"num_dn_pairs": 50, "box_noise_scale": 1.0}}},
 }
 
 
