@@ -67,3 +67,19 @@ def test_rtdetr_sampling_points_on_its_own_input(tmp_path):
         assert exp.points.shape == (attn.n_heads * 3 * 4, 2)  # padded to 4 points on every level
         assert exp.weights.sum() == pytest.approx(attn.n_heads, abs=1e-4)  # the real 7 points of each head
         assert (exp.weights.reshape(attn.n_heads, 3, 4)[:, 1, 2:] == 0).all()  # level 2's padding
+
+
+def test_d_fine_sampling_points_of_the_layer_inference_ends_at(tmp_path):
+    """D-FINE-M infers with its 4th of 5 decoder layers (eval_idx -2): explain shows that layer's points (the 5th
+    does not run at inference and records nothing)."""
+    args = {**TINY, "num_decoder_layers": 3, "eval_idx": -2, "hidden_dim": 32, "encoder_ffn": 64}
+    model = create_model("dfine_m", num_classes=3, **args)
+    meta = {"model": "dfine_m", "num_classes": 3, "model_args": args, "class_names": ["cat", "dog", "fish"],
+            "label_to_cat": [1, 2, 3], "image_size": 64}
+    det = Detector(save_weights(tmp_path / "df.safetensors", model, meta))
+    found = explain(det, Image.new("RGB", (80, 60), (90, 120, 30)), threshold=0.0, max_detections=2)
+    attn = det.model.decoder.layers[1].cross_attn
+    assert len(found) == 2 and det.model.decoder.eval_idx == 1
+    for exp in found:
+        assert exp.points.shape == (attn.n_heads * attn.n_levels * attn.n_points, 2)
+        assert exp.weights.sum() == pytest.approx(attn.n_heads, abs=1e-4)

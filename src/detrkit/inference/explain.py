@@ -42,7 +42,8 @@ class Explanation:
 
 
 def _last_cross_attention(model: nn.Module) -> nn.Module:
-    layer = model.decoder.layers[-1]
+    # the layer whose prediction inference returns: the last, or D-FINE's eval_idx (D-FINE-M stops at its 4th of 5)
+    layer = model.decoder.layers[getattr(model.decoder, "eval_idx", -1)]
     attn = getattr(layer, "cross_attn", None) or getattr(layer, "multihead_attn", None)
     if not isinstance(attn, (MultiScaleDeformableAttention, nn.MultiheadAttention)):
         raise NotImplementedError(
