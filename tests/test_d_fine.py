@@ -11,6 +11,7 @@ from conftest import TINY
 
 from detrkit import create_model
 from detrkit.losses import build_criterion
+from detrkit.losses.matcher import union_matches
 from detrkit.models import build_d_fine
 
 SMALL = dict(TINY, hidden_dim=32, encoder_ffn=64)
@@ -71,3 +72,35 @@ def test_inference_stops_at_eval_idx():
         c = three(images)
     assert (c.pred_boxes - b.pred_boxes).abs().max() > 1e-4
 
+
+
+def test_box_losses_use_the_union_of_every_layers_matches():
+    """GO-LSD (D-FINE section 3.3): each layer's L1 / GIoU / FGL run on the union of all layers' matches (decoder
+    layers, pre-FDR box, encoder proposals), normalised by its size; the class loss keeps the layer's own match.
+    Negative control: without union_matching the box loss is the last layer's own match and differs."""
+    torch.manual_seed(0)
+    model = create_model("dfine_lite", num_classes=3, **SMALL).train()
+    for head in model.decoder.bbox_embed:
+        torch.nn.init.normal_(head.layers[-1].weight, std=0.05)
+    images, targets = _batch()
+    out = model(images, targets=targets)
+    union = build_criterion(model)
+    own = build_criterion(model, union_matching=False)
+    assert union.config.union_matching and not own.config.union_matching
+    layers = [(out.pred_logits, out.pred_boxes)] + [(o.pred_logits, o.pred_boxes) for o in out.aux_outputs]
+    layers += [(out.pre_outputs.pred_logits, out.pre_outputs.pred_boxes),
+               (out.enc_outputs.pred_logits, out.enc_outputs.pred_boxes)]
+    matches = union.matcher.match_layers([lg for lg, _ in layers], [bx for _, bx in layers], targets)
+    go = union_matches(matches)
+    assert sum(len(q) for q, _ in go) > 3  # the layers disagree: the union holds more queries than objects
+
+    def l1(indices):
+        pred = torch.cat([out.pred_boxes[i, q] for i, (q, _) in enumerate(indices)])
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices, strict=True)])
+        return 5.0 * (pred - tgt).abs().sum() / len(pred)
+
+    a, b = union(out, targets), own(out, targets)
+    torch.testing.assert_close(a["loss_bbox"], l1(go))
+    torch.testing.assert_close(b["loss_bbox"], l1(matches[0]))
+    assert (a["loss_bbox"] - b["loss_bbox"]).abs() > 1e-4 and (a["loss_fgl"] - b["loss_fgl"]).abs() > 1e-6
+    assert torch.equal(a["loss_class"], b["loss_class"]) and torch.equal(a["loss_class_aux0"], b["loss_class_aux0"])

@@ -1,6 +1,7 @@
 import torch
 
 from detrkit.losses import HungarianMatcher
+from detrkit.losses.matcher import union_matches
 
 
 def _targets(sizes, k=5):
@@ -72,3 +73,21 @@ def test_all_layers_are_matched_in_one_pass_and_one_transfer():
         for (r1, c1), (r2, c2) in zip(per_layer_alone, per_layer_together, strict=False):
             assert torch.equal(r1, r2) and torch.equal(c1, c2)
     assert len({tuple(together[i][0][0].tolist()) for i in range(layers)}) > 1  # layers really differ
+
+
+def test_union_of_matches_keeps_every_matched_query_with_its_most_voted_object():
+    """GO-LSD's union set (D-FINE section 3.3): a query matched by any layer is in it, with the object most layers
+    matched it to (ties: the lowest object index); one object may go with several queries; images stay apart."""
+    t = torch.tensor
+    empty = t([], dtype=torch.int64)
+    layers = [[(t([3, 5]), t([0, 1])), (t([2]), t([0]))],
+              [(t([3, 7]), t([1, 0])), (t([2]), t([0]))],
+              [(t([3]), t([0])), (empty, empty)],
+              [(t([9, 5]), t([1, 0])), (t([4]), t([0]))]]
+    (q0, o0), (q1, o1) = union_matches(layers)
+    assert q0.tolist() == [3, 5, 7, 9] and o0.tolist() == [0, 0, 0, 1]  # query 5: one vote each, object 0 wins
+    assert q1.tolist() == [2, 4] and o1.tolist() == [0, 0]
+    # the last layer alone is its own union (no other layer votes)
+    (q, o), _ = union_matches(layers[:1])
+    assert q.tolist() == [3, 5] and o.tolist() == [0, 1]
+    assert [len(q) for q, _ in union_matches([[(empty, empty)]])] == [0]

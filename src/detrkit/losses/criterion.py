@@ -12,7 +12,8 @@ Returned losses are already weighted; their sum is the training objective. Keys:
 ``_o2m_aux{i}`` for hybrid matching's one-to-many queries (H-DETR), ``_enc_o2m`` for the dense one-to-many
 supervision of the encoder's proposals. D-FINE adds ``loss_fgl`` / ``loss_ddf`` (its edge distributions: the
 fine-grained localization loss and GO-LSD's distillation from the last layer, :meth:`SetCriterion._local_losses`)
-and ``_pre`` / ``_dn_pre`` for layer 0's box before FDR.
+and ``_pre`` / ``_dn_pre`` for layer 0's box before FDR; with ``union_matching`` (GO-LSD) every layer's box and
+localization terms use the union of all layers' matches (:func:`~detrkit.losses.matcher.union_matches`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from detrkit.layers.denoising import DenoisingLayout, dn_slots
 from detrkit.layers.fdr import bin_targets, boxes_to_distances, weighting_function
 from detrkit.layers.one_to_many import repeat_targets
 from detrkit.losses.distribution import decoupled_distillation_loss, fine_grained_localization_loss
-from detrkit.losses.matcher import HungarianMatcher
+from detrkit.losses.matcher import HungarianMatcher, union_matches
 from detrkit.models.outputs import LayerOutput, LossConfig
 from detrkit.ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -87,7 +88,7 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """outputs: DetectionOutput; targets: per image {"labels": (n,) int64 in [0, K), "boxes": (n, 4) cxcywh}."""
-        num_boxes = self._num_boxes(targets, outputs.pred_boxes.device)
+        num_boxes = self._num_boxes(sum(len(t["labels"]) for t in targets), outputs.pred_boxes.device)
         last = LayerOutput(outputs.pred_logits, outputs.pred_boxes, outputs.pred_corners, outputs.anchors)
         layers = [("", last)]
         if self.config.aux_loss:
@@ -97,20 +98,27 @@ class SetCriterion(nn.Module):
         # every decoder layer is matched in one pass (one device -> host transfer), then each gets its losses
         matches = self.matcher.match_layers([o.pred_logits for _, o in layers], [o.pred_boxes for _, o in layers],
                                             targets)
-        losses = {}
-        for (suffix, out), indices in zip(layers, matches, strict=False):
-            losses.update(self._layer_losses(out.pred_logits, out.pred_boxes, targets, num_boxes, suffix, indices))
-            if out.corners is not None and self.config.fdr is not None:
-                b, q = _flat_indices(indices, out.pred_logits.device)
-                tgt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices,
-                                                                                          strict=True)]).float()
-                losses.update(self._local_losses(out, last, b, q, tgt.to(out.pred_boxes.device), num_boxes, suffix))
-        if outputs.enc_outputs is not None:
-            enc = outputs.enc_outputs
-            enc_targets = targets
+        enc, enc_targets, enc_match = outputs.enc_outputs, targets, None
+        if enc is not None:
             if self.config.enc_class_agnostic:
                 enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            losses.update(self._layer_losses(enc.pred_logits, enc.pred_boxes, enc_targets, num_boxes, "_enc"))
+            enc_match = self.matcher(enc.pred_logits, enc.pred_boxes, enc_targets)
+        box_match, box_norm = None, num_boxes
+        if self.config.union_matching:  # D-FINE's GO-LSD: box losses on the union of every layer's matches
+            box_match = union_matches(matches + ([enc_match] if enc_match is not None else []))
+            box_norm = self._num_boxes(sum(len(q) for q, _ in box_match), outputs.pred_boxes.device)
+        losses = {}
+        for (suffix, out), indices in zip(layers, matches, strict=False):
+            losses.update(self._layer_losses(out.pred_logits, out.pred_boxes, targets, num_boxes, suffix, indices,
+                                             box_match, box_norm))
+            if out.corners is not None and self.config.fdr is not None:
+                local = box_match or indices
+                b, q = _flat_indices(local, out.pred_logits.device)
+                tgt = _matched_targets(targets, local).to(out.pred_boxes.device)
+                losses.update(self._local_losses(out, last, b, q, tgt, box_norm, suffix))
+        if enc is not None:
+            losses.update(self._layer_losses(enc.pred_logits, enc.pred_boxes, enc_targets, num_boxes, "_enc",
+                                             enc_match, box_match, box_norm))
         if outputs.dn_meta is not None and outputs.dn_outputs is not None:
             losses.update(self._dn_losses(outputs.dn_meta, outputs.dn_outputs, targets, num_boxes))
             if outputs.dn_pre_outputs is not None and self.config.aux_loss:
@@ -223,7 +231,8 @@ class SetCriterion(nn.Module):
     def _weighted(
         self, loss_class: Tensor, src_boxes: Tensor, tgt_boxes: Tensor, num_boxes: float, suffix: str
     ) -> dict[str, Tensor]:
-        """The class loss plus L1 and GIoU of matched box pairs (M, 4), each times its weight."""
+        """The class loss plus L1 and GIoU of matched box pairs (M, 4) divided by ``num_boxes``, each times its
+        weight."""
         c = self.config
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
         giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
@@ -235,17 +244,18 @@ class SetCriterion(nn.Module):
         }
 
     def _layer_losses(self, logits: Tensor, boxes: Tensor, targets: list[dict], num_boxes: float, suffix: str,
-                      indices: list[tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
+                      indices: list[tuple[Tensor, Tensor]] | None = None,
+                      box_indices: list[tuple[Tensor, Tensor]] | None = None,
+                      box_norm: float | None = None) -> dict[str, Tensor]:
+        """Class loss on the layer's own matches ``indices`` (matched here when None); L1 / GIoU on the same pairs,
+        or on ``box_indices`` normalised by ``box_norm`` (D-FINE's union set, :func:`union_matches`)."""
         if indices is None:
             indices = self.matcher(logits, boxes, targets)
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
-        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
+        batch_idx, src_idx = _flat_indices(indices, logits.device)
         matched_labels = torch.cat(
             [t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices, strict=False)]
         )
-        matched_tgt_boxes = torch.cat(
-            [t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices, strict=False)]
-        ).float()
+        matched_tgt_boxes = _matched_targets(targets, indices)
 
         # Every unmatched query is trained towards "no object": class index num_classes.
         target_classes = torch.full(
@@ -259,7 +269,9 @@ class SetCriterion(nn.Module):
                                           matched_tgt_boxes) / num_boxes
         else:
             loss_class = F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=self.class_weights)
-
+        if box_indices is not None:
+            src_boxes = boxes[_flat_indices(box_indices, logits.device)].float()
+            matched_tgt_boxes, num_boxes = _matched_targets(targets, box_indices), box_norm
         return self._weighted(loss_class, src_boxes, matched_tgt_boxes, num_boxes, suffix)
 
     def _class_loss(self, logits: Tensor, onehot: Tensor, matched, src_boxes: Tensor, tgt_boxes: Tensor) -> Tensor:
@@ -274,9 +286,10 @@ class SetCriterion(nn.Module):
         return iou_aware_class_loss(logits, onehot, quality, c.class_loss_kind)
 
     @staticmethod
-    def _num_boxes(targets: list[dict], device: torch.device) -> float:
-        """Target boxes per process, averaged over all processes (DDP), at least 1."""
-        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    def _num_boxes(count: int, device: torch.device) -> float:
+        """``count`` (target boxes, or matched pairs, of this process) averaged over all processes (DDP), at least
+        1: the normaliser of the losses."""
+        n = torch.tensor([float(count)], device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
             n = n / dist.get_world_size()
@@ -287,6 +300,12 @@ def _flat_indices(indices: list[tuple[Tensor, Tensor]], device: torch.device) ->
     """Per-image (query, object) matches -> (image index, query index) of every matched query, each (M,)."""
     b = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
     return b, torch.cat([src for src, _ in indices]).to(device)
+
+
+def _matched_targets(targets: list[dict], indices: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """The boxes (M, 4) of the objects that ``indices`` matched, image after image."""
+    return torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices, strict=False)]
+                     ).float()
 
 
 def _matched_iou(src_boxes: Tensor, tgt_boxes: Tensor) -> Tensor:

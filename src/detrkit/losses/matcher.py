@@ -100,3 +100,30 @@ class HungarianMatcher(nn.Module):
                 per_image.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
             indices.append(per_image)
         return indices
+
+
+def union_matches(layer_matches: list[list[tuple[Tensor, Tensor]]]) -> list[tuple[Tensor, Tensor]]:
+    """GO-LSD's union set of matches (D-FINE, Peng et al. ICLR 2025, section 3.3): every query that any layer
+    matched, each to the object the most layers matched it to (ties: the lowest object index). D-FINE applies its
+    box and localization losses on this set in every layer, so a query one layer finds good keeps its box
+    supervision in the others (the last layer's distributions then teach more queries).
+
+    layer_matches[layer][image] = (query indices, object indices), as :meth:`HungarianMatcher.match_layers` returns
+    them. Returns per image (queries, objects), queries ascending; one object may now go with several queries."""
+    out = []
+    for image in zip(*layer_matches, strict=True):
+        rows = torch.cat([r for r, _ in image])
+        cols = torch.cat([c for _, c in image])
+        if len(rows) == 0:
+            out.append((rows, cols))
+            continue
+        n_obj, n_layers = int(cols.max()) + 1, len(image)
+        pairs, count = torch.unique(rows * n_obj + cols, return_counts=True)  # each (query, object) and its votes
+        query, obj = pairs // n_obj, pairs % n_obj
+        # order by query, then most votes, then lowest object; the first pair of each query wins
+        order = torch.argsort((query * (n_layers + 1) + (n_layers - count)) * n_obj + obj)
+        query, obj = query[order], obj[order]
+        first = torch.ones_like(query, dtype=torch.bool)
+        first[1:] = query[1:] != query[:-1]
+        out.append((query[first], obj[first]))
+    return out

@@ -71,10 +71,11 @@ class DFINE(RTDETR):
         if denoising is not None:
             self.label_enc = nn.Embedding(num_classes + 1, d_model)
         # D-FINE's losses (official DFINECriterion): VFL 1, L1 5, GIoU 2, FGL 0.15, DDF 1.5; matching costs class 2,
-        # L1 5, GIoU 2; W(n)'s settings go with the model (D-FINE-X has reg_scale 8).
+        # L1 5, GIoU 2; box terms on GO-LSD's union of matches; W(n)'s settings go with the model (D-FINE-X has
+        # reg_scale 8).
         self.loss_config = LossConfig(focal=True, class_loss=class_loss, class_weight=1.0, bbox_weight=5.0,
                                       giou_weight=2.0, cost_class=2.0, fgl_weight=fgl_weight, ddf_weight=ddf_weight,
-                                      fdr=(decoder.reg_max, decoder.reg_scale, decoder.up))
+                                      fdr=(decoder.reg_max, decoder.reg_scale, decoder.up), union_matching=True)
         nn.init.xavier_uniform_(self.enc_output.weight)
         for proj in self.input_proj:
             if isinstance(proj, ConvNormLayer):

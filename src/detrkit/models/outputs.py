@@ -81,6 +81,9 @@ class LossConfig:
     ddf_weight: float = 0.0
     ddf_temperature: float = 5.0
     fdr: tuple[int, float, float] | None = None
+    # GO-LSD (D-FINE section 3.3): L1 / GIoU / FGL / DDF of every layer on the union of all layers' matches (the
+    # class loss keeps each layer's own); HF's D-FINE loss matches each layer on its own (False).
+    union_matching: bool = False
 
     def __post_init__(self) -> None:
         kinds = ("focal", "varifocal", "mal") if self.focal else ("ce",)
