@@ -1,11 +1,13 @@
-"""Mosaic (DEIM's dense one-to-one): four images in one, boxes moved with their pixels; exact resume holds."""
+"""Mosaic and MixUp (DEIM's dense one-to-one): four images in one, two blended, boxes moved with their pixels;
+exact resume holds; the final epochs without augmentation."""
 
 import torch
 from torchvision import tv_tensors
 
 from detrkit.data import CocoDetection, build_transforms
-from detrkit.data.mosaic import mosaic
+from detrkit.data.mosaic import mixup, mosaic
 from detrkit.data.sampler import SeededSamples
+from detrkit.data.transforms import val_transforms
 
 COLOURS = [(250, 20, 20), (20, 250, 20), (20, 20, 250), (250, 250, 20)]
 
@@ -63,3 +65,38 @@ def test_mosaic_samples_repeat_exactly_and_stop_after_mosaic_epochs(synth_dir):
     assert len(a[1]["labels"]) > len(plain)  # four images' objects in one
     assert not torch.equal(seeded[(1, 5)][0], a[0])  # another epoch, another mosaic
     assert len(seeded[(2, 5)][1]["labels"]) == len(plain)  # from mosaic_epochs on: the image as it is
+
+
+def test_mixup_blends_the_second_image_resized_and_keeps_both_images_boxes():
+    first = _drawn(60, 80, (10, 10, 40, 35), COLOURS[0])
+    second = _drawn(30, 40, (20, 5, 35, 25), COLOURS[1])  # half the size: resized to the first's
+    torch.manual_seed(0)
+    image, target = mixup(first, second)
+    assert image.shape == (3, 60, 80) and target["boxes"].canvas_size == (60, 80)
+    assert target["labels"].tolist() == [0, 0] and len(target["boxes"]) == 2
+    torch.testing.assert_close(target["boxes"][1], torch.tensor([40.0, 10.0, 70.0, 50.0]))  # scaled x2
+    assert (image[:, 30, 5].float() - 90).abs().max() < 2  # grey on grey: still grey
+    # inside the second image's box only: the first's grey blended with the second's green, about half and half
+    mix = _inside_colour(image, target["boxes"][1])
+    grey, green = torch.full((3,), 90.0), torch.tensor(COLOURS[1], dtype=torch.float32)
+    assert (mix - (0.5 * grey + 0.5 * green)).abs().max() < 0.06 * 255
+    # negative control: the second image's box unscaled is not where its green went
+    assert (_inside_colour(image, torch.tensor([20.0, 5.0, 35.0, 25.0])) - mix).abs().max() > 20
+
+
+def test_mixup_and_augmentation_stop_epoch(synth_dir):
+    """MixUp adds the objects of a second image; from aug_stop_epoch on a sample is the plain transforms' output
+    (what validation sees), with neither mosaics nor MixUp."""
+    plain = val_transforms(128)
+    data = CocoDetection(synth_dir / "train", synth_dir / "annotations" / "instances_train.json",
+                         transforms=build_transforms(True, scales=[96, 128], max_size=200, crop=False),
+                         mixup=1.0, aug_stop_epoch=2, plain_transforms=plain, check_images="none")
+    seeded = SeededSamples(data, seed=3)
+    n = len(data[5][1]["labels"])
+    assert len(seeded[(0, 5)][1]["labels"]) > n  # the objects of two images
+    assert torch.equal(seeded[(0, 5)][0], seeded[(0, 5)][0])  # a resumed run sees the same
+    late = seeded[(2, 5)]
+    want = CocoDetection(synth_dir / "train", synth_dir / "annotations" / "instances_train.json", transforms=plain,
+                         check_images="none")[5]
+    assert torch.equal(late[0], want[0]) and torch.equal(late[1]["boxes"], want[1]["boxes"])
+    assert not torch.equal(seeded[(1, 5)][0][:, :96, :96], want[0][:, :96, :96])  # before it: augmented

@@ -19,7 +19,7 @@ from detrkit.engine.train import Trainer, TrainingError, adamw
 from detrkit.weights.files import step_checkpoints
 
 
-def test_schedules_warmup_step_multistep_cosine():
+def test_schedules_warmup_step_multistep_cosine_flat_cosine():
     step = LRSchedule("step", steps_per_epoch=10, total_steps=100, warmup_steps=5, lr_drop=6)
     assert [step(s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert step(59) == 1.0 and step(60) == pytest.approx(0.1)
@@ -27,6 +27,13 @@ def test_schedules_warmup_step_multistep_cosine():
     assert [multi(s) for s in (29, 30, 79, 80)] == [1.0, 0.5, 0.5, 0.25]
     cos = LRSchedule("cosine", steps_per_epoch=10, total_steps=100, min_lr_ratio=0.1)
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    # DEIM's flat-cosine: quadratic warm-up, flat to epoch 4, a half cosine down to 0.5 at epoch 8, then flat at 0.5
+    flat = LRSchedule("flat-cosine", steps_per_epoch=10, total_steps=100, warmup_steps=5, lr_drop=4, gamma=0.5,
+                      decay_end=8)
+    assert [flat(s) for s in range(5)] == pytest.approx([0.04, 0.16, 0.36, 0.64, 1.0])
+    assert flat(39) == 1.0 and flat(60) == pytest.approx(0.75) and flat(80) == flat(99) == 0.5
+    assert LRSchedule("flat-cosine", steps_per_epoch=10, total_steps=100, lr_drop=4, gamma=0.5)(70) == pytest.approx(
+        0.75)  # no decay_end: the decay ends with training
     with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
         LRSchedule("linear", steps_per_epoch=1, total_steps=1)
 

@@ -18,7 +18,7 @@ from torchvision import tv_tensors
 
 from detrkit.data.check import check_dataset, drop_invalid
 from detrkit.data.image import open_rgb
-from detrkit.data.mosaic import mosaic
+from detrkit.data.mosaic import mixup, mosaic
 from detrkit.ops import box_xyxy_to_cxcywh
 
 
@@ -92,7 +92,9 @@ class CocoDetection(torch.utils.data.Dataset):
             raising a :class:`DatasetError` with the report.
         mosaic: probability that a training sample (:meth:`sample`) is a mosaic of four images, before the
             transforms; ``mosaic_epochs``: the epoch from which mosaics stop (None: never), so that the last
-            epochs train on images as they are (DEIM's schedule).
+            epochs train on images as they are (DEIM's schedule). ``mixup``: probability that it is blended
+            with another image (after the mosaic, in the same epochs). ``aug_stop_epoch``: from this epoch on,
+            samples go through ``plain_transforms`` (e.g. the validation transforms) instead, without mosaics.
 
     Each sample is ``(image (3, h, w) float, target)`` with target ``labels`` (n,) contiguous int64,
     ``boxes`` (n, 4) normalized cxcywh of the transformed image, ``image_id``, ``orig_size``, ``size``.
@@ -102,7 +104,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, images_dir: str | Path, ann_file: str | Path | dict, transforms: Callable | None = None,
                  *, drop_crowd: bool = True, check_images: str = "header", skip_invalid: bool = False,
                  source: str | None = None, progress: bool = False, mosaic: float = 0.0,
-                 mosaic_epochs: int | None = None) -> None:
+                 mosaic_epochs: int | None = None, mixup: float = 0.0, aug_stop_epoch: int | None = None,
+                 plain_transforms: Callable | None = None) -> None:
         self.images_dir = Path(images_dir)
         if isinstance(ann_file, dict):  # a dataset read from another format (YOLO, VOC)
             self.ann_file, self.coco = Path(source or "annotations"), validate_coco(ann_file, source or "annotations")
@@ -127,7 +130,10 @@ class CocoDetection(torch.utils.data.Dataset):
                           f"{dropped['annotations']} annotation(s) with errors "
                           f"({len(self.report.errors)} problems; `detrkit data check` lists them)", stacklevel=2)
         self.transforms = transforms
-        self.mosaic, self.mosaic_epochs = mosaic, mosaic_epochs
+        self.mosaic, self.mosaic_epochs, self.mixup = mosaic, mosaic_epochs, mixup
+        self.aug_stop_epoch, self.plain_transforms = aug_stop_epoch, plain_transforms
+        if aug_stop_epoch is not None and plain_transforms is None:
+            raise ValueError("aug_stop_epoch needs plain_transforms: what the images go through after it")
         self.drop_crowd, self.skip_invalid = drop_crowd, skip_invalid
         self.images = sorted(self.coco["images"], key=lambda im: im["id"])
         self.cat_ids = sorted(c["id"] for c in self.coco["categories"])
@@ -156,9 +162,12 @@ class CocoDetection(torch.utils.data.Dataset):
             ) from None
 
     def __getitem__(self, index: int):
+        return self._read(index, self.transforms)
+
+    def _read(self, index: int, transforms: Callable | None):
         for attempt in range(len(self)):
             try:
-                return self._sample((index + attempt) % len(self))
+                return self._sample((index + attempt) % len(self), transforms)
             except DatasetError as e:
                 if not self.skip_invalid:
                     raise
@@ -168,19 +177,31 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def sample(self, index: int, epoch: int):
         """``self[index]`` in training epoch ``epoch``: with probability ``mosaic`` (before ``mosaic_epochs``), the
-        image and three others drawn at random, as one mosaic (:mod:`detrkit.data.mosaic`)."""
-        if not (self.mosaic and (self.mosaic_epochs is None or epoch < self.mosaic_epochs)
-                and torch.rand(()).item() < self.mosaic):
+        image and three others drawn at random, as one mosaic (:mod:`detrkit.data.mosaic`); then, with probability
+        ``mixup``, blended with another one; from ``aug_stop_epoch`` on, through ``plain_transforms`` only."""
+        if self.aug_stop_epoch is not None and epoch >= self.aug_stop_epoch:
+            return self._read(index, self.plain_transforms)
+        if self.mosaic_epochs is not None and epoch >= self.mosaic_epochs:
             return self[index]
-        others = torch.randint(len(self), (3,)).tolist()
+        with_mosaic = bool(self.mosaic) and torch.rand(()).item() < self.mosaic
+        with_mixup = bool(self.mixup) and torch.rand(()).item() < self.mixup
+        if not (with_mosaic or with_mixup):
+            return self[index]
         try:
-            raw = [self._raw(i) for i in [index, *others]]
+            if with_mosaic:
+                raw = [self._raw(i) for i in [index, *torch.randint(len(self), (3,)).tolist()]]
+                size = raw[0][0].shape[-2:]
+                img, target = mosaic(raw, max(size))
+            else:
+                img, target = self._raw(index)
+                size = img.shape[-2:]
+            if with_mixup:
+                img, target = mixup((img, target), self._raw(int(torch.randint(len(self), ()).item())))
         except DatasetError:
             if not self.skip_invalid:
                 raise
-            return self[index]  # an unreadable image among the four: this sample without mosaic (and its warning)
-        img, target = mosaic(raw, max(raw[0][0].shape[-2:]))
-        return self._finish(img, target, self.images[index], raw[0][0].shape[-2:])
+            return self[index]  # an unreadable image among those drawn: this sample as it is (and its warning)
+        return self._finish(img, target, self.images[index], size, self.transforms)
 
     def _raw(self, index: int) -> tuple[tv_tensors.Image, dict]:
         """Image ``index`` (3, h, w) uint8 and its {"boxes": BoundingBoxes xyxy, "labels"}, before any transform."""
@@ -199,15 +220,16 @@ class CocoDetection(torch.utils.data.Dataset):
         }
         return tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)), target  # (3, h, w)
 
-    def _sample(self, index: int):
+    def _sample(self, index: int, transforms: Callable | None):
         img, target = self._raw(index)
-        return self._finish(img, target, self.images[index], img.shape[-2:])
+        return self._finish(img, target, self.images[index], img.shape[-2:], transforms)
 
-    def _finish(self, img: tv_tensors.Image, target: dict, info: dict, orig_size) -> tuple[torch.Tensor, dict]:
-        """The transforms, then the model's target: cxcywh boxes normalized by the transformed size."""
+    def _finish(self, img: tv_tensors.Image, target: dict, info: dict, orig_size,
+                transforms: Callable | None) -> tuple[torch.Tensor, dict]:
+        """``transforms``, then the model's target: cxcywh boxes normalized by the transformed size."""
         h, w = orig_size
-        if self.transforms is not None:
-            img, target = self.transforms(img, target)
+        if transforms is not None:
+            img, target = transforms(img, target)
         th, tw = img.shape[-2:]
         boxes = box_xyxy_to_cxcywh(target["boxes"].as_subclass(torch.Tensor)) / torch.tensor(
             [tw, th, tw, th], dtype=torch.float32

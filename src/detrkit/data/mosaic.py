@@ -1,6 +1,7 @@
-"""Mosaic: four training images in one (YOLOv4's augmentation, which DEIM, Huang et al. CVPR 2025, section 3.2,
-uses for "dense one-to-one" matching: more objects per training image gives the one-to-one matcher more positive
-queries per step, without changing the model or its NMS-free inference).
+"""Mosaic (four training images in one, YOLOv4's) and MixUp (two blended, Zhang et al. ICLR 2018): the two
+augmentations DEIM (Huang et al. CVPR 2025, section 3.2) uses for "dense one-to-one" matching: more objects per
+training image gives the one-to-one matcher more positive queries per step, without changing the model or its
+NMS-free inference.
 
 The four images are scaled so that their longer side is ``size`` and placed around a random centre of a
 (2 size, 2 size) canvas: the first to its upper left, then upper right, lower left, lower right, each touching the
@@ -23,7 +24,12 @@ def _scaled(image: Tensor, boxes: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """image (3, h, w), boxes (n, 4) xyxy -> both scaled so that the longer side is ``size``."""
     h, w = image.shape[-2:]
     r = size / max(h, w)
-    nh, nw = max(1, round(h * r)), max(1, round(w * r))
+    return _resized(image, boxes, max(1, round(h * r)), max(1, round(w * r)))
+
+
+def _resized(image: Tensor, boxes: Tensor, nh: int, nw: int) -> tuple[Tensor, Tensor]:
+    """image (3, h, w), boxes (n, 4) xyxy -> both resized to (nh, nw)."""
+    h, w = image.shape[-2:]
     image = F.resize(image, [nh, nw], antialias=True)
     return image, boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
 
@@ -52,3 +58,18 @@ def mosaic(samples: list[tuple[Tensor, dict]], size: int) -> tuple[tv_tensors.Im
     target = {"boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(side, side)),
               "labels": torch.cat(labels)}
     return tv_tensors.Image(canvas), target
+
+
+def mixup(first: tuple[Tensor, dict], second: tuple[Tensor, dict]) -> tuple[tv_tensors.Image, dict]:
+    """Two ``(image (3, h, w) uint8, {"boxes": BoundingBoxes xyxy, "labels"})`` -> one: the second image resized to
+    the first's size and blended in, the first weighted by a draw from U(0.45, 0.55) (DEIM's), with the objects of
+    both (each keeps its full box: a half-visible object is still an object to find)."""
+    (a, ta), (b, tb) = first, second
+    h, w = a.shape[-2:]
+    b, boxes_b = _resized(b.as_subclass(Tensor), tb["boxes"].as_subclass(Tensor).float(), h, w)
+    weight = 0.45 + 0.1 * torch.rand(()).item()
+    image = (a.as_subclass(Tensor).float() * weight + b.float() * (1 - weight)).round().to(torch.uint8)
+    boxes = torch.cat([ta["boxes"].as_subclass(Tensor).float(), boxes_b])
+    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+              "labels": torch.cat([ta["labels"], tb["labels"]])}
+    return tv_tensors.Image(image), target

@@ -47,8 +47,11 @@ class TrainConfig:
         crop: the augmentation's geometric crops: DETR's random-crop branch; RT-DETR's zoom-out and IoU crop.
         epochs, batch_size, lr, lr_backbone, weight_decay, clip_max_norm: the optimiser (AdamW, DETR's values).
         lr_schedule: ``step`` (x ``lr_gamma`` every ``lr_drop`` epochs: the DETR family's recipe), ``multistep``
-            (x ``lr_gamma`` at each epoch of ``lr_milestones``) or ``cosine`` (down to ``min_lr_ratio`` * lr).
-        lr_drop: epoch at which the learning rate is multiplied by ``lr_gamma``; None = 2/3 of ``epochs``.
+            (x ``lr_gamma`` at each epoch of ``lr_milestones``), ``cosine`` (down to ``min_lr_ratio`` * lr) or
+            ``flat-cosine`` (DEIM's: flat until ``lr_drop``, then a cosine down to ``lr_gamma`` * lr at
+            ``aug_stop_epoch``, or at the end).
+        lr_drop: epoch at which the learning rate is multiplied by ``lr_gamma`` (flat-cosine: starts to decay);
+            None = 2/3 of ``epochs``.
         warmup_steps: linear learning-rate warm-up over the first optimizer steps (0 = none).
         accumulate: gradient accumulation steps (effective batch = batch_size * accumulate * processes).
         amp: ``auto`` (bf16 where supported, else fp16, on CUDA; off on CPU), ``bf16``, ``fp16`` or ``none``.
@@ -78,6 +81,10 @@ class TrainConfig:
             matched box, so that they rank boxes by how well they fit.
         mosaic: probability that a training image is a mosaic of four (DEIM's dense one-to-one: more objects per
             image and step); ``mosaic_epochs``: mosaics in the first N epochs only (None: all but the last).
+        mixup: probability that a training image is blended with another one, half and half, with the boxes of
+            both (DEIM's MixUp, in the same epochs as mosaics).
+        aug_stop_epoch: from this epoch on, training images are only resized (no flips, crops, colour changes,
+            mosaics or MixUp): the clean final epochs of DEIM and RT-DETRv2 (None: augment to the end).
         val_split: hold out this share of the training images (e.g. 0.1) as the validation split, for a dataset
             that has none: drawn with ``seed``, the same on resume; the held-out image ids are written to
             ``output_dir/val_split.json`` (``detrkit eval --checkpoint RUN --data DIR`` uses them again).
@@ -144,6 +151,8 @@ class TrainConfig:
     class_loss: str | None = None
     mosaic: float = 0.0
     mosaic_epochs: int | None = None
+    mixup: float = 0.0
+    aug_stop_epoch: int | None = None
     val_split: float = 0.0
     patience: int | None = None
     tensorboard: bool = True
@@ -202,8 +211,8 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetecti
     opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
     (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
     last = max(1, cfg.epochs - 1) if cfg.epochs else None  # epochs unset (no recipe resolved): mosaics throughout
-    mosaic = dict(mosaic=cfg.mosaic, mosaic_epochs=cfg.mosaic_epochs if cfg.mosaic_epochs is not None
-                  else last) if cfg.augment else {}
+    mosaic = dict(mosaic=cfg.mosaic, mixup=cfg.mixup, mosaic_epochs=cfg.mosaic_epochs if cfg.mosaic_epochs is
+                  not None else last, aug_stop_epoch=cfg.aug_stop_epoch, plain_transforms=val_tf) if cfg.augment else {}
     train = CocoDetection(ti, ta, transforms=train_tf, source=ts, **opts, **mosaic)
     val = CocoDetection(vi, va, transforms=val_tf, source=vs, **opts)
     if train.cat_ids != val.cat_ids:

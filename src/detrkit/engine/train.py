@@ -125,6 +125,7 @@ class Trainer:
             lr_drop=cfg.lr_drop if cfg.lr_drop is not None else max(1, round(cfg.epochs * 2 / 3)),
             gamma=cfg.lr_gamma,
             min_lr_ratio=cfg.min_lr_ratio,
+            decay_end=cfg.aug_stop_epoch,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)  # bf16: none
         # where the run is: epochs done, batches of the current epoch done, optimizer steps done

@@ -176,15 +176,39 @@ _SIZES = {
               reg_scale=8.0),
 }
 # AdamW lr 2.5e-4, weight decay 1.25e-4, batch 32, EMA 0.9999 (1000-step warm-up), 500-step linear lr warm-up,
-# gradient clipping 0.1; the backbone's lr and the epochs per size. N: S's optimizer (its own config not read).
+# gradient clipping 0.1, no lr drop (its MultiStepLR milestone lies past the end); the backbone's lr and the epochs
+# per size, the last 12 (L / X: 8) without augmentation (the configs' stop_epoch). N: S's optimizer (its own config
+# not read).
 _BASE = {"lr": 2.5e-4, "weight_decay": 1.25e-4, "batch_size": 32, "warmup_steps": 500, "ema": True,
          "ema_decay": 0.9999, "ema_warmup": 1000, "clip_max_norm": 0.1}
-_RECIPES = {
-    "n": {**_BASE, "epochs": 160, "lr_backbone": 1.25e-4},
-    "s": {**_BASE, "epochs": 132, "lr_backbone": 1.25e-4},
-    "m": {**_BASE, "epochs": 132, "lr_backbone": 2.5e-5},
-    "l": {**_BASE, "epochs": 80, "lr_backbone": 1.25e-5},
-    "x": {**_BASE, "epochs": 80, "lr_backbone": 2.5e-6},
+
+
+def _dfine_recipe(epochs: int, clean: int, lr_backbone: float) -> dict:
+    return {**_BASE, "epochs": epochs, "lr_drop": epochs, "aug_stop_epoch": epochs - clean, "lr_backbone": lr_backbone}
+
+
+_RECIPES = {"n": _dfine_recipe(160, 12, 1.25e-4), "s": _dfine_recipe(132, 12, 1.25e-4),
+            "m": _dfine_recipe(132, 12, 2.5e-5), "l": _dfine_recipe(80, 8, 1.25e-5), "x": _dfine_recipe(80, 8, 2.5e-6)}
+
+
+def _deim_recipe(size: str, stop: int, clean: int, **optimizer) -> dict:
+    """DEIM's schedule (Huang et al. CVPR 2025, section 4.1; configs/deim_dfine): Mosaic and MixUp on half the
+    samples until the flat lr ends at epoch 4 + stop / 2, then a cosine down to half the lr at ``stop``, after it
+    ``clean`` epochs without augmentation at that lr; 2000 quadratic warm-up steps. (DEIM also leaves out the
+    augmentation in its first 4 epochs; here it starts at once.)"""
+    flat = 4 + stop // 2
+    return {**_RECIPES[size], "epochs": stop + clean, "lr_schedule": "flat-cosine", "lr_drop": flat,
+            "lr_gamma": 0.5, "mosaic": 0.5, "mixup": 0.5, "mosaic_epochs": flat, "aug_stop_epoch": stop,
+            "warmup_steps": 2000, **optimizer}
+
+
+# S: deim_hgnetv2_s (lr 4e-4, backbone 2e-4, weight decay 1e-4); N: lr 4e-4 / 2e-4, the lr kept flat (lr_gamma 1).
+# M / L / X: the epochs of the released files (90 / 50 / 50 + the clean ones), D-FINE's optimizer: DEIM's own
+# optimizer settings for these sizes were not read here.
+_DEIM_RECIPES = {
+    "n": _deim_recipe("n", 148, 12, lr=4e-4, lr_backbone=2e-4, weight_decay=1e-4, lr_gamma=1.0),
+    "s": _deim_recipe("s", 120, 12, lr=4e-4, lr_backbone=2e-4, weight_decay=1e-4),
+    "m": _deim_recipe("m", 90, 12), "l": _deim_recipe("l", 50, 8), "x": _deim_recipe("x", 50, 8),
 }
 _PAPER, _DEIM = "D-FINE (Peng et al. ICLR 2025)", "DEIM (Huang et al. CVPR 2025)"
 # COCO val2017 AP: D-FINE's table 1 (N: its README), DEIM-D-FINE's table 1.
@@ -206,7 +230,7 @@ def _build(size: str, num_classes: int, overrides: dict, **extra) -> DFINE:
 
 
 def _register(size: str) -> None:
-    """dfine_<size> and deim_dfine_<size>: the same network; DEIM trains it with MAL (and Mosaic / MixUp)."""
+    """dfine_<size> and deim_dfine_<size>: the same network; DEIM trains it with MAL and its schedule."""
     def dfine(*, num_classes: int = 80, **overrides) -> DFINE:
         return _build(size, num_classes, overrides)
 
@@ -216,12 +240,13 @@ def _register(size: str) -> None:
     s = _SIZES[size]
     what = f"HGNetv2-{s['backbone']}, GELAN hybrid encoder, {s.get('num_decoder_layers', 6)} FDR decoder layers"
     dfine.__doc__ = f"D-FINE-{size.upper()}: {what}."
-    deim.__doc__ = f"DEIM-D-FINE-{size.upper()}: D-FINE-{size.upper()} trained with DEIM's matchability-aware loss."
+    deim.__doc__ = (f"DEIM-D-FINE-{size.upper()}: D-FINE-{size.upper()} trained with DEIM's matchability-aware loss "
+                    "(its schedule, dense one-to-one with Mosaic / MixUp: --recipe paper).")
     dfine.__name__, deim.__name__ = f"dfine_{size}", f"deim_dfine_{size}"
     register_model(paper=_PAPER, input_size=(640, 640), coco_ap=_DFINE_AP[size], recipe=_RECIPES[size],
                    weights={"coco": Weights(f"{_STORAGE}/dfine_{size}_coco.pth", _DFINE_AP[size],
                                             "Peterande/D-FINE")})(dfine)
-    register_model(paper=_DEIM, input_size=(640, 640), coco_ap=_DEIM_AP[size], recipe=_RECIPES[size])(deim)
+    register_model(paper=_DEIM, input_size=(640, 640), coco_ap=_DEIM_AP[size], recipe=_DEIM_RECIPES[size])(deim)
 
 
 for _size in _SIZES:
