@@ -519,3 +519,15 @@ def test_d_fine_official_layout(tmp_path):
     assert wider.decoder.reg_scale == 8.0
     with torch.no_grad():
         assert max_abs_diff(wider(images).pred_boxes, a.pred_boxes) > 1e-3
+
+
+def test_d_fine_file_of_another_size_names_the_presets_it_fits(tmp_path):
+    """A D-FINE-S-shaped file (GELAN expansion 0.5, depth 0.34, learnable-affine backbone) given to dfine_l: the
+    error lists the keys that differ and names the presets the file loads into."""
+    _d_fine_hf(48, 32).save_pretrained(tmp_path / "hf")
+    tiny = dict(backbone=HGNET_TINY, hidden_dim=48, encoder_ffn=64, nhead=4, d_model=32, dim_feedforward=64,
+                num_queries=20, backbone_norm="frozen")  # sizes of the tiny file; the preset's own block settings
+    with pytest.raises(CheckpointError, match=r"does not fit DFINE(.|\n)*This checkpoint loads into: deim_dfine_s, "
+                                              r"dfine_s$"):
+        create_model("dfine_l", weights=tmp_path / "hf", num_classes=5, **tiny)
+    create_model("dfine_s", weights=tmp_path / "hf", num_classes=5, **tiny)  # and it does

@@ -320,3 +320,16 @@ def test_checkpoints_saved_with_renamed_builder_settings_still_load(tmp_path):
     assert loaded.denoising.num_dn_pairs == 7
     for (k, v), w in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
+
+
+def test_detrkit_file_given_to_another_preset_names_the_one_it_was_saved_from(tmp_path):
+    """A dfine_n checkpoint given to dfine_s (another size of the same family): the error names dfine_n."""
+    from detrkit.weights.files import save_weights
+
+    meta = {"model": "dfine_n", "num_classes": 3, "model_args": {}, "class_names": list("abc"),
+            "label_to_cat": [1, 2, 3], "image_size": 640}
+    save_weights(tmp_path / "n.safetensors", create_model("dfine_n", num_classes=3), meta)
+    with pytest.raises(CheckpointError, match=r"does not fit DFINE(.|\n)*saved from dfine_n: "
+                                              r"create_model\('dfine_n', weights=...\) loads it"):
+        create_model("dfine_s", weights=tmp_path / "n.safetensors")
+    assert create_model("dfine_n", weights=tmp_path / "n.safetensors").num_classes == 3

@@ -414,6 +414,10 @@ def load_pretrained(name: str, weights: str | Path | Conversion, *, num_classes:
         fits = _presets_that_fit(conv, name, n, args) if fmt.model_class is not None else []
         if fits:  # e.g. an RT-DETR-R50 file given to rtdetr_r18vd: say which preset it is
             raise CheckpointError(f"{e}\n  This checkpoint loads into: {', '.join(fits)}") from None
+        saved_from = (conv.meta or {}).get("model")
+        if saved_from not in (None, name):  # a detrkit file names the preset it was saved from
+            raise CheckpointError(f"{e}\n  This checkpoint was saved from {saved_from}: "
+                                  f"create_model({saved_from!r}, weights=...) loads it") from None
         raise
     if reinit:
         warnings.warn(f"{conv.file} has {ckpt_classes} classes, the model {n}: the class-dependent parameters "
