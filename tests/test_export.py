@@ -123,12 +123,14 @@ def test_cli_export_says_the_minimum_size(tmp_path, capsys):
     assert rc == 2 and "export at 64 px or more" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sampling", [pytest.param("grid_sample", marks=SLOW), "gather"])
-def test_openvino_runtime_matches_pytorch(sampling, tmp_path):
+@pytest.mark.parametrize(("name", "sampling"), [pytest.param("deformable_detr_lite", "grid_sample", marks=SLOW),
+                                                ("deformable_detr_lite", "gather"),
+                                                pytest.param("dfine_lite", "gather", marks=SLOW)])
+def test_openvino_runtime_matches_pytorch(name, sampling, tmp_path):
     pytest.importorskip("openvino")
     from detrkit.export import check_openvino, export_openvino
 
-    model = create_model("deformable_detr_lite", num_classes=3, **TINY).eval()
+    model = create_model(name, num_classes=3, **TINY, **FAMILIES[name][0]).eval()
     path = export_openvino(model, tmp_path / "m.xml", image_size=(64, 96), label_to_cat=CATS, top_k=20,
                            sampling=sampling)
     assert path.is_file() and path.with_suffix(".bin").is_file()

@@ -224,6 +224,15 @@ def test_cli_train_eval_predict_rtdetr(name, synth_dir, tmp_path, capsys):
     rc = main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--output", str(tmp_path / "pred"),
                "--threshold", "0.0", "--max_detections", "3"])
     assert rc == 0 and len(json.loads((tmp_path / "pred" / "detections.json").read_text())) == 4
+    # tiled (64-px tiles: each resized to the model's square input) and explained
+    rc = main(["predict", str(synth_dir / "val"), "--checkpoint", str(out), "--output", str(tmp_path / "tiles"),
+               "--threshold", "0.0", "--max_detections", "3", "--tile", "64"])
+    assert rc == 0 and all(0 < len(d) <= 3 for d in json.loads((tmp_path / "tiles" / "detections.json").read_text()
+                                                                ).values())
+    image = sorted((synth_dir / "val").iterdir())[0]
+    rc = main(["explain", str(image), "--checkpoint", str(out), "--output", str(tmp_path / "why"), "--threshold",
+               "0.0", "--max_detections", "2"])
+    assert rc == 0 and len(json.loads((tmp_path / "why" / "explain.json").read_text())) > 0
 
 
 def test_checkpoint_of_another_size_names_the_preset_that_fits(tmp_path):

@@ -19,7 +19,7 @@ def _checkpoint(tmp_path, name="detr_lite"):
     return save_weights(tmp_path / f"{name}.safetensors", model, meta)
 
 
-@pytest.mark.parametrize("name", ["detr_lite", "rtdetr_lite"])  # RT-DETR: frames resized to its square input
+@pytest.mark.parametrize("name", ["detr_lite", "rtdetr_lite", "dfine_lite"])  # RT-DETR / D-FINE: square input
 def test_predict_video_writes_an_annotated_video_and_per_frame_results(tmp_path, name):
     av = pytest.importorskip("av")
     source = tmp_path / "clip.mp4"

@@ -51,7 +51,8 @@ def expected_distances(corners: Tensor, project: Tensor) -> Tensor:
     corners (..., 4 * (reg_max + 1)) logits, project = W (reg_max + 1,) -> (..., 4)."""
     bins = project.shape[0]
     probs = corners.unflatten(-1, (4, bins)).softmax(-1)  # (..., 4, reg_max + 1)
-    return probs @ project.to(probs)
+    # W as a (bins, 1) column, not a vector: OpenVINO 2026.4's MatMul fusion misreads a 1-D right operand
+    return (probs @ project.to(probs)[:, None]).squeeze(-1)
 
 
 def distances_to_boxes(anchors: Tensor, distances: Tensor, reg_scale: float) -> Tensor:
