@@ -303,7 +303,7 @@ class Conversion:
         """Classes of the checkpoint's head; ``softmax``: the head has one more output, DETR's no-object."""
         if self.meta is not None:
             return self.meta["num_classes"]
-        for key in ("class_embed.weight", "class_embed.0.weight"):
+        for key in ("class_embed.weight", "class_embed.0.weight", "decoder.class_embed.0.weight"):  # D-FINE: decoder
             if key in self.state_dict:
                 return self.state_dict[key].shape[0] - softmax
         return None
