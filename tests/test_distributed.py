@@ -64,13 +64,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(square_data, tmp_pat
     assert not (double / "rank1").exists() and (double / "checkpoints" / "best").is_dir()  # rank 0 writes
 
 
-def test_rtdetr_trains_under_torchrun(square_data, tmp_path):
-    """RT-DETR under torchrun (2 processes, CPU / gloo): the ranks hold the same parameters after every step and the
-    evaluation is gathered. (The 2-vs-1 loss equality above does not apply: its hybrid encoder's BatchNorm is
-    synchronised across processes on CUDA only, so on CPU each process normalises its own half batch.)"""
+@pytest.mark.parametrize("name", ["rtdetr_lite", pytest.param("dfine_lite", marks=pytest.mark.slow)])
+def test_rtdetr_trains_under_torchrun(name, square_data, tmp_path):
+    """RT-DETR (and D-FINE on its engine) under torchrun (2 processes, CPU / gloo): the ranks hold the same
+    parameters after every step and the evaluation is gathered. (The 2-vs-1 loss equality above does not apply: its
+    hybrid encoder's BatchNorm is synchronised across processes on CUDA only, so on CPU each process normalises its
+    own half batch.)"""
 
     out = tmp_path / "ddp"
-    cfg = dict(recipe="none", model="rtdetr_lite", data=str(square_data),
+    cfg = dict(recipe="none", model=name, data=str(square_data),
                model_args={**TINY, "backbone_norm": "frozen"},
                image_size=96, epochs=1, num_workers=0, progress=False, lr=1e-3, lr_backbone=1e-3, log_every=1,
                checkpoint_every=0, device="cpu", max_val_images=3, augment=False, batch_size=2, output_dir=str(out))
