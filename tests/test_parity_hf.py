@@ -374,7 +374,12 @@ def _d_fine_hf(width: int, d_model: int, eval_idx: int = -1):
                          decoder_in_channels=[width] * 3, decoder_ffn_dim=64, decoder_layers=3, eval_idx=eval_idx,
                          decoder_attention_heads=4, num_queries=20, hidden_expansion=0.5, depth_mult=0.34,
                          decoder_n_points=[3, 6, 3], max_num_bins=8, num_labels=5)
-    hf = DFineForObjectDetection(config)
+    return _randomised(DFineForObjectDetection(config))
+
+
+def _randomised(hf):
+    """Every tensor of an HF D-FINE that starts at a constant (zero heads, unit norms) randomised, so that each
+    one's conversion shows in the outputs."""
     with torch.no_grad():
         for name, t in hf.state_dict().items():
             if not t.is_floating_point() or name.endswith(("num_points_scale", ".up", ".reg_scale")):
@@ -397,6 +402,26 @@ def _exact_point_scales(hf) -> None:
 
 
 D_FINE_CASES = [(32, 32, (64, 64)), (32, 32, (64, 96)), (48, 32, (96, 64))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size,hw", [("s", (320, 320)), ("l", (256, 384))])
+def test_d_fine_full_size_matches_hf(size, hw, tmp_path):
+    """D-FINE-S and -L at full size (HGNetv2-B0 / B4, 300 queries, 32 + 1 bins; transformers' DFineConfig of the
+    preset), random weights: the last layer's logits and boxes in float64, a square and a non-square input."""
+    if not hasattr(transformers, "DFineForObjectDetection"):
+        pytest.skip(f"transformers {transformers.__version__} has no DFine (added in 4.52)")
+    from transformers import DFineForObjectDetection
+
+    from detrkit.weights.d_fine import hf_d_fine_config
+
+    torch.manual_seed(0)
+    pair = Pair(_randomised(DFineForObjectDetection(hf_d_fine_config(size))), tmp_path, f"dfine_{size}")
+    _exact_point_scales(pair.hf64)
+    images = torch.rand(2, 3, *hw)
+    mine32, ref32, mine64, ref64 = pair.run(images, torch.zeros(2, *hw, dtype=torch.bool))
+    _assert_parity("logits", mine32.pred_logits, ref32.logits, mine64.pred_logits, ref64.logits)
+    _assert_parity("boxes", mine32.pred_boxes, ref32.pred_boxes, mine64.pred_boxes, ref64.pred_boxes)
 
 
 @pytest.mark.parametrize("width,d_model,hw", D_FINE_CASES)

@@ -19,6 +19,8 @@ The model takes pixels in [0, 1] at sizes divisible by 32, as RT-DETR does.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import Tensor, nn
 
 from detrkit.backbones.hgnetv2 import HGNetv2
@@ -218,6 +220,14 @@ _DEIM_AP = {"n": 0.430, "s": 0.490, "m": 0.527, "l": 0.547, "x": 0.565}
 _STORAGE = "https://github.com/Peterande/storage/releases/download/dfinev1.0"
 
 
+def d_fine_settings(size: str) -> dict:
+    """Every builder setting of D-FINE size ``size`` (n, s, m, l, x): the official config's values on top of
+    :func:`build_d_fine`'s defaults (what another implementation needs to build the same network)."""
+    defaults = {p.name: p.default for p in inspect.signature(build_d_fine).parameters.values()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **_SIZES[size]}
+
+
 def _build(size: str, num_classes: int, overrides: dict, **extra) -> DFINE:
     config = {"num_classes": num_classes, **_SIZES[size], **extra, **overrides}
     # A size's eval_idx belongs to its own layer count (D-FINE-M: 5 layers, inference stops at the 4th). Another
@@ -259,4 +269,4 @@ def dfine_lite(*, num_classes: int = 80, **overrides) -> DFINE:
     return _build("n", num_classes, overrides, num_queries=100)
 
 
-__all__ = ["DFINE", "DFINE_NOISE", "build_d_fine", "dfine_lite"]
+__all__ = ["DFINE", "DFINE_NOISE", "build_d_fine", "d_fine_settings", "dfine_lite"]

@@ -17,6 +17,8 @@ import re
 
 from torch import Tensor
 
+from detrkit.backbones.hgnetv2 import ARCHS
+from detrkit.models.d_fine import d_fine_settings
 from detrkit.weights.hf import _merge_qkv
 from detrkit.weights.rt_detr import _OFFICIAL_RULES as _RT_DETR_OFFICIAL_RULES
 from detrkit.weights.rt_detr import HF_ENGINE_RULES
@@ -120,3 +122,41 @@ def official_d_fine_settings(state_dict: dict[str, Tensor]) -> dict:
 
 def hf_d_fine_settings(state_dict: dict[str, Tensor]) -> dict:
     return _d_fine_settings(state_dict, "model.decoder.", "model.decoder.bbox_embed.")
+
+
+def hf_d_fine_config(size: str, num_classes: int = 80, **overrides):
+    """HF transformers' ``DFineConfig`` of detrkit's ``dfine_<size>`` (n, s, m, l, x): the same backbone, encoder,
+    decoder and W(n), so that a random-weight ``DFineForObjectDetection(config)`` converts into the preset strictly
+    (the parity tests and benchmarks/inference.py compare the two). ``overrides``: DFineConfig fields. Needs
+    transformers >= 4.52."""
+    try:
+        from transformers import DFineConfig, HGNetV2Config
+    except ImportError as e:
+        raise ImportError("hf_d_fine_config needs HF transformers with D-FINE (>= 4.52): pip install "
+                          "'detrkit[test]'") from e
+    s = d_fine_settings(size)
+    if s["eval_idx"] != -1:  # D-FINE-M: inference at its 4th of 5 layers
+        raise ValueError(f"dfine_{size} evaluates at decoder layer {s['eval_idx']}; HF's DFine builds "
+                         "decoder_layers - eval_idx - 1 extra layers for that (the official code builds none), so "
+                         "no HF model has the same network: compare another size")
+    stem, stages = ARCHS[s["backbone"]]
+    cols = list(zip(*stages, strict=True))  # in, mid, out, blocks, downsample, light, kernel, layers
+    used = list(s["return_stages"])
+    backbone = HGNetV2Config(
+        stem_channels=list(stem), stage_in_channels=list(cols[0]), stage_mid_channels=list(cols[1]),
+        stage_out_channels=list(cols[2]), stage_num_blocks=list(cols[3]), stage_downsample=list(cols[4]),
+        stage_light_block=list(cols[5]), stage_kernel_size=list(cols[6]), stage_numb_of_layers=list(cols[7]),
+        use_learnable_affine_block=s["use_lab"], hidden_sizes=list(cols[2]),
+        out_features=[f"stage{i + 1}" for i in used])
+    levels = len(used)
+    points = s["n_points"]
+    return DFineConfig(
+        backbone_config=backbone, num_labels=num_classes, freeze_backbone_batch_norms=s["backbone_norm"] == "frozen",
+        encoder_in_channels=[cols[2][i] for i in used], feat_strides=[2 ** (i + 2) for i in used],
+        encoder_hidden_dim=s["hidden_dim"], encoder_ffn_dim=s["encoder_ffn"], encoder_attention_heads=s["nhead"],
+        encoder_layers=s["num_encoder_layers"], encode_proj_layers=[levels - 1], hidden_expansion=s["expansion"],
+        depth_mult=s["depth_mult"], d_model=s["d_model"], decoder_in_channels=[s["hidden_dim"]] * levels,
+        num_feature_levels=levels, decoder_ffn_dim=s["dim_feedforward"], decoder_layers=s["num_decoder_layers"],
+        decoder_attention_heads=s["nhead"], eval_idx=s["eval_idx"], num_queries=s["num_queries"],
+        decoder_n_points=list(points) if isinstance(points, list | tuple) else points, max_num_bins=s["reg_max"],
+        reg_scale=s["reg_scale"], up=s["up"], **overrides)
