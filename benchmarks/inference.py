@@ -1,16 +1,18 @@
 """Inference speed: detrkit (eager and torch.compile) against HF transformers, same architecture and weights.
 
-For DETR-R50, Deformable-DETR two-stage + refine and RT-DETR-R18 / R50, a random-weight HF model is built and
-converted into detrkit (the parity tests' path), so both libraries run the same network on the same input in this
-process; DINO-4scale has no HF implementation and is timed for detrkit alone. RT-DETR runs on pixels in [0, 1] at
-the given size rounded down to multiples of 32 (its own input). Each case: warm-up calls (for
-torch.compile, the compilation), then the median of timed calls; peak CUDA memory on GPU.
+For DETR-R50, Deformable-DETR two-stage + refine, RT-DETR-R18 / R50 and D-FINE-N / S / L / X, a random-weight HF
+model is built and converted into detrkit (the parity tests' path), so both libraries run the same network on the
+same input in this process; DINO-4scale has no HF implementation and is timed for detrkit alone. RT-DETR and D-FINE
+run on pixels in [0, 1] at the given size rounded down to multiples of 32 (their own input). Each case: warm-up
+calls (for torch.compile, the compilation), then the median of timed calls; peak CUDA memory on GPU.
 
     python benchmarks/inference.py                                   # GPU: 800x1333, batch 1 and 4
     python benchmarks/inference.py --height 384 --width 640 --iters 3 --models detr_r50,deformable_detr_r50_two_stage
                                                                      # a CPU-sized run
     python benchmarks/inference.py --models rtdetr_r18vd,rtdetr_r50vd --height 640 --width 640 --batches 1 \
         --iters 5 --compile false                                    # RT-DETR at its 640x640, CPU
+    python benchmarks/inference.py --models dfine_n,dfine_s,dfine_l --height 640 --width 640 --batches 1 \
+        --iters 5 --compile false --out benchmarks/results/inference_dfine_cpu.json   # D-FINE, CPU
 
 Prints a table and writes benchmarks/results/inference_<device>.json.
 """
@@ -56,6 +58,8 @@ def hf_pair(name: str, **hf_config):
         convert = convert_hf_deformable_detr
     elif name.startswith("rtdetr"):
         return _rt_detr_pair(name)
+    elif name.startswith("dfine_"):
+        return _d_fine_pair(name)
     else:
         return None, create_model(name).eval()
     model = create_model(name).eval()
@@ -86,6 +90,19 @@ def _rt_detr_pair(name: str):
     state = convert_hf_rt_detr(hf.state_dict())
     state.update({f"decoder.{k}": v for k, v in state.items() if k.startswith("bbox_embed.")})  # the decoder's alias
     model.load_state_dict(state, strict=True)
+    return hf.eval(), model
+
+
+def _d_fine_pair(name: str):
+    """HF DFineForObjectDetection built from the preset's settings (hf_d_fine_config), 80 classes, converted into
+    the preset (D-FINE-M is not: HF builds its decoder differently)."""
+    from transformers import DFineForObjectDetection
+
+    from detrkit.weights.d_fine import convert_hf_d_fine, hf_d_fine_config
+
+    hf = DFineForObjectDetection(hf_d_fine_config(name.removeprefix("dfine_"), num_classes=80))
+    model = create_model(name, num_classes=80).eval()
+    model.load_state_dict(convert_hf_d_fine(hf.state_dict()), strict=True)
     return hf.eval(), model
 
 
