@@ -107,6 +107,12 @@ ROWS = {  # name: TrainConfig fields that differ from the budget below
     # are its last 9%: here a quarter of an epoch, so none); on rtdetr_lite and on dfine_lite
     "demo (batch 2, 50 denoising pairs), DEIM schedule": {**DN50, **DEIM},
     "demo (batch 2, 50 denoising pairs), DEIM schedule, dfine_lite": {**DN50, **DEIM, "model": "dfine_lite"},
+    # why dfine_lite learns slowly here: D-FINE-N reads only strides 16 / 32 (the demo's objects are 16-60 px at
+    # 224 px: 1-4 cells of the stride-16 map), and its official lr is twice the demo's
+    "demo (batch 2, 50 denoising pairs), dfine_lite, 3 levels (strides 8-32)": {**DN50, "model": "dfine_lite",
+        "model_args": {**DN50["model_args"], "return_stages": [1, 2, 3], "n_points": [3, 6, 3]}},
+    "demo (batch 2, 50 denoising pairs), dfine_lite, lr 4e-4": {**DN50, "model": "dfine_lite", "lr": 4e-4,
+                                                                "lr_backbone": 4e-4},
 }
 
 
