@@ -54,6 +54,34 @@ def test_each_box_lands_on_its_drawn_pixels_in_the_mosaic():
     assert max(off) > 50
 
 
+def test_cropped_mosaic_keeps_the_objects_scale_and_their_pixels():
+    """``crop=True`` (YOLOv5's mosaic): a window of one image's size around the centre, objects at their own scale;
+    the uncropped mosaic is twice the size, which the transforms' resize to ``size`` halves (negative control)."""
+    boxes = [(10, 10, 22, 20), (50, 50, 62, 66), (30, 40, 44, 52), (60, 10, 72, 24)]
+    samples = []
+    for i, (box, colour) in enumerate(zip(boxes, COLOURS, strict=True)):
+        image, target = _drawn(80, 80, box, colour)
+        samples.append((image, {**target, "labels": torch.tensor([i])}))
+    sides = {i: (b[2] - b[0], b[3] - b[1]) for i, b in enumerate(boxes)}
+    whole = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        image, target = mosaic(samples, size=80, crop=True)
+        assert image.shape == (3, 80, 80) and target["boxes"].canvas_size == (80, 80)
+        for box, label in zip(target["boxes"], target["labels"], strict=True):
+            x0, y0, x1, y1 = box.tolist()
+            assert 0 <= x0 <= x1 <= 80 and 0 <= y0 <= y1 <= 80
+            if 0 < x0 and x1 < 80 and 0 < y0 and y1 < 80:  # not cut by the window: its full size, on its colour
+                whole += 1
+                assert (x1 - x0, y1 - y0) == sides[int(label)]
+                want = torch.tensor(COLOURS[int(label)], dtype=torch.float32)
+                assert (_inside_colour(image, box) - want).abs().max() < 12
+    assert whole >= 4  # the windows left some objects whole
+    torch.manual_seed(0)
+    image, target = mosaic(samples, size=80)
+    assert image.shape == (3, 160, 160)  # resized to 80 by the transforms: every object at half its size
+
+
 def test_mosaic_samples_repeat_exactly_and_stop_after_mosaic_epochs(synth_dir):
     data = CocoDetection(synth_dir / "train", synth_dir / "annotations" / "instances_train.json",
                          transforms=build_transforms(True, scales=[96, 128], max_size=200, crop=False),

@@ -95,6 +95,8 @@ class CocoDetection(torch.utils.data.Dataset):
             epochs train on images as they are (DEIM's schedule). ``mixup``: probability that it is blended
             with another image (after the mosaic, in the same epochs). ``aug_stop_epoch``: from this epoch on,
             samples go through ``plain_transforms`` (e.g. the validation transforms) instead, without mosaics.
+            ``mosaic_crop``: each mosaic is a window of one image's size cut from the four (objects keep their
+            scale), instead of the four shrunk into one (:func:`~detrkit.data.mosaic.mosaic`).
 
     Each sample is ``(image (3, h, w) float, target)`` with target ``labels`` (n,) contiguous int64,
     ``boxes`` (n, 4) normalized cxcywh of the transformed image, ``image_id``, ``orig_size``, ``size``.
@@ -105,7 +107,7 @@ class CocoDetection(torch.utils.data.Dataset):
                  *, drop_crowd: bool = True, check_images: str = "header", skip_invalid: bool = False,
                  source: str | None = None, progress: bool = False, mosaic: float = 0.0,
                  mosaic_epochs: int | None = None, mixup: float = 0.0, aug_stop_epoch: int | None = None,
-                 plain_transforms: Callable | None = None) -> None:
+                 plain_transforms: Callable | None = None, mosaic_crop: bool = False) -> None:
         self.images_dir = Path(images_dir)
         if isinstance(ann_file, dict):  # a dataset read from another format (YOLO, VOC)
             self.ann_file, self.coco = Path(source or "annotations"), validate_coco(ann_file, source or "annotations")
@@ -130,7 +132,7 @@ class CocoDetection(torch.utils.data.Dataset):
                           f"{dropped['annotations']} annotation(s) with errors "
                           f"({len(self.report.errors)} problems; `detrkit data check` lists them)", stacklevel=2)
         self.transforms = transforms
-        self.mosaic, self.mosaic_epochs, self.mixup = mosaic, mosaic_epochs, mixup
+        self.mosaic, self.mosaic_epochs, self.mixup, self.mosaic_crop = mosaic, mosaic_epochs, mixup, mosaic_crop
         self.aug_stop_epoch, self.plain_transforms = aug_stop_epoch, plain_transforms
         if aug_stop_epoch is not None and plain_transforms is None:
             raise ValueError("aug_stop_epoch needs plain_transforms: what the images go through after it")
@@ -191,7 +193,7 @@ class CocoDetection(torch.utils.data.Dataset):
             if with_mosaic:
                 raw = [self._raw(i) for i in [index, *torch.randint(len(self), (3,)).tolist()]]
                 size = raw[0][0].shape[-2:]
-                img, target = mosaic(raw, max(size))
+                img, target = mosaic(raw, max(size), crop=self.mosaic_crop)
             else:
                 img, target = self._raw(index)
                 size = img.shape[-2:]

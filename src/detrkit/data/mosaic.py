@@ -6,7 +6,11 @@ NMS-free inference.
 The four images are scaled so that their longer side is ``size`` and placed around a random centre of a
 (2 size, 2 size) canvas: the first to its upper left, then upper right, lower left, lower right, each touching the
 centre, cut where it leaves the canvas. Boxes move with their image and are clipped to the part that stays;
-boxes cut down to nothing are dropped by the transforms' SanitizeBoundingBoxes. Random draws come from torch's
+boxes cut down to nothing are dropped by the transforms' SanitizeBoundingBoxes. The transforms then resize the
+whole canvas to the training size, which halves every object (DEIM's mosaic: more, smaller objects). With
+``crop=True`` a window of the images' own size around the centre is cut from the canvas instead (YOLOv5's mosaic,
+whose random affine crops the canvas back to the training size): the four images keep their scale, so objects as
+small as the dataset's own are not shrunk below what the model can see. Random draws come from torch's
 generator, which :class:`~detrkit.data.sampler.SeededSamples` seeds per sample, so a resumed run repeats them.
 """
 
@@ -34,9 +38,10 @@ def _resized(image: Tensor, boxes: Tensor, nh: int, nw: int) -> tuple[Tensor, Te
     return image, boxes * torch.tensor([nw / w, nh / h, nw / w, nh / h])
 
 
-def mosaic(samples: list[tuple[Tensor, dict]], size: int) -> tuple[tv_tensors.Image, dict]:
+def mosaic(samples: list[tuple[Tensor, dict]], size: int, crop: bool = False) -> tuple[tv_tensors.Image, dict]:
     """Four ``(image (3, h, w) uint8, {"boxes": BoundingBoxes xyxy, "labels"})`` -> one, on a (2 size)^2 canvas
-    filled with the ImageNet mean colour (zero after normalisation, what the model sees on padding)."""
+    filled with the ImageNet mean colour (zero after normalisation, what the model sees on padding); ``crop``: a
+    random (size, size) window of it that holds the centre, where the four images meet."""
     if len(samples) != 4:
         raise ValueError(f"mosaic takes 4 images, got {len(samples)}")
     side = 2 * size
@@ -55,7 +60,13 @@ def mosaic(samples: list[tuple[Tensor, dict]], size: int) -> tuple[tv_tensors.Im
         lo, hi = torch.tensor([cx0, cy0, cx0, cy0], dtype=b.dtype), torch.tensor([cx1, cy1, cx1, cy1], dtype=b.dtype)
         boxes.append(torch.maximum(torch.minimum(b, hi), lo))  # clipped to the visible part of its own image
         labels.append(target["labels"])
-    target = {"boxes": tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(side, side)),
+    boxes = torch.cat(boxes)
+    if crop:  # the window's left / top edge anywhere that keeps both the centre and the window on the canvas
+        x0 = int(torch.randint(max(0, xc - size), min(xc, side - size) + 1, ()).item())
+        y0 = int(torch.randint(max(0, yc - size), min(yc, side - size) + 1, ()).item())
+        canvas = canvas[:, y0 : y0 + size, x0 : x0 + size]
+        boxes = (boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)).clamp(0, size)  # empty ones dropped later
+    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(canvas.shape[-2:])),
               "labels": torch.cat(labels)}
     return tv_tensors.Image(canvas), target
 

@@ -81,6 +81,8 @@ class TrainConfig:
             matched box, so that they rank boxes by how well they fit.
         mosaic: probability that a training image is a mosaic of four (DEIM's dense one-to-one: more objects per
             image and step); ``mosaic_epochs``: mosaics in the first N epochs only (None: all but the last).
+            ``mosaic_crop``: a mosaic is a window of one image's size cut from the four, so objects keep their
+            scale (YOLOv5's), instead of the four images shrunk into one (DEIM's, which halves every object).
         mixup: probability that a training image is blended with another one, half and half, with the boxes of
             both (DEIM's MixUp, in the same epochs as mosaics).
         aug_stop_epoch: from this epoch on, training images are only resized (no flips, crops, colour changes,
@@ -151,6 +153,7 @@ class TrainConfig:
     class_loss: str | None = None
     mosaic: float = 0.0
     mosaic_epochs: int | None = None
+    mosaic_crop: bool = False
     mixup: float = 0.0
     aug_stop_epoch: int | None = None
     val_split: float = 0.0
@@ -212,7 +215,8 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetecti
     (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
     last = max(1, cfg.epochs - 1) if cfg.epochs else None  # epochs unset (no recipe resolved): mosaics throughout
     mosaic = dict(mosaic=cfg.mosaic, mixup=cfg.mixup, mosaic_epochs=cfg.mosaic_epochs if cfg.mosaic_epochs is
-                  not None else last, aug_stop_epoch=cfg.aug_stop_epoch, plain_transforms=val_tf) if cfg.augment else {}
+                  not None else last, aug_stop_epoch=cfg.aug_stop_epoch, plain_transforms=val_tf,
+                  mosaic_crop=cfg.mosaic_crop) if cfg.augment else {}
     train = CocoDetection(ti, ta, transforms=train_tf, source=ts, **opts, **mosaic)
     val = CocoDetection(vi, va, transforms=val_tf, source=vs, **opts)
     if train.cat_ids != val.cat_ids:
