@@ -17,6 +17,7 @@ def test_auto_on_a_cpu_is_fast_cpu_with_a_schedule_sized_from_the_dataset(synth_
     assert cfg.recipe == "fast-cpu" and cfg.model == "rtdetr_lite"
     assert (cfg.batch_size, cfg.lr, cfg.lr_backbone, cfg.crop, cfg.class_loss) == (2, 2e-4, 2e-4, False, "mal")
     assert cfg.model_args == {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}
+    assert (cfg.ema, cfg.ema_decay, cfg.ema_warmup) == (True, 0.99, 50)  # a ~100-step average (ema_paired.json)
     # 12 images of ~128 px: the images' own size (a multiple of 32), and the demo's budget of pixels in epochs
     assert cfg.image_size == 128 and cfg.epochs == round(3 * 800 * 224**2 / (12 * 128**2)) and cfg.lr_drop == cfg.epochs
     assert "fast-cpu" in resolved.message and "rtdetr_lite" in resolved.message and "12 images" in resolved.message
@@ -42,6 +43,7 @@ def test_every_explicit_option_overrides_the_recipe(synth_dir):
     assert (cfg.lr, cfg.epochs, cfg.image_size, cfg.batch_size, cfg.crop, cfg.class_loss) == (
         1e-3, 2, 96, 3, True, "varifocal")
     assert cfg.model_args == {"query_nms": None, "denoising": {"num_dn_pairs": 50}} and cfg.lr_backbone == 2e-4
+    assert resolve_recipe(TrainConfig(data=str(synth_dir), ema=False), "cpu").config.ema is False
 
 
 def test_a_resolved_config_resolves_to_itself(synth_dir):
@@ -56,6 +58,7 @@ def test_old_configs_keep_their_meaning(synth_dir):
     assert (old.recipe, old.model, old.epochs, old.lr, old.batch_size, old.crop, old.class_loss) == (
         "none", "detr_lite", 5, 1e-4, 4, True, None)
     assert old.model_args == {} and old.lr_drop is None and old.image_size is None
+    assert (old.ema, old.ema_decay, old.ema_warmup) == (False, 0.9997, 2000)
     paper = resolve_recipe(TrainConfig(model="dino_r50_4scale", epochs=3, lr=5e-4, batch_size=7, recipe=True)).config
     assert (paper.epochs, paper.lr, paper.lr_backbone, paper.lr_drop, paper.batch_size) == (12, 1e-4, 1e-5, 11, 7)
     with pytest.raises(RecipeError, match="no paper recipe.*dino_r50_4scale"):

@@ -65,12 +65,14 @@ class Recipe:
 # The demo's recipe (README "The demo", docs/convergence.md): chosen one change at a time on a tuning copy of the
 # synthetic data at 2 CPU cores (benchmarks/demo_recipe.py, results/demo_recipe.json): RT-DETR-Lite without
 # zoom-out / IoU crops, AdamW 2e-4 everywhere and no lr drop, DEIM's matchability-aware loss, DDQ's distinct queries
-# at IoU 0.5, 50 denoising pairs, batches of 2 (twice the optimizer steps); 3 epochs of 800 images at 224 px.
+# at IoU 0.5, 50 denoising pairs, batches of 2 (twice the optimizer steps); 3 epochs of 800 images at 224 px;
+# evaluated and saved: a moving average of the weights over ~100 steps (decay 0.99; benchmarks/ema_paired.py).
 FAST_CPU = Recipe(
     name="fast-cpu",
     summary="the most AP in ~10 CPU minutes on a small dataset (the demo's recipe), from scratch",
     evidence="benchmarks/demo_recipe.py (results/demo_recipe.json); benchmarks/real_data.py (results/real_data.json)",
-    settings=dict(model="rtdetr_lite", batch_size=2, lr=2e-4, lr_backbone=2e-4, crop=False, num_workers=1),
+    settings=dict(model="rtdetr_lite", batch_size=2, lr=2e-4, lr_backbone=2e-4, crop=False, num_workers=1,
+                  ema=True, ema_decay=0.99, ema_warmup=50),
     model_settings=dict(class_loss="mal", model_args={"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}),
     pixels_seen=3 * 800 * 224**2,
     base_size=224,
@@ -104,7 +106,7 @@ RECIPES = {r.name: r for r in (FAST_CPU, GPU, PAPER, NONE)}
 
 # The fields' values when neither the user nor the recipe sets them (TrainConfig keeps them None: "unset").
 DEFAULTS = dict(model="rtdetr_lite", epochs=50, batch_size=4, lr=1e-4, lr_backbone=1e-5, crop=True, eval_every=1,
-                num_workers=2, warmup_steps=0)
+                num_workers=2, warmup_steps=0, ema=False, ema_decay=0.9997, ema_warmup=2000)
 
 
 def recipe_name(value: str | bool | None, device: torch.device | str) -> str:
