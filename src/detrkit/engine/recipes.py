@@ -70,7 +70,8 @@ class Recipe:
 FAST_CPU = Recipe(
     name="fast-cpu",
     summary="the most AP in ~10 CPU minutes on a small dataset (the demo's recipe), from scratch",
-    evidence="benchmarks/demo_recipe.py (results/demo_recipe.json); benchmarks/real_data.py (results/real_data.json)",
+    evidence="benchmarks/demo_recipe.py (results/demo_recipe.json); benchmarks/real_data.py (results/real_data.json); "
+             "the EMA: benchmarks/ema_paired.py (results/ema_paired.json)",
     settings=dict(model="rtdetr_lite", batch_size=2, lr=2e-4, lr_backbone=2e-4, crop=False, num_workers=1,
                   ema=True, ema_decay=0.99, ema_warmup=50),
     model_settings=dict(class_loss="mal", model_args={"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}),
