@@ -153,3 +153,38 @@ def test_rtdetr_transforms_without_crop_keep_the_object_size(tmp_path):
                 assert same, (seed, box)
             changed += not same
     assert changed > 0
+
+
+def test_rtdetr_scale_jitter_rescales_and_shifts_boxes_with_their_pixels(tmp_path):
+    """scale_jitter = s (YOLO's random affine): the object's size varies within [1 - s, 1 + s] of its resized size
+    and its box follows its pixels; without it (the negative control) every sample keeps the same size."""
+    arr = np.zeros((120, 160, 3), np.uint8)
+    arr[40:70, 60:100] = 255  # the object: 40 x 30 px, well inside the image
+    images, ann = _write_dataset(
+        tmp_path, [arr], [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [60, 40, 40, 30], "iscrowd": 0}]
+    )
+    base_w = 40 / 160  # normalized width after the resize to the square
+    for jitter in (0.5, 0.0):
+        ds = CocoDetection(images, ann, build_transforms(True, val_size=96, crop=False, preprocess="rtdetr",
+                                                         scale_jitter=jitter))
+        widths = []
+        for seed in range(16):
+            torch.manual_seed(seed)
+            img, target = ds[0]
+            assert img.shape == (3, 96, 96) and len(target["boxes"]) == 1
+            cx, cy, bw, bh = (target["boxes"][0] * 96).tolist()
+            x0, y0, x1, y1 = (round(v) for v in (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2))
+            inside = img[:, y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].mean()
+            above, below = img[:, max(y0 - 4, 0) : y0 - 1, x0:x1], img[:, y1 + 1 : y1 + 4, x0:x1]
+            ring = torch.cat([above.flatten(), below.flatten()])
+            assert inside > ring.mean() + 0.3, (jitter, seed)  # the box sits on the bright object
+            widths.append(target["boxes"][0, 2].item() / base_w)
+        if jitter:
+            assert 0.5 - 0.03 <= min(widths) and max(widths) <= 1.5 + 0.03
+            assert max(widths) - min(widths) > 0.4, widths
+        else:
+            assert max(widths) - min(widths) < 0.01, widths
+    with pytest.raises(ValueError, match="RT-DETR"):
+        build_transforms(True, scale_jitter=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        build_transforms(True, preprocess="rtdetr", scale_jitter=1.5)

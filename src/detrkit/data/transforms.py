@@ -61,6 +61,7 @@ def build_transforms(
     crop_size: tuple[int, int] = (384, 600),
     with_boxes: bool = True,
     preprocess: str = "detr",
+    scale_jitter: float = 0.0,
 ) -> T.Compose:
     """The transform applied to ``(image, target)``; target holds ``boxes`` (BoundingBoxes) and ``labels``.
 
@@ -68,7 +69,10 @@ def build_transforms(
     the model's (``"detr"`` or ``"rtdetr"``: then ``val_size`` is the side of the square input).
     """
     if preprocess == "rtdetr":
-        return rtdetr_train_transforms(val_size, crop) if train else _rtdetr_val(val_size, with_boxes)
+        return rtdetr_train_transforms(val_size, crop, scale_jitter) if train else _rtdetr_val(val_size, with_boxes)
+    if scale_jitter:
+        raise ValueError("scale_jitter is for the RT-DETR family's square inputs; DETR's multi-scale resize "
+                         "(scales) already varies the scale")
     to_input = [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     finish = [
         *to_input,
@@ -86,13 +90,21 @@ def build_transforms(
     return T.Compose([T.RandomHorizontalFlip(), resize, *finish])
 
 
-def rtdetr_train_transforms(size: int = 640, crop: bool = True) -> T.Compose:
+def rtdetr_train_transforms(size: int = 640, crop: bool = True, scale_jitter: float = 0.0) -> T.Compose:
     """RT-DETR's training augmentation (official code): photometric distortion, zoom-out (up to 4x, black fill),
     SSD's IoU crop (p = 0.8), horizontal flip, resize to size x size, pixels in [0, 1].
 
     ``crop=False`` leaves out the zoom-out and the IoU crop (the geometry changes, which shrink and cut objects):
-    for short schedules, where the model has not yet learned the objects at their own size."""
+    for short schedules, where the model has not yet learned the objects at their own size. ``scale_jitter=s``
+    adds YOLO's milder geometry (Ultralytics' ``random_perspective`` with its ``scale`` and ``translate`` only):
+    the image scaled by a factor in [1 - s, 1 + s] and shifted by up to 10% of its side, on a grey canvas of the
+    same size; boxes cut to the canvas, those left under 1 px dropped."""
+    if not 0.0 <= scale_jitter < 1.0:
+        raise ValueError(f"scale_jitter must be in [0, 1) (a scale factor in [1 - s, 1 + s]), got {scale_jitter}")
     geometry = [T.RandomZoomOut(fill=0, p=0.5), T.RandomApply([T.RandomIoUCrop()], p=0.8)] if crop else []
+    if scale_jitter:
+        geometry.append(T.RandomAffine(degrees=0.0, translate=(0.1, 0.1), scale=(1 - scale_jitter, 1 + scale_jitter),
+                                       fill=114))
     return T.Compose([
         T.RandomPhotometricDistort(p=0.5),
         *geometry,

@@ -84,6 +84,9 @@ class TrainConfig:
             image and step); ``mosaic_epochs``: mosaics in the first N epochs only (None: all but the last).
             ``mosaic_crop``: a mosaic is a window of one image's size cut from the four, so objects keep their
             scale (YOLOv5's), instead of the four images shrunk into one (DEIM's, which halves every object).
+        scale_jitter: each training image is scaled by a random factor in [1 - s, 1 + s] and shifted by up to a
+            tenth of its side, on a grey canvas of its own size (YOLO's random affine, without rotation or shear);
+            0 = off. For the RT-DETR family's square inputs.
         mixup: probability that a training image is blended with another one, half and half, with the boxes of
             both (DEIM's MixUp, in the same epochs as mosaics).
         aug_stop_epoch: from this epoch on, training images are only resized (no flips, crops, colour changes,
@@ -155,6 +158,7 @@ class TrainConfig:
     mosaic: float = 0.0
     mosaic_epochs: int | None = None
     mosaic_crop: bool = False
+    scale_jitter: float = 0.0
     mixup: float = 0.0
     aug_stop_epoch: int | None = None
     val_split: float = 0.0
@@ -211,7 +215,8 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetecti
     recipe = scales_for(size)
     preprocess = preprocess_of(cfg.model)  # the model's own input (ImageNet-normalized, or RT-DETR's [0, 1] square)
     val_tf = val_transforms(size, preprocess=preprocess)
-    train_tf = build_transforms(True, crop=cfg.crop, preprocess=preprocess, **recipe) if cfg.augment else val_tf
+    train_tf = build_transforms(True, crop=cfg.crop, preprocess=preprocess, scale_jitter=cfg.scale_jitter,
+                                **recipe) if cfg.augment else val_tf
     opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
     (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
     last = max(1, cfg.epochs - 1) if cfg.epochs else None  # epochs unset (no recipe resolved): mosaics throughout
