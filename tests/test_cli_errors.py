@@ -45,3 +45,14 @@ def test_user_mistakes_are_one_line_errors(case, paths, capsys):
     assert rc != 0, f"{case}: exit status 0"
     lines = [line for line in err.splitlines() if line.strip() and "it/s" not in line and "img/s" not in line]
     assert lines and lines[-1].startswith(f"detrkit {argv[0]}") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--model", "detr_lite", "--scale_jitter", "0.5"], "RT-DETR family"),
+                                            (["--scale_jitter", "1.5"], "[0, 1)")])
+def test_an_augmentation_that_does_not_fit_is_a_one_line_error(args, says, synth_dir, tmp_path, capsys):
+    rc = main(["train", "--data", str(synth_dir), "--output_dir", str(tmp_path / "run"), "--progress", "false",
+               *args])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("detrkit train: error: scale_jitter") and says in last, err
