@@ -85,7 +85,9 @@ def training_curves_figure(metrics: list[dict], steps: list[dict]) -> Figure | N
     lr = [(x_of(r), r["lr"]) for r in points if "lr" in r]
     if lr:
         ax_lr.plot(*zip(*lr, strict=True), color="C0", gid="lr")
-        ax_lr.set_ylim(0, 1.1 * max(v for _, v in lr))
+        top = 1.1 * max(v for _, v in lr)
+        if top > 0:  # an lr of 0 throughout (a frozen run) leaves matplotlib's own limits
+            ax_lr.set_ylim(0, top)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax_lr.set(title="learning rate (first parameter group)", xlabel=xlabel)
     evals = [r for r in metrics if "val_AP" in r]
