@@ -14,6 +14,7 @@ from detrkit.cli import predict, train, weights
 from detrkit.cli.common import CommandError
 from detrkit.cli.data import add_data_commands, run_data_command
 from detrkit.data.coco import DatasetError
+from detrkit.engine.config import ConfigError
 from detrkit.engine.train import TrainingError
 from detrkit.registry import UnknownModelError
 from detrkit.weights.files import CheckpointError
@@ -31,8 +32,8 @@ SUBCOMMANDS = {  # name: (parser, command, one-line help)
 }
 # What a command may raise that the user can fix: printed as one line, exit status 2.
 # A folder where a file was expected (or the reverse), or a path the user may not write, is one too.
-USER_ERRORS = (DatasetError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError, TrainingError,
-               IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+USER_ERRORS = (DatasetError, ConfigError, CheckpointError, UnknownModelError, FileNotFoundError, CommandError,
+               TrainingError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
 
 
 def parser() -> ArgumentParser:

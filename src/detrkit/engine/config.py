@@ -208,6 +208,10 @@ def read_val_split(path: Path) -> tuple[Path, dict, str]:
     return images, subset_coco(coco, keep), f"{path}"
 
 
+class ConfigError(ValueError):
+    """A training option that does not fit the model (e.g. ``scale_jitter`` on DETR): the user's to fix."""
+
+
 def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetection, CocoDetection]:
     """The (train, val) datasets of ``cfg``: its splits, DETR's augmentation at its image size (validation
     transforms for val, and for train with ``augment`` off), mosaics, the doctor's image check."""
@@ -215,8 +219,11 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetecti
     recipe = scales_for(size)
     preprocess = preprocess_of(cfg.model)  # the model's own input (ImageNet-normalized, or RT-DETR's [0, 1] square)
     val_tf = val_transforms(size, preprocess=preprocess)
-    train_tf = build_transforms(True, crop=cfg.crop, preprocess=preprocess, scale_jitter=cfg.scale_jitter,
-                                **recipe) if cfg.augment else val_tf
+    try:
+        train_tf = build_transforms(True, crop=cfg.crop, preprocess=preprocess, scale_jitter=cfg.scale_jitter,
+                                    **recipe) if cfg.augment else val_tf
+    except ValueError as e:  # an augmentation option that does not fit the model, e.g. --scale_jitter on DETR
+        raise ConfigError(str(e)) from None
     opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
     (ti, ta, ts), (vi, va, vs) = dataset_split(cfg, "train"), dataset_split(cfg, "val")
     last = max(1, cfg.epochs - 1) if cfg.epochs else None  # epochs unset (no recipe resolved): mosaics throughout

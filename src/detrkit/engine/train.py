@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from detrkit.data import DatasetError, collate
+from detrkit.data import collate
 from detrkit.data.sampler import EpochSampler, SeededSamples
 from detrkit.engine import distributed as D
 from detrkit.engine.checkpoint import (
@@ -105,12 +105,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.out / "config.yaml")
-        try:
-            self.train_set, self.val_set = build_datasets(cfg, progress=self.main)
-        except DatasetError:
-            raise
-        except ValueError as e:  # an augmentation setting that does not fit the model, e.g. --scale_jitter on DETR
-            raise TrainingError(str(e)) from None
+        self.train_set, self.val_set = build_datasets(cfg, progress=self.main)
         if cfg.plots and self.main:  # what the boxes of the training split look like
             plot_labels(self.train_set.coco, self.out / "labels.png")
         if cfg.val_split and self.main:
