@@ -48,7 +48,10 @@ ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "ba
         "batch 2, DDQ, channels last": (2, False, {"query_nms": 0.5}, 224, True, True),
         # the demo's step before 11d1fc3 (AdamW loop, channels-last images) and since e45db32 (50 denoising pairs)
         "batch 2, DDQ, AdamW loop, channels last": (2, False, {"query_nms": 0.5}, 224, False, True),
-        "batch 2, DDQ, 50 denoising pairs": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}})}
+        "batch 2, DDQ, 50 denoising pairs": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}),
+        # ... with the original ResNet's 7x7 stem instead of ResNet-vd's three 3x3 convolutions
+        "batch 2, DDQ, 50 denoising pairs, 7x7 stem": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50},
+                                                                  "backbone_stem": "7x7"})}
 
 
 def build_step(model_args: dict | None, fused: bool, *, num_classes: int):

@@ -305,3 +305,29 @@ def test_zero_init_residual_starts_every_block_as_its_shortcut():
             assert torch.equal(block(x), x) is same
     with pytest.raises(ValueError, match="zero_init_residual needs norm='batch'"):
         ResNetVd(18, norm="frozen", zero_init_residual=True)
+
+
+def test_7x7_stem_gives_the_same_maps_for_a_fraction_of_the_deep_stems_work():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from detrkit.backbones.resnet_vd import ResNetVd
+
+    x = torch.rand(1, 3, 64, 64)
+    flops, shapes = {}, {}
+    for stem in ("deep", "7x7"):  # control: the paper's deep stem (three 3x3 convolutions, official keys)
+        backbone = ResNetVd(18, norm="batch", stem=stem).eval()
+        with torch.no_grad():
+            shapes[stem] = {k: v[0].shape for k, v in backbone(x).items()}
+            counter = FlopCounterMode(display=False)
+            with counter:
+                backbone.conv1(x)
+            flops[stem] = counter.get_total_flops()
+        kernels = [m.kernel_size for m in backbone.conv1.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert kernels == ([(3, 3)] * 3 if stem == "deep" else [(7, 7)])
+    assert shapes["7x7"] == shapes["deep"]  # the same stride-4 input to the first stage, the same returned maps
+    assert flops["7x7"] < 0.4 * flops["deep"]  # 3*49*64 against 3*9*32 + 9*32*32 + 9*32*64 multiply-adds a pixel
+    model = create_model("rtdetr_lite", num_classes=3, backbone_stem="7x7").eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 96, 96)).pred_logits.shape == (1, 100, 3)
+    with pytest.raises(ValueError, match="stem must be 'deep'"):
+        ResNetVd(18, stem="3x3")

@@ -243,6 +243,7 @@ def build_rt_detr(
     freeze_at: int = 0,
     backbone_width: float = 1.0,
     backbone_zero_init_residual: bool = False,
+    backbone_stem: str = "deep",
     hidden_dim: int = 256,
     encoder_ffn: int = 1024,
     num_encoder_layers: int = 1,
@@ -269,13 +270,14 @@ def build_rt_detr(
 ) -> RTDETR:
     """Wire an RT-DETR from plain settings; RT-DETRv2 is the same model with its decoder settings
     (``offset_scale``, ``sampling="discrete"``). ``freeze_at``: -1 trains the whole backbone (R18 / R34).
-    ``backbone_width`` / ``backbone_zero_init_residual``: a narrower ResNet-vd, residual blocks that start as the
-    identity, for training from scratch (:class:`~detrkit.backbones.resnet_vd.ResNetVd`). ``one_to_many="hybrid"`` /
+    ``backbone_width`` / ``backbone_zero_init_residual`` / ``backbone_stem``: a narrower ResNet-vd, residual blocks
+    that start as the identity, the original ResNet's 7x7 stem, for training from scratch
+    (:class:`~detrkit.backbones.resnet_vd.ResNetVd`). ``one_to_many="hybrid"`` /
     ``"group"``: one-to-many queries in training (see :func:`~detrkit.layers.one_to_many.one_to_many_branch`).
     ``query_nms``: DDQ's distinct query selection at this IoU (0.8 in DDQ DETR), in training and inference.
     ``enc_o2m_k``: every encoder proposal supervised, k per object (training only; 0 = none)."""
     backbone = ResNetVd(depth, norm=backbone_norm, freeze_at=freeze_at, width=backbone_width,
-                        zero_init_residual=backbone_zero_init_residual)
+                        zero_init_residual=backbone_zero_init_residual, stem=backbone_stem)
     encoder = HybridEncoder(tuple(backbone.channels.values()), hidden_dim=hidden_dim, nhead=nhead,
                             dim_feedforward=encoder_ffn, num_encoder_layers=num_encoder_layers, expansion=expansion,
                             depth_mult=depth_mult)
