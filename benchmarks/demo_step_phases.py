@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader
 
 from detrkit.data import collate, make_synthetic_dataset
 from detrkit.engine.config import TrainConfig, build_datasets
+from detrkit.engine.recipes import FAST_CPU
 
-MODEL_ARGS = {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}  # the fast-cpu recipe's
+MODEL_ARGS = FAST_CPU.model_settings["model_args"]  # the fast-cpu recipe's
 
 
 def main(warmup: int = 4, steps: int = 20, work_dir: str = "runs/demo_step",

@@ -16,7 +16,7 @@ def test_auto_on_a_cpu_is_fast_cpu_with_a_schedule_sized_from_the_dataset(synth_
     cfg = resolved.config
     assert cfg.recipe == "fast-cpu" and cfg.model == "rtdetr_lite"
     assert (cfg.batch_size, cfg.lr, cfg.lr_backbone, cfg.crop, cfg.class_loss) == (2, 2e-4, 2e-4, False, "mal")
-    assert cfg.model_args == {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}
+    assert cfg.model_args == {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}, "backbone_stem": "7x7"}
     assert (cfg.ema, cfg.ema_decay, cfg.ema_warmup) == (True, 0.99, 50)  # a ~100-step average (ema_paired.json)
     # 12 images of ~128 px: the images' own size (a multiple of 32), and the demo's budget of pixels in epochs
     assert cfg.image_size == 128 and cfg.epochs == round(3 * 800 * 224**2 / (12 * 128**2)) and cfg.lr_drop == cfg.epochs
@@ -42,7 +42,8 @@ def test_every_explicit_option_overrides_the_recipe(synth_dir):
                                      crop=True, class_loss="varifocal", model_args={"query_nms": None}), "cpu").config
     assert (cfg.lr, cfg.epochs, cfg.image_size, cfg.batch_size, cfg.crop, cfg.class_loss) == (
         1e-3, 2, 96, 3, True, "varifocal")
-    assert cfg.model_args == {"query_nms": None, "denoising": {"num_dn_pairs": 50}} and cfg.lr_backbone == 2e-4
+    assert cfg.model_args == {"query_nms": None, "denoising": {"num_dn_pairs": 50}, "backbone_stem": "7x7"}
+    assert cfg.lr_backbone == 2e-4
     assert resolve_recipe(TrainConfig(data=str(synth_dir), ema=False), "cpu").config.ema is False
 
 
@@ -80,6 +81,7 @@ def test_bad_recipes_say_what_to_do(synth_dir):
     # another preset the settings fit takes them
     dino = resolve_recipe(TrainConfig(data=str(synth_dir), recipe="fast-cpu", model="dino_lite")).config
     assert dino.class_loss == "mal" and dino.model_args["query_nms"] == 0.5
+    assert "backbone_stem" not in dino.model_args  # rtdetr_lite's network only: dino_lite keeps its own
 
 
 def test_cli_lists_the_recipes_and_rejects_an_unknown_one(synth_dir, tmp_path, capsys):
@@ -87,7 +89,7 @@ def test_cli_lists_the_recipes_and_rejects_an_unknown_one(synth_dir, tmp_path, c
     out = capsys.readouterr().out
     for name in ("fast-cpu", "gpu", "paper", "none", "auto"):
         assert f"{name}" in out
-    assert "query_nms" in out and "batch_size=16" in out
+    assert "query_nms" in out and "batch_size=16" in out and "rtdetr_lite's network: backbone_stem=7x7" in out
     assert main(["train", "--data", str(synth_dir), "--output_dir", str(tmp_path / "r"), "--recipe", "nope",
                  "--progress", "false"]) == 2
     assert "unknown recipe 'nope'" in capsys.readouterr().err

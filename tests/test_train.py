@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import TINY
 from PIL import Image
 
@@ -255,3 +256,16 @@ def test_val_split_trains_a_dataset_without_one_and_eval_finds_the_held_out_imag
 
     _, coco, _ = read_val_split(tmp_path / "run" / "val_split.json")
     assert sorted(img["id"] for img in coco["images"]) == held["val_image_ids"]
+
+
+def test_resume_keeps_the_network_its_checkpoint_was_saved_with(synth_dir, tmp_path):
+    """A run saved with ResNet-vd's deep stem (as every rtdetr_lite run before the fast-cpu recipe took the 7x7
+    stem) resumes under that recipe with its own stem; a new run of the recipe gets the 7x7 one (the control)."""
+    out, new = tmp_path / "old", tmp_path / "new"
+    small = dict(model="rtdetr_lite", model_args={}, image_size=64, max_train_images=2, max_val_images=2)
+    train(_cfg(synth_dir, out, epochs=1, **small))  # recipe none: the preset's deep stem, no backbone_stem saved
+    train(_cfg(synth_dir, out, epochs=2, resume="last", **{**small, "recipe": "fast-cpu"}))
+    assert "backbone_stem" not in yaml.safe_load((out / "config.yaml").read_text())["model_args"]
+    assert [r["epoch"] for r in _log(out)] == [1, 2]
+    train(_cfg(synth_dir, new, epochs=1, **{**small, "recipe": "fast-cpu"}))
+    assert yaml.safe_load((new / "config.yaml").read_text())["model_args"]["backbone_stem"] == "7x7"

@@ -7,6 +7,8 @@ explicit option wins. Three parts:
 * ``model_settings``: the class loss and builder overrides (``model_args``) measured on the recipe's own preset.
   On another preset they must fit it: an explicit ``--recipe`` with a preset that does not take one is an error
   naming the setting and the presets that take it; the automatic choice drops them and says so;
+* ``network``: builder overrides that shape the recipe's own preset's network (its backbone's stem), not a way of
+  training it: applied to that preset only; another preset keeps its own network;
 * the schedule, sized from the dataset: an image size from the training images' sizes and box sizes (rounded to
   32, the RT-DETR encoder's size divisor and DETR's multi-scale step) and a budget of pixels seen, turned into
   epochs for the dataset's number of images (so that a run costs about the same on any dataset).
@@ -44,6 +46,7 @@ class Recipe:
         evidence: where its numbers come from (benchmark and results file).
         settings: TrainConfig fields it sets when the user did not.
         model_settings: ``class_loss`` and ``model_args`` measured on ``settings["model"]``.
+        network: ``model_args`` for ``settings["model"]`` alone (its architecture; other presets keep theirs).
         pixels_seen: training budget as images x (training size)^2; None = ``epochs`` from ``settings``.
         base_size / max_size: image size for datasets whose objects are big enough at ``base_size``; the most it
             grows to for small objects. ``min_object``: the median box side (px, at the training size) to keep.
@@ -55,6 +58,7 @@ class Recipe:
     evidence: str = ""
     settings: dict = field(default_factory=dict)
     model_settings: dict = field(default_factory=dict)
+    network: dict = field(default_factory=dict)
     pixels_seen: float | None = None
     base_size: int = 640
     max_size: int = 640
@@ -66,7 +70,9 @@ class Recipe:
 # synthetic data at 2 CPU cores (benchmarks/demo_recipe.py, results/demo_recipe.json): RT-DETR-Lite without
 # zoom-out / IoU crops, AdamW 2e-4 everywhere and no lr drop, DEIM's matchability-aware loss, DDQ's distinct queries
 # at IoU 0.5, 50 denoising pairs, batches of 2 (twice the optimizer steps); 3 epochs of 800 images at 224 px;
-# evaluated and saved: a moving average of the weights over ~100 steps (decay 0.99; benchmarks/ema_paired.py).
+# evaluated and saved: a moving average of the weights over ~100 steps (decay 0.99; benchmarks/ema_paired.py);
+# the original ResNet's 7x7 stem instead of ResNet-vd's three 3x3 convolutions (0.92x the step, the same AP at
+# the same steps: results/demo_step_paired_stem.json, ema_paired.json).
 FAST_CPU = Recipe(
     name="fast-cpu",
     summary="the most AP in ~10 CPU minutes on a small dataset (the demo's recipe), from scratch",
@@ -75,6 +81,7 @@ FAST_CPU = Recipe(
     settings=dict(model="rtdetr_lite", batch_size=2, lr=2e-4, lr_backbone=2e-4, crop=False, num_workers=1,
                   ema=True, ema_decay=0.99, ema_warmup=50),
     model_settings=dict(class_loss="mal", model_args={"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}),
+    network=dict(backbone_stem="7x7"),
     pixels_seen=3 * 800 * 224**2,
     base_size=224,
     max_size=448,
@@ -231,6 +238,8 @@ def resolve_recipe(cfg: TrainConfig, device: torch.device | str = "cpu") -> Reso
             fill["class_loss"] = settings.pop("class_loss")
         settings.pop("class_loss", None)
         fill["model_args"] = {**settings, **cfg.model_args}  # the user's keys win
+    if recipe.network and model == recipe.settings.get("model"):
+        fill["model_args"] = {**recipe.network, **fill.get("model_args", cfg.model_args)}
     sized = []
     if recipe.pixels_seen is not None and (cfg.image_size is None or cfg.epochs is None):
         stats = dataset_stats(cfg)
@@ -264,6 +273,9 @@ def describe_recipes() -> str:
         sets = {**r.settings, **r.model_settings}
         if sets:
             lines.append("    sets " + ", ".join(f"{k}={v}" for k, v in sets.items()))
+        if r.network:
+            lines.append(f"    {r.settings['model']}'s network: " + ", ".join(f"{k}={v}" for k, v in r.network.items())
+                         + " (other presets keep their own)")
         if r.pixels_seen:
             lines.append(f"    image size: the images' side up to {r.base_size} (up to {r.max_size} where the median "
                          f"box would be under {r.min_object:.0f} px), a multiple of 32; epochs: "

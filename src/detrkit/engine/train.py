@@ -11,7 +11,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +102,9 @@ class Trainer:
         seed_everything(cfg.seed + self.dist.rank)
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.out = Path(cfg.output_dir)
+        self.resuming = self._resumable(cfg.resume) if cfg.resume else None
+        if self.resuming is not None:
+            self.cfg = cfg = self._saved_network(cfg, resolved.recipe.network, self.resuming[0])
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.out / "config.yaml")
@@ -251,8 +254,17 @@ class Trainer:
             save_step_checkpoint(self.out, self.step, saved, self.meta, state, keep=self.cfg.keep_checkpoints)
         D.barrier()
 
+    @staticmethod
+    def _saved_network(cfg: TrainConfig, network: dict, path: Path) -> TrainConfig:
+        """A run resumes with the network its checkpoint holds: the builder settings a recipe's ``network`` sets
+        (e.g. the stem) are the checkpoint's, even where it was saved before the recipe set them."""
+        saved = read_meta(path).get("model_args", {})
+        args = {k: v for k, v in cfg.model_args.items() if k not in network}
+        args |= {k: saved[k] for k in network if k in saved}
+        return replace(cfg, model_args=args) if args != cfg.model_args else cfg
+
     def _resume(self, where: str) -> None:
-        found = self._resumable(where)
+        found = self.resuming
         if found is None:  # `--resume last` before the first checkpoint was written: start over
             if self.main:
                 warnings.warn(f"--resume {where}: {self.out} has no checkpoint yet; training starts from the beginning",
