@@ -218,3 +218,26 @@ def test_the_fused_adamw_makes_the_loops_update():
             opt.zero_grad()
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_amp_auto_trains_in_bf16_on_a_cpu_that_computes_it_natively(monkeypatch, synth_dir, tmp_path):
+    from detrkit import runtime
+    from detrkit.runtime import amp_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert amp_dtype("auto", cpu, training=True) is torch.bfloat16
+    assert amp_dtype("auto", cpu) is None  # inference on a CPU stays fp32 unless asked
+    assert amp_dtype("bf16", cpu) is torch.bfloat16 and amp_dtype("none", cpu, training=True) is None
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)  # emulated bf16 would be slower: fp32
+    assert amp_dtype("auto", cpu, training=True) is None and amp_dtype("bf16", cpu) is torch.bfloat16
+
+    # the trainer's step runs the network under bf16 autocast, and in fp32 with --amp none (the negative control)
+    dtypes = {}
+    for amp in ("bf16", "none"):
+        trainer = _tiny_trainer(synth_dir, tmp_path / amp, amp=amp)
+        conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d))
+        conv.register_forward_hook(lambda _, __, out, amp=amp: dtypes.setdefault(amp, out.dtype) and None)
+        trainer.fit()
+        assert trainer.step > 0
+    assert dtypes == {"bf16": torch.bfloat16, "none": torch.float32}

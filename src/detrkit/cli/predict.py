@@ -37,7 +37,7 @@ def predict_parser() -> ArgumentParser:
     pr.add_argument("--max_detections", type=int, default=100)
     pr.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
     pr.add_argument("--amp", default="auto", help="autocast on CUDA: auto (bf16, else fp16), bf16, fp16 or none; "
-                                                  "CPU runs fp32")
+                                                  "a CPU runs fp32 unless given bf16")
     pr.add_argument("--compile", type=bool, default=False, help="torch.compile the model (pays off on many images)")
     pr.add_argument("--ann", help="COCO annotation json whose image ids results.json should use (matched by file "
                                   "name); default: digit-only file names are the ids (COCO's naming), others "

@@ -54,8 +54,9 @@ class TrainConfig:
             None = 2/3 of ``epochs``.
         warmup_steps: linear learning-rate warm-up over the first optimizer steps (0 = none).
         accumulate: gradient accumulation steps (effective batch = batch_size * accumulate * processes).
-        amp: ``auto`` (bf16 where supported, else fp16, on CUDA; off on CPU), ``bf16``, ``fp16`` or ``none``.
-            fp16 trains with a dynamic loss scaler; bf16 needs none.
+        amp: ``auto`` (on CUDA bf16 where supported, else fp16; on a CPU bf16 where it computes bf16 natively,
+            AVX512-BF16 or AMX, else none), ``bf16``, ``fp16`` (CUDA only) or ``none``. fp16 trains with a dynamic
+            loss scaler; bf16 needs none.
         ema: keep an exponential moving average of the weights (``ema_decay``, ramped up over ``ema_warmup``
             steps); it is what is evaluated and saved as ``model.safetensors`` (the raw weights resume).
             None = the recipe's (fast-cpu: on, 0.99 over 50 steps), else off (0.9997 over 2000 steps).

@@ -100,7 +100,9 @@ class Trainer:
             tqdm.write(resolved.message)
         self.cfg = cfg = resolved.config
         seed_everything(cfg.seed + self.dist.rank)
-        self.amp_dtype = amp_dtype(cfg.amp, self.device)
+        self.amp_dtype = amp_dtype(cfg.amp, self.device, training=True)
+        if self.main and cfg.progress and self.device.type == "cpu" and cfg.amp == "auto" and self.amp_dtype:
+            tqdm.write("bf16 autocast: this CPU computes bf16 natively (--amp none trains in fp32)")
         self.out = Path(cfg.output_dir)
         self.resuming = self._resumable(cfg.resume) if cfg.resume else None
         if self.resuming is not None:

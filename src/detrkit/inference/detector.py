@@ -67,7 +67,7 @@ class Detector:
         device: ``auto``, ``cpu``, ``cuda``...
         threshold: default minimum score of returned detections.
         amp: autocast on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``, ``fp16`` or ``none``;
-            CPU runs fp32.
+            a CPU runs fp32 unless given ``bf16``.
         compile: run the model through ``torch.compile`` (the first call compiles; later ones are faster).
     """
 
