@@ -26,7 +26,7 @@ def cpu_has_bf16() -> bool:
 
 def amp_dtype(amp: str, device: torch.device, *, training: bool = False) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device`` (None = full precision). ``auto``: on CUDA bf16 where supported,
-    else fp16; on a CPU, for training only, bf16 where the CPU computes it natively (:func:`cpu_has_bf16`: 0.74x
+    else fp16; on a CPU, for training only, bf16 where the CPU computes it natively (:func:`cpu_has_bf16`: 0.78x
     the demo's step on an AVX512-BF16 EPYC at the same AP, ``benchmarks/cpu_bf16.py``), else full precision.
     Inference on a CPU stays in fp32 unless asked (its outputs match the exported models'). fp16 is CUDA's alone."""
     if amp == "none" or device.type not in ("cuda", "cpu"):
