@@ -241,3 +241,5 @@ def test_amp_auto_trains_in_bf16_on_a_cpu_that_computes_it_natively(monkeypatch,
         trainer.fit()
         assert trainer.step > 0
     assert dtypes == {"bf16": torch.bfloat16, "none": torch.float32}
+    with pytest.warns(UserWarning, match=r"--amp fp16 is CUDA's: this CPU run trains in fp32"):
+        assert _tiny_trainer(synth_dir, tmp_path / "fp16", amp="fp16").amp_dtype is None

@@ -103,6 +103,9 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.amp, self.device, training=True)
         if self.main and cfg.progress and self.device.type == "cpu" and cfg.amp == "auto" and self.amp_dtype:
             tqdm.write("bf16 autocast: this CPU computes bf16 natively (--amp none trains in fp32)")
+        if self.main and self.device.type == "cpu" and cfg.amp == "fp16":
+            warnings.warn("--amp fp16 is CUDA's: this CPU run trains in fp32 (--amp bf16 for bf16 autocast on a CPU)",
+                          stacklevel=2)
         self.out = Path(cfg.output_dir)
         self.resuming = self._resumable(cfg.resume) if cfg.resume else None
         if self.resuming is not None:
