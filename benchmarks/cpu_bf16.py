@@ -23,35 +23,23 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from demo_step import build_step
-from demo_step_paired import _cycle
-from torch.utils.data import DataLoader
+from demo_step_paired import demo_batches
 
-from detrkit.data import CocoDetection, collate, make_synthetic_dataset
-from detrkit.data.transforms import val_transforms
-from detrkit.engine.config import TrainConfig, build_datasets, dataset_split
-from detrkit.engine.evaluate import evaluate
+from detrkit.engine.config import TrainConfig, dataset_split
+from detrkit.engine.evaluate import evaluate_checkpoint
 from detrkit.engine.recipes import FAST_CPU
-from detrkit.registry import image_size_of, preprocess_of
 from detrkit.runtime import cpu_has_bf16
-from detrkit.weights.formats import load_checkpoint
 
 MODEL_ARGS = {**FAST_CPU.model_settings["model_args"], **FAST_CPU.network}
 
 
 def paired_steps(warmup: int, steps: int, work_dir: Path) -> dict:
-    data = work_dir / "data"
-    if not (data / "annotations" / "instances_val.json").is_file():
-        make_synthetic_dataset(data, num_train=64, num_val=1, image_size=224, progress=False)
-    cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(work_dir / "unused"), image_size=224,
-                      batch_size=2, num_workers=0, crop=False, class_loss="mal")
-    train_set, _ = build_datasets(cfg, progress=False)
-    loader = DataLoader(train_set, batch_size=2, collate_fn=collate, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
-    batches = [b for _, b in zip(range(warmup + steps), _cycle(loader), strict=False)]
+    batches, num_classes = demo_batches(2, warmup + steps, work_dir)
     copies = {}
     for name in ("fp32", "bf16"):
-        model, criterion, optimizer = build_step(MODEL_ARGS, True, num_classes=train_set.num_classes)
+        model, criterion, optimizer = build_step(MODEL_ARGS, True, num_classes=num_classes)
         copies[name] = (model.to(memory_format=torch.channels_last), criterion, optimizer)
     times = {name: [] for name in copies}
     for i, b in enumerate(batches):
@@ -74,21 +62,13 @@ def paired_steps(warmup: int, steps: int, work_dir: Path) -> dict:
 
 
 def evaluate_both(run: Path) -> dict:
-    """``run``'s saved weights on its validation split (the run's data, the checkpoint's image size), in fp32 and
-    under bf16."""
-    import yaml
-
-    model, meta = load_checkpoint(run)
+    """``run``'s saved weights on its validation split, in fp32 and under bf16."""
     data = yaml.safe_load((run / "config.yaml").read_text())["data"]
     images, ann, source = dataset_split(TrainConfig(data=data, output_dir=str(run)), "val")
-    dataset = CocoDetection(images, ann, val_transforms(image_size_of(meta), preprocess=preprocess_of(meta)),
-                            source=source)
-    loader = DataLoader(dataset, batch_size=2, collate_fn=collate)
     rows = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         t0 = time.perf_counter()
-        m = evaluate(model, loader, dataset, "cpu", amp_dtype=dtype, label_to_cat=meta["label_to_cat"],
-                     progress=False)
+        m = evaluate_checkpoint(run, images, ann, source=source, device="cpu", amp_dtype=dtype, progress=False)
         rows[name] = {"AP50": round(100 * m["AP50"], 2), "AP": round(100 * m["AP"], 2),
                       "seconds": round(time.perf_counter() - t0, 1)}
     return rows

@@ -39,16 +39,8 @@ def main(rows: list[str] = ["batch 2, DDQ, AdamW loop, channels last", "batch 2,
     if len(batch) != 1:
         raise ValueError(f"paired rows need one batch size, got {sorted(batch)}")
     batch = batch.pop()
-    data = Path(work_dir) / "data"
-    if not (data / "annotations" / "instances_val.json").is_file():
-        make_synthetic_dataset(data, num_train=64, num_val=1, image_size=224, progress=False)
-    cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(data.parent / "unused"), image_size=224,
-                      batch_size=batch, num_workers=0, crop=False, class_loss="mal")
-    train_set, _ = build_datasets(cfg, progress=False)
-    loader = DataLoader(train_set, batch_size=batch, collate_fn=collate, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
-    batches = [b for _, b in zip(range(warmup + steps), _cycle(loader), strict=False)]
-    setups = {name: setup(*ROWS[name], num_classes=train_set.num_classes) for name in rows}
+    batches, num_classes = demo_batches(batch, warmup + steps, Path(work_dir))
+    setups = {name: setup(*ROWS[name], num_classes=num_classes) for name in rows}
     times = {name: [] for name in rows}
     for i, b in enumerate(batches):
         order = rows[i % len(rows):] + rows[:i % len(rows)]  # who goes first rotates
@@ -74,6 +66,20 @@ def main(rows: list[str] = ["batch 2, DDQ, AdamW loop, channels last", "batch 2,
     for name, r in table.items():
         print(f"{name:<{width}} {r['ms_per_step']:8.0f} {r['images_per_s']:6.2f} {r[f'vs_{rows[0]}']:8.3f}")
     return table
+
+
+def demo_batches(batch: int, count: int, work_dir: Path) -> tuple[list, int]:
+    """``count`` training batches of ``batch`` demo-like images at 224 px (the same ones on every call: a fixed
+    shuffle of a small synthetic set under ``work_dir``), and the number of classes."""
+    data = work_dir / "data"
+    if not (data / "annotations" / "instances_val.json").is_file():
+        make_synthetic_dataset(data, num_train=64, num_val=1, image_size=224, progress=False)
+    cfg = TrainConfig(model="rtdetr_lite", data=str(data), output_dir=str(data.parent / "unused"), image_size=224,
+                      batch_size=batch, num_workers=0, crop=False, class_loss="mal")
+    train_set, _ = build_datasets(cfg, progress=False)
+    loader = DataLoader(train_set, batch_size=batch, collate_fn=collate, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    return [b for _, b in zip(range(count), _cycle(loader), strict=False)], train_set.num_classes
 
 
 def _cycle(loader):

@@ -227,12 +227,13 @@ class UnpredictedCategoriesWarning(UserWarning):
 
 def evaluate_checkpoint(checkpoint: str | Path, images: str | Path, ann: str | Path, *, source: str | None = None,
                         device: str = "auto", batch_size: int = 2, progress: bool = True,
-                        report_dir: str | Path | None = None) -> dict:
+                        report_dir: str | Path | None = None, amp_dtype: torch.dtype | None = None) -> dict:
     """COCO box AP of a detrkit checkpoint (file or run folder) on a COCO-format split, at the checkpoint's image size.
 
     The checkpoint's own label space maps its predictions (a 91-id COCO model scores on 80-category data);
     category ids of the data that the checkpoint never predicts are warned about. ``source``: the split's
-    original annotation file when ``ann`` was converted from YOLO / VOC (for messages).
+    original annotation file when ``ann`` was converted from YOLO / VOC (for messages); ``amp_dtype``: autocast
+    (None: full precision).
     """
     model, meta = load_checkpoint(checkpoint)
     transform = val_transforms(image_size_of(meta), preprocess=preprocess_of(meta))  # the model's own input
@@ -243,6 +244,6 @@ def evaluate_checkpoint(checkpoint: str | Path, images: str | Path, ann: str | P
                       f"was trained on {meta['label_to_cat'][:10]}...", UnpredictedCategoriesWarning, stacklevel=2)
     device = resolve_device(device)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    return evaluate(model.to(device), loader, dataset, device, label_to_cat=meta["label_to_cat"], progress=progress,
-                    report_dir=report_dir)
+    return evaluate(model.to(device), loader, dataset, device, amp_dtype=amp_dtype, label_to_cat=meta["label_to_cat"],
+                    progress=progress, report_dir=report_dir)
 
