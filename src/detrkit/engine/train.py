@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from detrkit import runtime
 from detrkit.data import collate
 from detrkit.data.sampler import EpochSampler, SeededSamples
 from detrkit.engine import distributed as D
@@ -103,6 +104,10 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.amp, self.device, training=True)
         if self.main and cfg.progress and self.device.type == "cpu" and cfg.amp == "auto" and self.amp_dtype:
             tqdm.write("bf16 autocast: this CPU computes bf16 natively (--amp none trains in fp32)")
+        if self.main and self.device.type == "cpu" and cfg.amp == "bf16" and not runtime.cpu_has_bf16():
+            warnings.warn("--amp bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): autocast emulates it, and a "
+                          "training step runs several times slower than in fp32 (--amp auto or none trains in fp32 "
+                          "here)", stacklevel=2)
         if self.main and self.device.type == "cpu" and cfg.amp == "fp16":
             warnings.warn("--amp fp16 is CUDA's: this CPU run trains in fp32 (--amp bf16 for bf16 autocast on a CPU)",
                           stacklevel=2)
