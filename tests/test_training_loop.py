@@ -244,7 +244,8 @@ def test_amp_auto_trains_in_bf16_on_a_cpu_that_computes_it_natively(monkeypatch,
     assert dtypes == {"bf16": torch.bfloat16, "none": torch.float32}
     with pytest.warns(UserWarning, match=r"--amp fp16 is CUDA's: this CPU run trains in fp32"):
         assert _tiny_trainer(synth_dir, tmp_path / "fp16", amp="fp16").amp_dtype is None
-    # asked for bf16 on a CPU that would emulate it (several times slower): said; not said where it is native
+    # asked for bf16 on a CPU that would emulate it (~10x slower: results/cpu_bf16_emulated.json): said; not said
+    # where it is native
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
     with pytest.warns(UserWarning, match=r"--amp bf16 on a CPU without native bf16"):
         assert _tiny_trainer(synth_dir, tmp_path / "bf16-emulated", amp="bf16").amp_dtype is torch.bfloat16

@@ -106,7 +106,7 @@ class Trainer:
             tqdm.write("bf16 autocast: this CPU computes bf16 natively (--amp none trains in fp32)")
         if self.main and self.device.type == "cpu" and cfg.amp == "bf16" and not runtime.cpu_has_bf16():
             warnings.warn("--amp bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): autocast emulates it, and a "
-                          "training step runs several times slower than in fp32 (--amp auto or none trains in fp32 "
+                          "training step runs ~10x slower than in fp32 (--amp auto or none trains in fp32 "
                           "here)", stacklevel=2)
         if self.main and self.device.type == "cpu" and cfg.amp == "fp16":
             warnings.warn("--amp fp16 is CUDA's: this CPU run trains in fp32 (--amp bf16 for bf16 autocast on a CPU)",
