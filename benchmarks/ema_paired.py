@@ -8,6 +8,7 @@ spread (12-18 AP50 between runs of the same default on the tree crowns) that one
 
     python benchmarks/ema_paired.py --dataset trees --minutes 5        # the tree crowns (benchmarks/trees.py)
     python benchmarks/ema_paired.py --dataset tuning                   # the demo's tuning copy (seed 1), 3 epochs
+    python benchmarks/ema_paired.py --dataset trees-tuning             # the crowns' tuning copy (benchmarks/trees.py)
     python benchmarks/ema_paired.py --settings '{mosaic: 0.5, mosaic_crop: true}'   # one setting changed
 
 Prints the AP50 / AP of every column at every evaluation and writes benchmarks/results/ema_paired.json.
@@ -67,9 +68,9 @@ class PairedTrainer(T.Trainer):
 def main(dataset: str = "trees", minutes: float | None = None, settings: dict | None = None,
          work_dir: str = "runs/ema_paired", out: str = "benchmarks/results/ema_paired.json") -> dict:
     work = Path(work_dir)
-    if dataset == "trees":
-        data = work / "trees"
-        make_trees_dataset(data)
+    if dataset in ("trees", "trees-tuning"):  # the crowns, or their tuning copy (the training image split in two)
+        data = work / dataset
+        make_trees_dataset(data, tuning=dataset == "trees-tuning")
         over = {}
     elif dataset == "tuning":  # the demo's budget on its tuning copy (benchmarks/demo_recipe.py's data)
         data = work / "data-seed1-224"
@@ -77,7 +78,7 @@ def main(dataset: str = "trees", minutes: float | None = None, settings: dict | 
             make_synthetic_dataset(data, num_train=1000, num_val=200, image_size=224, seed=1)
         over = {"max_train_images": 800}
     else:
-        raise ValueError(f"--dataset: trees or tuning, not {dataset!r}")
+        raise ValueError(f"--dataset: trees, trees-tuning or tuning, not {dataset!r}")
     over |= settings or {}
     name = ", ".join(f"{k} {v}" for k, v in (settings or {}).items())
     run = work / (f"{dataset}-run" + (f"-{name}".replace(" ", "_").replace(",", "") if name else ""))

@@ -11,6 +11,11 @@ Splits, by image (no tile of a validation image ever trains):
          border), plus OSBS_029 and SOAP_061 whole (Alive / Dead both "Tree").
 A box is kept in a tile when at least half of its area lies inside (clipped to the tile).
 
+A tuning copy (``make_trees_dataset(out, tuning=True)``) never touches those validation images: it splits the
+training image itself at x = 1500 px, the left part tiled as above for training (84 tiles, 1173 crowns), the right
+part in 400 px tiles without overlap for validation (14 tiles, 297 crowns). Settings are chosen there; the
+validation split above only reports.
+
     python benchmarks/trees.py --out data/trees     # writes the COCO dataset and prints its size
 """
 
@@ -32,6 +37,7 @@ TILE = 400
 TRAIN_IMAGES = ("2019_YELL_2_528000_4978000_image_crop2",)
 VAL_TILED = ("2019_YELL_2_541000_4977000_image_crop",)
 VAL_WHOLE = ("OSBS_029", "SOAP_061")
+TUNING_SPLIT_X = 1500  # the tuning copy: the training image's columns left of this train, the rest validate
 
 
 def deepforest_data(cache: Path = CACHE) -> Path:
@@ -90,12 +96,35 @@ def _write_split(out: Path, split: str, items) -> dict:
     return {"images": len(images), "boxes": len(annotations)}
 
 
-def make_trees_dataset(out: str | Path) -> dict:
-    """Write the tree-crown dataset (COCO layout: train/, val/, annotations/) under ``out``; returns its counts."""
+def _side(image: Image.Image, boxes: list, left: bool) -> tuple[Image.Image, list]:
+    """The part of ``image`` left (or right) of :data:`TUNING_SPLIT_X`, with the boxes whose half or more lies in
+    it, clipped and in its pixels."""
+    x0, x1 = (0, TUNING_SPLIT_X) if left else (TUNING_SPLIT_X, image.width)
+    kept = []
+    for a, b, c, d in boxes:
+        ca, cc = max(a, x0), min(c, x1)
+        if cc - ca >= 2 and (cc - ca) >= 0.5 * (c - a):
+            kept.append((ca - x0, b, cc - x0, d))
+    return image.crop((x0, 0, x1, image.height)), kept
+
+
+def make_trees_dataset(out: str | Path, tuning: bool = False) -> dict:
+    """Write the tree-crown dataset (COCO layout: train/, val/, annotations/) under ``out``; returns its counts.
+    ``tuning``: the tuning copy instead, both splits cut from the training image (the module docstring)."""
     out, src = Path(out), deepforest_data()
     marker = out / "trees.json"
     if marker.is_file():
         return json.loads(marker.read_text())
+    if tuning:
+        (stem,) = TRAIN_IMAGES
+        image, boxes = Image.open(src / f"{stem}.png").convert("RGB"), _boxes(src / f"{stem}.xml")
+        counts = {"source": f"{WHEEL} (deepforest/data, MIT): {stem} split at x = {TUNING_SPLIT_X}"}
+        for split, left, stride in (("train", True, 200), ("val", False, TILE)):
+            part, kept = _side(image, boxes, left)
+            counts[split] = _write_split(out, split, ((f"{stem}_{split}_{tag}", tile, b)
+                                                      for tag, tile, b in _tiles(part, kept, stride)))
+        marker.write_text(json.dumps(counts))
+        return counts
 
     def tiled(stems, stride):
         for stem in stems:

@@ -95,8 +95,8 @@ def run_yolo(model: str, data_yaml: Path, coco_root: Path, minutes: float, image
             "images_per_s": round(images / train_s, 2), "weights": os.path.relpath(weights)}
 
 
-def score_yolo(weights: Path, coco_root: Path, image_size: int) -> dict:
-    """COCO AP50 / AP of a YOLO checkpoint on the val split, by faster-coco-eval (conf 0.001, 300 boxes)."""
+def yolo_results(weights: Path, coco_root: Path, image_size: int) -> list[dict]:
+    """A YOLO checkpoint's detections on the val split as COCO results (conf 0.001, up to 300 boxes an image)."""
     from ultralytics import YOLO
 
     trained = YOLO(str(weights))
@@ -110,7 +110,13 @@ def score_yolo(weights: Path, coco_root: Path, image_size: int) -> dict:
                                                 pred.boxes.cls.tolist(), strict=True):
             results.append({"image_id": img["id"], "category_id": cats[int(cls)], "score": score,
                             "bbox": [x1, y1, x2 - x1, y2 - y1]})
-    metrics = coco_box_ap(coco, results)
+    return results
+
+
+def score_yolo(weights: Path, coco_root: Path, image_size: int) -> dict:
+    """COCO AP50 / AP of a YOLO checkpoint on the val split, by faster-coco-eval (conf 0.001, 300 boxes)."""
+    coco = load_coco_json(coco_root / "annotations" / "instances_val.json")
+    metrics = coco_box_ap(coco, yolo_results(weights, coco_root, image_size))
     return {"AP50": metrics["AP50"], "AP": metrics["AP"]}
 
 
