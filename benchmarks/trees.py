@@ -17,6 +17,7 @@ part in 400 px tiles without overlap for validation (14 tiles, 297 crowns). Sett
 validation split above only reports.
 
     python benchmarks/trees.py --out data/trees     # writes the COCO dataset and prints its size
+    python benchmarks/trees.py --out data/trees-tuning --tuning
 """
 
 from __future__ import annotations
@@ -146,4 +147,6 @@ def make_trees_dataset(out: str | Path, tuning: bool = False) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/trees")
-    print(json.dumps(make_trees_dataset(parser.parse_args().out)))
+    parser.add_argument("--tuning", action="store_true", help="the tuning copy, cut from the training image alone")
+    args = parser.parse_args()
+    print(json.dumps(make_trees_dataset(args.out, tuning=args.tuning)))
