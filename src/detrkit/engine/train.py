@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from detrkit import runtime
+import detrkit.runtime as runtime
 from detrkit.data import collate
 from detrkit.data.sampler import EpochSampler, SeededSamples
 from detrkit.engine import distributed as D
