@@ -48,11 +48,12 @@ def test_user_mistakes_are_one_line_errors(case, paths, capsys):
 
 
 @pytest.mark.parametrize(("args", "says"), [(["--model", "detr_lite", "--scale_jitter", "0.5"], "RT-DETR family"),
-                                            (["--scale_jitter", "1.5"], "[0, 1)")])
+                                            (["--scale_jitter", "1.5"], "[0, 1)"),
+                                            (["--photometric", "hsv"], "rtdetr, yolo, none")])
 def test_an_augmentation_that_does_not_fit_is_a_one_line_error(args, says, synth_dir, tmp_path, capsys):
     rc = main(["train", "--data", str(synth_dir), "--output_dir", str(tmp_path / "run"), "--progress", "false",
                *args])
     err = capsys.readouterr().err
     assert rc != 0 and "Traceback" not in err
     last = [line for line in err.splitlines() if line.strip()][-1]
-    assert last.startswith("detrkit train: error: scale_jitter") and says in last, err
+    assert last.startswith(f"detrkit train: error: {args[-2].lstrip('-')}") and says in last, err

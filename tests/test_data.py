@@ -3,10 +3,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2 as T
 from PIL import Image
+from torchvision import tv_tensors
 
 from detrkit.data import IMAGENET_MEAN, IMAGENET_STD, CocoDetection, DatasetError, build_transforms, collate
 from detrkit.data.synthetic import CLASSES, draw_image
+from detrkit.data.transforms import photometric_distortion
 
 
 def _write_dataset(root, images, annotations, categories=None):
@@ -188,3 +191,26 @@ def test_rtdetr_scale_jitter_rescales_and_shifts_boxes_with_their_pixels(tmp_pat
         build_transforms(True, scale_jitter=0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         build_transforms(True, preprocess="rtdetr", scale_jitter=1.5)
+
+
+def test_photometric_yolo_changes_the_light_more_than_rtdetr_and_none_keeps_the_colours():
+    """photometric = yolo (YOLO's HSV gains, V x 0.6-1.4 on every image) spreads a grey image's brightness wider
+    than RT-DETR's distortion (x 0.875-1.125, half the time); none (the negative control) leaves it as it is;
+    the boxes never move with the colours."""
+    img = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    boxes = tv_tensors.BoundingBoxes([[8, 8, 40, 40]], format="XYXY", canvas_size=(64, 64))
+    spread = {}
+    for name in ("yolo", "rtdetr", "none"):
+        tf = T.Compose([*photometric_distortion(name), T.Identity()])
+        means = []
+        for seed in range(40):
+            torch.manual_seed(seed)
+            out, target = tf(img, {"boxes": boxes, "labels": torch.tensor([1])})
+            assert target["boxes"].tolist() == boxes.tolist()
+            means.append(out.float().mean().item() / 128)
+        spread[name] = (min(means), max(means))
+    assert spread["none"] == (1.0, 1.0)
+    assert spread["yolo"][0] < 0.7 and spread["yolo"][1] > 1.3, spread  # x 0.6-1.4 in 40 draws
+    assert spread["rtdetr"][0] > 0.85 and spread["rtdetr"][1] < 1.15, spread
+    with pytest.raises(ValueError, match="rtdetr, yolo, none"):
+        photometric_distortion("hsv")

@@ -62,14 +62,18 @@ def build_transforms(
     with_boxes: bool = True,
     preprocess: str = "detr",
     scale_jitter: float = 0.0,
+    photometric: str | None = None,
 ) -> T.Compose:
     """The transform applied to ``(image, target)``; target holds ``boxes`` (BoundingBoxes) and ``labels``.
 
     ``with_boxes=False`` (validation only) gives the image-only transform used for inference. ``preprocess``:
-    the model's (``"detr"`` or ``"rtdetr"``: then ``val_size`` is the side of the square input).
+    the model's (``"detr"`` or ``"rtdetr"``: then ``val_size`` is the side of the square input). ``photometric``:
+    the colour changes of training (:func:`photometric_distortion`; None = the family's own: RT-DETR's, none for DETR).
     """
     if preprocess == "rtdetr":
-        return rtdetr_train_transforms(val_size, crop, scale_jitter) if train else _rtdetr_val(val_size, with_boxes)
+        if not train:
+            return _rtdetr_val(val_size, with_boxes)
+        return rtdetr_train_transforms(val_size, crop, scale_jitter, photometric or "rtdetr")
     if scale_jitter:
         raise ValueError("scale_jitter is for the RT-DETR family's square inputs; DETR's multi-scale resize "
                          "(scales) already varies the scale")
@@ -87,10 +91,31 @@ def build_transforms(
             resize,
             T.Compose([T.RandomShortestSize(list(crop_scales)), RandomSizeCrop(*crop_size), resize]),
         ])
-    return T.Compose([T.RandomHorizontalFlip(), resize, *finish])
+    return T.Compose([*photometric_distortion(photometric or "none"), T.RandomHorizontalFlip(), resize, *finish])
 
 
-def rtdetr_train_transforms(size: int = 640, crop: bool = True, scale_jitter: float = 0.0) -> T.Compose:
+PHOTOMETRIC = ("rtdetr", "yolo", "none")
+
+
+def photometric_distortion(name: str) -> list:
+    """The colour changes of a training image, by name.
+
+    ``rtdetr``: RT-DETR's (official code, after SSD): torchvision's RandomPhotometricDistort, each of brightness
+    (x 0.875-1.125), contrast, saturation (x 0.5-1.5), hue (+-0.05) and a channel swap with probability 0.5.
+    ``yolo``: Ultralytics YOLO's HSV gains (hsv_h 0.015, hsv_s 0.7, hsv_v 0.4) on every image: brightness (the V of
+    HSV) x 0.6-1.4, saturation x 0.3-1.7, hue +-0.015 of the circle; stronger light changes, no channel swap.
+    ``none``: the colours as they are."""
+    if name == "rtdetr":
+        return [T.RandomPhotometricDistort(p=0.5)]
+    if name == "yolo":
+        return [T.ColorJitter(brightness=0.4, saturation=0.7, hue=0.015)]
+    if name == "none":
+        return []
+    raise ValueError(f"photometric must be one of {', '.join(PHOTOMETRIC)}, got {name!r}")
+
+
+def rtdetr_train_transforms(size: int = 640, crop: bool = True, scale_jitter: float = 0.0,
+                            photometric: str = "rtdetr") -> T.Compose:
     """RT-DETR's training augmentation (official code): photometric distortion, zoom-out (up to 4x, black fill),
     SSD's IoU crop (p = 0.8), horizontal flip, resize to size x size, pixels in [0, 1].
 
@@ -98,7 +123,8 @@ def rtdetr_train_transforms(size: int = 640, crop: bool = True, scale_jitter: fl
     for short schedules, where the model has not yet learned the objects at their own size. ``scale_jitter=s``
     adds YOLO's milder geometry (Ultralytics' ``random_perspective`` with its ``scale`` and ``translate`` only):
     the image scaled by a factor in [1 - s, 1 + s] and shifted by up to 10% of its side, on a grey canvas of the
-    same size; boxes cut to the canvas, those left under 1 px dropped."""
+    same size; boxes cut to the canvas, those left under 1 px dropped. ``photometric``: the colour changes
+    (:func:`photometric_distortion`)."""
     if not 0.0 <= scale_jitter < 1.0:
         raise ValueError(f"scale_jitter must be in [0, 1) (a scale factor in [1 - s, 1 + s]), got {scale_jitter}")
     geometry = [T.RandomZoomOut(fill=0, p=0.5), T.RandomApply([T.RandomIoUCrop()], p=0.8)] if crop else []
@@ -106,7 +132,7 @@ def rtdetr_train_transforms(size: int = 640, crop: bool = True, scale_jitter: fl
         geometry.append(T.RandomAffine(degrees=0.0, translate=(0.1, 0.1), scale=(1 - scale_jitter, 1 + scale_jitter),
                                        fill=114))
     return T.Compose([
-        T.RandomPhotometricDistort(p=0.5),
+        *photometric_distortion(photometric),
         *geometry,
         T.SanitizeBoundingBoxes(min_size=1),
         T.RandomHorizontalFlip(),

@@ -88,6 +88,9 @@ class TrainConfig:
         scale_jitter: each training image is scaled by a random factor in [1 - s, 1 + s] and shifted by up to a
             tenth of its side, on a grey canvas of its own size (YOLO's random affine, without rotation or shear);
             0 = off. For the RT-DETR family's square inputs.
+        photometric: the colour changes of training images: ``rtdetr`` (RT-DETR's photometric distortion, each
+            change with probability 0.5), ``yolo`` (YOLO's stronger HSV gains on every image), ``none``; unset = the
+            family's own (RT-DETR's for the RT-DETR family, none for DETR's).
         mixup: probability that a training image is blended with another one, half and half, with the boxes of
             both (DEIM's MixUp, in the same epochs as mosaics).
         aug_stop_epoch: from this epoch on, training images are only resized (no flips, crops, colour changes,
@@ -160,6 +163,7 @@ class TrainConfig:
     mosaic_epochs: int | None = None
     mosaic_crop: bool = False
     scale_jitter: float = 0.0
+    photometric: str | None = None
     mixup: float = 0.0
     aug_stop_epoch: int | None = None
     val_split: float = 0.0
@@ -222,7 +226,7 @@ def build_datasets(cfg: TrainConfig, progress: bool = True) -> tuple[CocoDetecti
     val_tf = val_transforms(size, preprocess=preprocess)
     try:
         train_tf = build_transforms(True, crop=cfg.crop, preprocess=preprocess, scale_jitter=cfg.scale_jitter,
-                                    **recipe) if cfg.augment else val_tf
+                                    photometric=cfg.photometric, **recipe) if cfg.augment else val_tf
     except ValueError as e:  # an augmentation option that does not fit the model, e.g. --scale_jitter on DETR
         raise ConfigError(str(e)) from None
     opts = dict(skip_invalid=cfg.skip_invalid, check_images=cfg.check_images, progress=cfg.progress and progress)
