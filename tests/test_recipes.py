@@ -15,7 +15,7 @@ def test_auto_on_a_cpu_is_fast_cpu_with_a_schedule_sized_from_the_dataset(synth_
     resolved = resolve_recipe(TrainConfig(data=str(synth_dir)), "cpu")
     cfg = resolved.config
     assert cfg.recipe == "fast-cpu" and cfg.model == "rtdetr_lite"
-    assert (cfg.batch_size, cfg.lr, cfg.lr_backbone, cfg.crop, cfg.class_loss) == (2, 2e-4, 2e-4, False, "mal")
+    assert (cfg.batch_size, cfg.lr, cfg.lr_backbone, cfg.crop, cfg.class_loss) == (2, 3e-4, 3e-4, False, "mal")
     assert cfg.model_args == {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}, "backbone_stem": "7x7"}
     assert (cfg.ema, cfg.ema_decay, cfg.ema_warmup) == (True, 0.99, 50)  # a ~100-step average (ema_paired.json)
     # 12 images of ~128 px: the images' own size (a multiple of 32), and the demo's budget of pixels in epochs
@@ -43,7 +43,7 @@ def test_every_explicit_option_overrides_the_recipe(synth_dir):
     assert (cfg.lr, cfg.epochs, cfg.image_size, cfg.batch_size, cfg.crop, cfg.class_loss) == (
         1e-3, 2, 96, 3, True, "varifocal")
     assert cfg.model_args == {"query_nms": None, "denoising": {"num_dn_pairs": 50}, "backbone_stem": "7x7"}
-    assert cfg.lr_backbone == 2e-4
+    assert cfg.lr_backbone == 3e-4
     assert resolve_recipe(TrainConfig(data=str(synth_dir), ema=False), "cpu").config.ema is False
 
 
@@ -76,7 +76,7 @@ def test_bad_recipes_say_what_to_do(synth_dir):
         resolve_recipe(TrainConfig(data=str(synth_dir), recipe="fast-cpu", model="detr_lite"))
     # the automatic choice keeps what fits and says what it left out
     auto = resolve_recipe(TrainConfig(data=str(synth_dir), model="detr_lite"))
-    assert auto.config.class_loss is None and auto.config.model_args == {} and auto.config.lr == 2e-4
+    assert auto.config.class_loss is None and auto.config.model_args == {} and auto.config.lr == 3e-4
     assert "query_nms=0.5 left out" in auto.message
     # another preset the settings fit takes them
     dino = resolve_recipe(TrainConfig(data=str(synth_dir), recipe="fast-cpu", model="dino_lite")).config
