@@ -68,7 +68,7 @@ class Recipe:
 
 # The demo's recipe (README "The demo", docs/convergence.md): chosen one change at a time on a tuning copy of the
 # synthetic data at 2 CPU cores (benchmarks/demo_recipe.py, results/demo_recipe.json): RT-DETR-Lite without
-# zoom-out / IoU crops, AdamW with one lr everywhere and no lr drop, DEIM's matchability-aware loss, DDQ's distinct queries
+# zoom-out / IoU crops, AdamW, one lr everywhere, no lr drop, DEIM's matchability-aware loss, DDQ's distinct queries
 # at IoU 0.5, 50 denoising pairs, batches of 2 (twice the optimizer steps); 3 epochs of 800 images at 224 px;
 # evaluated and saved: a moving average of the weights over ~100 steps (decay 0.99; benchmarks/ema_paired.py);
 # the original ResNet's 7x7 stem instead of ResNet-vd's three 3x3 convolutions (0.92x the step, the same AP at
