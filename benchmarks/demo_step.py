@@ -51,7 +51,12 @@ ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "ba
         "batch 2, DDQ, 50 denoising pairs": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}),
         # ... with the original ResNet's 7x7 stem instead of ResNet-vd's three 3x3 convolutions
         "batch 2, DDQ, 50 denoising pairs, 7x7 stem": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50},
-                                                                  "backbone_stem": "7x7"})}
+                                                                  "backbone_stem": "7x7"}),
+        # ... cheaper variants of that step (the fast-cpu recipe's network): a 3/4-width backbone, 2 decoder layers
+        "fast-cpu, backbone width 0.75": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50},
+                                                     "backbone_stem": "7x7", "backbone_width": 0.75}),
+        "fast-cpu, 2 decoder layers": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50},
+                                                  "backbone_stem": "7x7", "num_decoder_layers": 2})}
 
 
 def build_step(model_args: dict | None, fused: bool, *, num_classes: int):

@@ -9,6 +9,11 @@ default's choices were made on the synthetic tuning data; these rows show what t
 
     python benchmarks/real_data.py --minutes 5                      # every row at 5 training minutes
     python benchmarks/real_data.py --minutes 15 --rows '["default"]'
+    python benchmarks/real_data.py --tuning true --rows '["default", "default, backbone width 0.75"]'   # choose here
+
+``--tuning true`` trains and scores the crowns' tuning copy instead (benchmarks/trees.py: the training image split in
+two, never the validation images; written to results/real_data_tuning.json): where a setting is chosen at a fixed
+budget before the validation images report it.
 
 Writes benchmarks/results/real_data.json (rows keyed by name and budget; a run adds to the rows already there, and
 a row run again keeps the earlier runs' AP50 / AP / steps under ``earlier``).
@@ -65,22 +70,29 @@ ROWS = {
     # milder distortion (brightness x 0.875-1.125, half the time): the validation images are another stand, another
     # light; on the crowns' tuning copy +3.2 AP50 over the average's last five evaluations (ema_paired.py)
     "default, YOLO's colours": {"photometric": "yolo"},
+    # a cheaper step: a 3/4-width backbone (its convolutions are ~60% of the step; 0.80x the step's time, paired,
+    # benchmarks/demo_step_paired.py), more steps in the same minutes and fewer weights to fit one image with
+    "default, backbone width 0.75": {"model_args": {"backbone_width": 0.75}},
+    # ... or one decoder layer fewer (0.93x the step's time)
+    "default, 2 decoder layers": {"model_args": {"num_decoder_layers": 2}},
     # D-FINE's network at the lite size (HGNetv2-B0, GELAN encoder, FDR decoder with FGL / DDF losses; 3.8M
     # parameters against rtdetr_lite's 13.2M) under the same recipe
     "dfine_lite instead of rtdetr_lite": {"model": "dfine_lite"},
 }
 
 
-def main(minutes: float = 5.0, rows: list[str] | None = None, data: str = "runs/real_data/trees",
-         work_dir: str = "runs/real_data", out: str = "benchmarks/results/real_data.json") -> dict:
-    counts = make_trees_dataset(data)
+def main(minutes: float = 5.0, rows: list[str] | None = None, data: str | None = None, tuning: bool = False,
+         work_dir: str = "runs/real_data", out: str | None = None) -> dict:
+    data = data or f"runs/real_data/trees{'-tuning' if tuning else ''}"
+    out = out or f"benchmarks/results/real_data{'_tuning' if tuning else ''}.json"
+    counts = make_trees_dataset(data, tuning=tuning)
     meta = {"data": counts, "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "command": f"python benchmarks/real_data.py --minutes {minutes:g}"}
+            "command": f"python benchmarks/real_data.py --minutes {minutes:g}{' --tuning true' if tuning else ''}"}
     results = json.loads(Path(out).read_text())["rows"] if Path(out).is_file() else {}
     for name in rows or list(ROWS):
         key = f"{name} @ {minutes:g} min"
-        run = Path(work_dir) / key.replace(" ", "_").replace(",", "").replace("@", "at")
+        run = Path(work_dir) / ("tuning" if tuning else "") / key.replace(" ", "_").replace(",", "").replace("@", "at")
         shutil.rmtree(run, ignore_errors=True)
         cfg = TrainConfig(data=data, output_dir=str(run), time_limit=minutes, progress=False, plots=False,
                           tensorboard=False, **ROWS[name])
