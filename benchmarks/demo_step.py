@@ -30,6 +30,8 @@ from detrkit.engine.train import adamw
 from detrkit.losses import build_criterion
 from detrkit.registry import model_info
 
+# the fast-cpu recipe's network (engine/recipes.py): DDQ at 0.5, 50 denoising pairs, the 7x7 stem
+FAST_CPU_NET = {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}, "backbone_stem": "7x7"}
 ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "batch 4, torch.compile": (4, True),
         # DDQ's distinct query selection (an NMS over the encoder's proposals before the top-k): what it adds to a step
         "batch 4, distinct queries (DDQ), IoU 0.5": (4, False, {"query_nms": 0.5}),
@@ -50,13 +52,10 @@ ROWS = {"batch 4": (4, False), "batch 2": (2, False), "batch 8": (8, False), "ba
         "batch 2, DDQ, AdamW loop, channels last": (2, False, {"query_nms": 0.5}, 224, False, True),
         "batch 2, DDQ, 50 denoising pairs": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50}}),
         # ... with the original ResNet's 7x7 stem instead of ResNet-vd's three 3x3 convolutions
-        "batch 2, DDQ, 50 denoising pairs, 7x7 stem": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50},
-                                                                  "backbone_stem": "7x7"}),
+        "batch 2, DDQ, 50 denoising pairs, 7x7 stem": (2, False, FAST_CPU_NET),
         # ... cheaper variants of that step (the fast-cpu recipe's network): a 3/4-width backbone, 2 decoder layers
-        "fast-cpu, backbone width 0.75": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50},
-                                                     "backbone_stem": "7x7", "backbone_width": 0.75}),
-        "fast-cpu, 2 decoder layers": (2, False, {"query_nms": 0.5, "denoising": {"num_dn_pairs": 50},
-                                                  "backbone_stem": "7x7", "num_decoder_layers": 2})}
+        "fast-cpu, backbone width 0.75": (2, False, {**FAST_CPU_NET, "backbone_width": 0.75}),
+        "fast-cpu, 2 decoder layers": (2, False, {**FAST_CPU_NET, "num_decoder_layers": 2})}
 
 
 def build_step(model_args: dict | None, fused: bool, *, num_classes: int):
